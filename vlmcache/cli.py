@@ -1,0 +1,115 @@
+"""The `vlmcache` command line: parses arguments, calls the library, prints rich tables. No logic here."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vlmcache.errors import VlmcacheError
+
+app = typer.Typer(
+    help="Run frozen vision/text encoders once, cache their features, then train and compare CLIP-style "
+         "projectors on the cache in minutes on a CPU.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
+console = Console()
+
+
+def _split_list(value: Optional[str]) -> Optional[list[str]]:
+    return [item.strip() for item in value.split(",") if item.strip()] if value else None
+
+
+@app.command(epilog="Examples:\n\n  vlmcache extract ../shared/data/flickr8k --out features/flickr8k\n\n"
+                    "  vlmcache extract data/pairs.csv --image-model google/vit-base-patch16-224-in21k "
+                    "--text-model distilbert-base-uncased --out features/vit-distilbert\n\n"
+                    "  torchrun --nproc_per_node=4 -m vlmcache extract data/dataset_coco.json --out features/coco")
+def extract(
+    data: Annotated[Path, typer.Argument(help="Flickr8k folder, Karpathy dataset_*.json, CSV/JSONL of "
+                                              "image,caption[,split], or a labelled image folder root/<class>/*.jpg.")],
+    out: Annotated[Path, typer.Option(help="Cache folder to write.")] = Path("features/cache"),
+    image_model: Annotated[str, typer.Option(help="'efficientnet-lite0' (offline), or any HF image model name or folder.")] = "efficientnet-lite0",
+    text_model: Annotated[str, typer.Option(help="'minilm' (offline), or any HF text model name or folder.")] = "minilm",
+    image_pooling: Annotated[Optional[str], typer.Option(help="cls | mean | pooler | avgpool [default: cls for ViT-like, avgpool for CNNs]")] = None,
+    text_pooling: Annotated[Optional[str], typer.Option(help="mean | cls | pooler [default: mean over the attention mask]")] = None,
+    format: Annotated[str, typer.Option(help="auto | flickr8k | karpathy | pairs | imagefolder")] = "auto",
+    images_dir: Annotated[Optional[Path], typer.Option(help="Where images are, if not beside the dataset file.")] = None,
+    splits: Annotated[Optional[str], typer.Option(help="Comma-separated splits to keep, e.g. train,val [default: all]")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Keep the first N images of each split (quick runs).")] = None,
+    shard_size: Annotated[int, typer.Option(help="Rows per HDF5 shard (the unit of resume).")] = 1024,
+    dtype: Annotated[str, typer.Option(help="float16 | float32 storage.")] = "float16",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    text_batch_size: Annotated[int, typer.Option(help="Captions per forward pass.")] = 256,
+    max_length: Annotated[int, typer.Option(help="Caption tokens kept (longer ones are truncated and counted).")] = 64,
+    workers: Annotated[Optional[int], typer.Option(help="Image-decoding worker processes [default: 1 on CPU, up to 8 on GPU]")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    tokens: Annotated[bool, typer.Option("--tokens", help="Also store token-level states with their mask.")] = False,
+    on_error: Annotated[str, typer.Option(help="fail: stop at the first bad image/caption, naming it; skip: record it in the manifest and go on.")] = "fail",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing cache instead of resuming it.")] = False,
+) -> None:
+    """Encode a dataset once with frozen encoders and write a sharded HDF5 feature cache (resumable)."""
+    from vlmcache.extract import extract as run_extract
+
+    result = run_extract(data, out, image_model=image_model, text_model=text_model, image_pooling=image_pooling,
+                         text_pooling=text_pooling, format=format, images_dir=images_dir, splits=_split_list(splits),
+                         limit=limit, shard_size=shard_size, dtype=dtype, batch_size=batch_size,
+                         text_batch_size=text_batch_size, max_length=max_length, workers=workers, device=device,
+                         tokens=tokens, on_error=on_error, overwrite=overwrite)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    console.print(f"[green]cache ready[/green] {result.path}: {result.images:,} images, {result.captions:,} captions "
+                  f"({result.shards_written} shards written, {result.shards_reused} reused) in {result.seconds:.1f} s")
+    if result.skipped:
+        console.print(f"[yellow]skipped {len(result.skipped)} items[/yellow] (reasons in {result.path}/manifest.json)")
+    if result.truncated_captions:
+        console.print(f"{result.truncated_captions} captions were longer than --max-length and truncated")
+
+
+@app.command(epilog="Example:\n\n  vlmcache info features/flickr8k")
+def info(cache: Annotated[Path, typer.Argument(help="Cache folder.")]) -> None:
+    """Show a cache's provenance: dataset, splits, encoders, preprocessing, libraries, skipped items."""
+    from vlmcache.store import open_cache
+
+    opened = open_cache(cache)
+    manifest = opened.manifest
+    table = Table(title=f"vlmcache cache {cache}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    dataset = manifest["dataset"]
+    table.add_row("dataset", f"{dataset['format']} at {dataset['root']}")
+    table.add_row("fingerprint", dataset["fingerprint"])
+    table.add_row("splits", ", ".join(f"{name}: {c['images']:,} images / {c['captions']:,} captions"
+                                      for name, c in dataset["splits"].items()))
+    for modality in ("images", "texts"):
+        prov = manifest["provenance"][modality]
+        encoder = prov["encoder"]
+        table.add_row(f"{modality} encoder", f"{encoder['name']}  pooling={encoder['pooling']}  dim={encoder['dim']}  "
+                                             f"precision={encoder['precision']}")
+        table.add_row(f"{modality} weights sha256", encoder["weights_sha256"])
+        extra = encoder.get("preprocess") or {"max_length": encoder.get("max_length"), "tokenizer": encoder.get("tokenizer")}
+        table.add_row(f"{modality} preprocessing", json.dumps(extra))
+        table.add_row(f"{modality} storage", f"{prov['dtype']}, {len(manifest['shards'][modality])} shards of "
+                                             f"{prov['shard_size']} rows, tokens={prov['tokens']}")
+    table.add_row("libraries", ", ".join(f"{k} {v}" for k, v in manifest["libraries"].items()))
+    table.add_row("created / finished", f"{manifest['created']} / {manifest.get('finished')}")
+    table.add_row("skipped", f"{len(manifest['skipped'])} items" + "".join(
+        f"\n  {s['modality']} row {s['row']} {s['item']}: {s['reason']}" for s in manifest["skipped"][:10]))
+    table.add_row("truncated captions", str(manifest["truncated_captions"]))
+    console.print(table)
+
+
+def main() -> None:
+    """Entry point: runs the app, printing user mistakes as one line (exit 2) instead of a traceback."""
+    try:
+        app()
+    except VlmcacheError as error:
+        Console(stderr=True).print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted; re-run the same command to resume")
+        sys.exit(130)

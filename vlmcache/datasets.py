@@ -1,0 +1,314 @@
+"""Image–caption datasets: Flickr8k (official layout), Karpathy JSON (Flickr8k/30k, COCO), CSV/JSONL
+pairs and labelled image folders, all read into one `PairDataset` in a documented row order.
+
+Row order (the cache keeps it): images are grouped by split in the order train, val, test, then any
+other split name alphabetically; inside a split they keep the order of the source file. Captions follow
+their image: all captions of image 0, then of image 1, ... So each split is one contiguous run of image
+rows and one contiguous run of caption rows, and a split loads with a single slice.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from vlmcache.errors import VlmcacheError
+
+SPLIT_ORDER = ("train", "val", "test")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+FORMATS = ("auto", "flickr8k", "karpathy", "pairs", "imagefolder")
+
+
+@dataclass
+class PairDataset:
+    """Images, their captions and splits, in cache row order (see the module docstring)."""
+
+    format: str
+    root: Path
+    image_paths: list[str]  # absolute paths
+    image_ids: list[str]
+    image_splits: list[str]
+    captions: list[str]
+    caption_image: np.ndarray  # int64, caption row -> image row
+    classes: list[str] = field(default_factory=list)  # image folders only
+    image_labels: np.ndarray | None = None  # int64 class index per image, image folders only
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def num_captions(self) -> int:
+        return len(self.captions)
+
+    def split_counts(self) -> dict[str, dict[str, int]]:
+        """Images and captions per split, e.g. {"train": {"images": 6000, "captions": 30000}}."""
+        splits = np.array(self.image_splits)
+        counts = {}
+        for name in dict.fromkeys(self.image_splits):
+            in_split = splits == name
+            counts[name] = {
+                "images": int(in_split.sum()),
+                "captions": int(in_split[self.caption_image].sum()) if self.num_captions else 0,
+            }
+        return counts
+
+    def fingerprint(self) -> str:
+        """SHA-256 over ids, splits, captions, caption→image index and labels: equal iff same data."""
+        digest = hashlib.sha256()
+        payload = {
+            "ids": self.image_ids,
+            "splits": self.image_splits,
+            "captions": self.captions,
+            "caption_image": self.caption_image.tolist(),
+            "classes": self.classes,
+            "labels": [] if self.image_labels is None else self.image_labels.tolist(),
+        }
+        digest.update(json.dumps(payload, ensure_ascii=False).encode("utf-8"))
+        return digest.hexdigest()
+
+
+def load_dataset(
+    path: str | Path,
+    format: str = "auto",
+    images_dir: str | Path | None = None,
+    splits: list[str] | None = None,
+    limit: int | None = None,
+) -> PairDataset:
+    """Read a dataset from `path`.
+
+    `format` is one of FORMATS ("auto" guesses from the path). `images_dir` overrides where images are
+    looked up (Karpathy JSON, pairs). `splits` keeps only those splits; `limit` keeps the first N images
+    of each split (with all their captions), for quick runs and tests.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise VlmcacheError(f"{path}: no such file or folder; pass a Flickr8k folder, a Karpathy JSON, "
+                            "a CSV/JSONL of pairs or a labelled image folder")
+    if format not in FORMATS:
+        raise VlmcacheError(f"unknown dataset format {format!r}; use one of {', '.join(FORMATS)}")
+    if format == "auto":
+        format = _guess_format(path)
+    readers = {"flickr8k": _read_flickr8k, "karpathy": _read_karpathy, "pairs": _read_pairs,
+               "imagefolder": _read_imagefolder}
+    records, classes = readers[format](path, None if images_dir is None else Path(images_dir))
+    return _build(format, path, records, classes, splits, limit)
+
+
+# One image with its captions, as the readers produce it before ordering.
+@dataclass
+class _Record:
+    image_id: str
+    image_path: Path
+    split: str
+    captions: list[str]
+    label: int = -1
+
+
+def _guess_format(path: Path) -> str:
+    if path.is_dir():
+        if (path / "Flickr8k.token.txt").exists():
+            return "flickr8k"
+        if any(child.is_dir() for child in path.iterdir()):
+            return "imagefolder"
+        raise VlmcacheError(f"{path}: folder is neither Flickr8k (no Flickr8k.token.txt) nor a labelled "
+                            "image folder (no class subfolders); pass --format")
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return "karpathy"
+    if suffix in (".csv", ".jsonl"):
+        return "pairs"
+    raise VlmcacheError(f"{path}: cannot tell the dataset format from the name; pass --format")
+
+
+def _read_text(path: Path) -> str:
+    """Read a UTF-8 text file, turning encoding problems into a clear error."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise VlmcacheError(f"{path}: file not found") from None
+    except UnicodeDecodeError as error:
+        raise VlmcacheError(f"{path}: not valid UTF-8 at byte {error.start}; re-save the file as UTF-8") from None
+
+
+def _read_flickr8k(root: Path, images_dir: Path | None) -> tuple[list[_Record], list[str]]:
+    images_dir = images_dir or next((root / d for d in ("Images", "Flicker8k_Dataset", "images")
+                                     if (root / d).is_dir()), root / "Images")
+    captions: dict[str, list[str]] = {}
+    for number, line in enumerate(_read_text(root / "Flickr8k.token.txt").splitlines(), start=1):
+        if not line.strip():
+            continue
+        key, sep, caption = line.partition("\t")
+        if not sep or "#" not in key:
+            raise VlmcacheError(f"{root / 'Flickr8k.token.txt'} line {number}: expected '<image>#<n>\\t<caption>'")
+        captions.setdefault(key.rsplit("#", 1)[0], []).append(caption)
+    split_files = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
+                   "test": "Flickr_8k.testImages.txt"}
+    records = []
+    for split, filename in split_files.items():
+        if not (root / filename).exists():
+            continue
+        for number, name in enumerate(_read_text(root / filename).split(), start=1):
+            if name not in captions:
+                raise VlmcacheError(f"{root / filename} line {number}: {name} has no captions in Flickr8k.token.txt")
+            records.append(_Record(name, images_dir / name, split, captions[name]))
+    if not records:
+        raise VlmcacheError(f"{root}: no split files (Flickr_8k.trainImages.txt, ...) found")
+    return records, []
+
+
+def _read_karpathy(path: Path, images_dir: Path | None) -> tuple[list[_Record], list[str]]:
+    try:
+        data = json.loads(_read_text(path))
+        entries = data["images"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise VlmcacheError(f"{path}: not a Karpathy split file (expected JSON with an 'images' list)") from None
+    base = images_dir or _karpathy_images_dir(path)
+    records = []
+    for number, entry in enumerate(entries):
+        try:
+            filename = entry["filename"]
+            subfolder = entry.get("filepath", "")  # COCO keeps train2014/val2014 here
+            image_path = base / subfolder / filename
+            # Karpathy's "restval" images are training images (the convention of every paper using these splits).
+            split = "train" if entry["split"] == "restval" else entry["split"]
+            texts = [sentence["raw"] for sentence in entry["sentences"]]
+        except (KeyError, TypeError):
+            raise VlmcacheError(f"{path}: images[{number}] lacks filename/split/sentences[].raw") from None
+        records.append(_Record(f"{subfolder}/{filename}" if subfolder else filename, image_path, split, texts))
+    return records, []
+
+
+def _karpathy_images_dir(path: Path) -> Path:
+    for name in ("images", "Images", "flickr30k-images", "Flicker8k_Dataset"):
+        if (path.parent / name).is_dir():
+            return path.parent / name
+    return path.parent
+
+
+def _read_pairs(path: Path, images_dir: Path | None) -> tuple[list[_Record], list[str]]:
+    base = images_dir or path.parent
+    rows: list[dict] = []
+    text = _read_text(path)
+    if path.suffix.lower() == ".jsonl":
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise VlmcacheError(f"{path} line {number}: not valid JSON") from None
+    else:
+        rows = list(csv.DictReader(text.splitlines()))
+    by_image: dict[str, _Record] = {}
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict) or "image" not in row or "caption" not in row:
+            raise VlmcacheError(f"{path} row {number}: needs the fields 'image' and 'caption' (optional 'split')")
+        image = str(row["image"])
+        record = by_image.setdefault(image, _Record(image, base / image, str(row.get("split") or "train"), []))
+        record.captions.append(str(row["caption"] if row["caption"] is not None else ""))
+    return list(by_image.values()), []
+
+
+def _read_imagefolder(root: Path, images_dir: Path | None) -> tuple[list[_Record], list[str]]:
+    classes = sorted(child.name for child in root.iterdir() if child.is_dir())
+    records = []
+    for label, name in enumerate(classes):
+        for image in sorted((root / name).iterdir()):
+            if image.suffix.lower() in IMAGE_SUFFIXES:
+                records.append(_Record(f"{name}/{image.name}", image, "test", [], label))
+    if not records:
+        raise VlmcacheError(f"{root}: no images found in its class subfolders")
+    return records, classes
+
+
+def _build(fmt: str, root: Path, records: list[_Record], classes: list[str],
+           splits: list[str] | None, limit: int | None) -> PairDataset:
+    if splits:
+        known = {record.split for record in records}
+        missing = [split for split in splits if split not in known]
+        if missing:
+            raise VlmcacheError(f"{root}: no split named {', '.join(missing)}; it has {', '.join(sorted(known))}")
+        records = [record for record in records if record.split in splits]
+
+    def split_rank(split: str) -> tuple[int, str]:
+        return (SPLIT_ORDER.index(split), "") if split in SPLIT_ORDER else (len(SPLIT_ORDER), split)
+
+    # A stable sort keeps the source order inside each split.
+    records = sorted(records, key=lambda record: split_rank(record.split))
+    if limit is not None:
+        kept, taken = [], {}
+        for record in records:
+            if taken.get(record.split, 0) < limit:
+                taken[record.split] = taken.get(record.split, 0) + 1
+                kept.append(record)
+        records = kept
+    captions, caption_image = [], []
+    for index, record in enumerate(records):
+        captions.extend(record.captions)
+        caption_image.extend([index] * len(record.captions))
+    return PairDataset(
+        format=fmt,
+        root=root.resolve(),
+        image_paths=[str(record.image_path.resolve()) for record in records],
+        image_ids=[record.image_id for record in records],
+        image_splits=[record.split for record in records],
+        captions=captions,
+        caption_image=np.asarray(caption_image, dtype=np.int64),
+        classes=classes,
+        image_labels=np.asarray([record.label for record in records], dtype=np.int64) if classes else None,
+    )
+
+
+class ImageDecodeError(Exception):
+    """An image file that cannot be turned into RGB pixels; the message is the reason."""
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open an image file as 8-bit RGB, handling the modes real datasets contain.
+
+    Greyscale and CMYK are converted; transparent images (RGBA, LA, palette with transparency) are
+    composited on white rather than having their alpha dropped (which turns transparent areas into
+    arbitrary colours); 16-bit images are scaled to 8 bits rather than clipped; EXIF rotation is applied.
+    Raises ImageDecodeError for missing, empty, truncated, non-image and decompression-bomb files.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImageDecodeError("file not found")
+    if path.stat().st_size == 0:
+        raise ImageDecodeError("file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between 1x and 2x its pixel limit; treat both as the bomb they may be.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                image = ImageOps.exif_transpose(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageDecodeError(f"larger than Pillow's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels") from None
+    except Image.UnidentifiedImageError:
+        raise ImageDecodeError("not an image file Pillow can read") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageDecodeError(f"corrupt or truncated image ({error})") from None
+    return _to_rgb(image)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        pixels = np.asarray(image, dtype=np.float64)
+        scale = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+        grey = np.clip(pixels / scale * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")

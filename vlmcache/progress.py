@@ -1,0 +1,24 @@
+"""Rich progress bars shared by the long-running steps (extract, ablate)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+console = Console(stderr=True)
+
+
+class RateColumn(ProgressColumn):
+    """Items per second, from rich's own speed estimate; the unit comes from the task's `unit` field."""
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        unit = task.fields.get("unit", "it")
+        return Text(f"{speed:,.1f} {unit}/s" if speed else f"- {unit}/s", style="progress.data.speed")
+
+
+def make_progress(enabled: bool = True) -> Progress:
+    """A progress display with count, rate and ETA; `enabled=False` gives a silent one (for library use)."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+                    TimeRemainingColumn(), console=console, disable=not enabled)
