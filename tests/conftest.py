@@ -96,3 +96,20 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
         sys.argv = old_argv
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+REAL_CACHE = Path(__file__).resolve().parents[1] / "build" / "test-cache" / "flickr-1000-200"
+
+
+@pytest.fixture(scope="session")
+def real_cache() -> Path:
+    """Real offline-default features of 1,000 train + 200 val Flickr8k images (kept in build/ and resumed:
+    a complete cache with the same settings is reused, so only the first run pays for extraction)."""
+    from vlmcache import extract
+
+    data = REAL_CACHE.with_name("flickr-1000-200-data")
+    if not (data / "Flickr8k.token.txt").exists():
+        shutil.rmtree(data, ignore_errors=True)
+        make_flickr_slice(data, 1000, 200)
+    extract(data, REAL_CACHE, progress=False)
+    return REAL_CACHE

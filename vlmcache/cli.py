@@ -103,6 +103,75 @@ def info(cache: Annotated[Path, typer.Argument(help="Cache folder.")]) -> None:
     console.print(table)
 
 
+def _grid(value: Optional[str]) -> Optional[tuple[int, int]]:
+    if not value:
+        return None
+    try:
+        first, second = (int(part) for part in value.lower().split("x"))
+    except ValueError:
+        raise VlmcacheError(f"grid {value!r}: write it as AxB, e.g. 32x40") from None
+    return first, second
+
+
+@app.command(epilog="Examples:\n\n  vlmcache train features/flickr8k --projector mlp --loss infonce --out runs/mlp-infonce\n\n"
+                    "  vlmcache train features/flickr8k --projector ndlinear --loss sigmoid --epochs 30 --out runs/nd\n\n"
+                    "  vlmcache train features/flickr8k --out runs/mlp-infonce --resume")
+def train(
+    cache: Annotated[Path, typer.Argument(help="Cache folder written by vlmcache extract.")],
+    out: Annotated[Path, typer.Option(help="Run folder for checkpoints and metrics.jsonl.")] = Path("runs/latest"),
+    projector: Annotated[str, typer.Option(help="linear | mlp | ndlinear")] = "mlp",
+    loss: Annotated[str, typer.Option(help="infonce (CLIP) | sigmoid (SigLIP)")] = "infonce",
+    dim: Annotated[int, typer.Option(help="Shared embedding size.")] = 256,
+    epochs: Annotated[int, typer.Option(help="Passes over the training images.")] = 20,
+    batch_size: Annotated[int, typer.Option(help="Image–caption pairs per step.")] = 256,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.1,
+    warmup: Annotated[int, typer.Option(help="Linear warm-up steps (cosine schedule).")] = 50,
+    schedule: Annotated[str, typer.Option(help="cosine | onecycle | constant")] = "cosine",
+    seed: Annotated[int, typer.Option(help="Seed for initialisation, sampling and dropout.")] = 0,
+    sampling: Annotated[str, typer.Option(help="image: each step pairs every image with ONE random caption, so "
+                                               "captions of one image never meet as negatives; caption: every "
+                                               "caption each epoch, same-image pairs masked out of the loss.")] = "image",
+    patience: Annotated[Optional[int], typer.Option(help="Stop after N epochs without a better val mean recall.")] = None,
+    dropout: Annotated[float, typer.Option(help="MLP dropout.")] = 0.1,
+    mlp_hidden: Annotated[Optional[int], typer.Option(help="MLP hidden width [default: --dim]")] = None,
+    mlp_layers: Annotated[int, typer.Option(help="MLP linear layers.")] = 2,
+    residual: Annotated[bool, typer.Option("--residual", help="MLP: residual + LayerNorm head (OpenAI-CLIP tutorial).")] = False,
+    image_grid: Annotated[Optional[str], typer.Option(help="NdLinear grid for image features, e.g. 32x40 [default: most square]")] = None,
+    text_grid: Annotated[Optional[str], typer.Option(help="NdLinear grid for text features, e.g. 16x24.")] = None,
+    text_cache: Annotated[Optional[Path], typer.Option(help="Take text features from this cache (same dataset).")] = None,
+    train_split: Annotated[str, typer.Option(help="Split to train on.")] = "train",
+    val_split: Annotated[str, typer.Option(help="Split to validate on each epoch.")] = "val",
+    device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "cpu",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out exactly where it stopped.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the run in --out afresh.")] = False,
+) -> None:
+    """Train image and text projectors on cached features (seconds on a CPU); checkpoints as safetensors."""
+    from rich.live import Live
+
+    from vlmcache.train import TrainConfig
+    from vlmcache.train import train as run_train
+
+    config = TrainConfig(projector=projector, loss=loss, dim=dim, epochs=epochs, batch_size=batch_size, lr=lr,
+                         weight_decay=weight_decay, warmup=warmup, schedule=schedule, seed=seed, sampling=sampling,
+                         patience=patience, dropout=dropout, mlp_hidden=mlp_hidden, mlp_layers=mlp_layers,
+                         residual=residual, image_grid=_grid(image_grid), text_grid=_grid(text_grid),
+                         train_split=train_split, val_split=val_split)
+    table = Table(title=f"{projector} + {loss} on {cache} (validation recall, %)", title_justify="left")
+    for column in ("epoch", "loss", "scale", "i→t R@1", "R@5", "R@10", "t→i R@1", "R@5", "R@10", "mean", "s"):
+        table.add_column(column, justify="right")
+    with Live(table, console=console, refresh_per_second=4):
+        result = run_train(cache, out, config, text_cache=text_cache, resume=resume, overwrite=overwrite,
+                           device=device, on_epoch=lambda r: table.add_row(
+                               str(r["epoch"]), f"{r['train_loss']:.4f}", f"{r['logit_scale']:.1f}",
+                               *(f"{r[f'val_{d}_r{k}']:.1f}" for d in ("i2t", "t2i") for k in (1, 5, 10)),
+                               f"{r['val_mean_recall']:.2f}", f"{r['seconds']:.2f}"))
+    best = result.best_metrics
+    console.print(f"best epoch {result.best_epoch}: val mean recall {best['mean_recall']:.2f} "
+                  f"(R@1 i→t {best['i2t_r1']:.1f}, t→i {best['t2i_r1']:.1f}); {result.parameters:,} projector "
+                  f"parameters; {result.seconds:.1f} s; checkpoints in {result.out}")
+
+
 def main() -> None:
     """Entry point: runs the app, printing user mistakes as one line (exit 2) instead of a traceback."""
     try:

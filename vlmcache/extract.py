@@ -60,6 +60,11 @@ class _ImageRows(torch.utils.data.Dataset):
             return row, torch.zeros(3, size, size), str(error)
 
 
+def _single_thread_worker(_: int) -> None:
+    # Decoders are separate processes; their own torch thread pools would fight the forward pass for cores.
+    torch.set_num_threads(1)
+
+
 def _collate(items):
     rows, pixels, errors = zip(*items)
     return list(rows), torch.stack(pixels), list(errors)
@@ -244,7 +249,7 @@ def _extract_images(out, dataset, encoder, plan, shards, provenance, batch_size,
                for i in shards for start in range(plan[i][0], plan[i][1], batch_size)]
     loader = torch.utils.data.DataLoader(
         _ImageRows(dataset.image_paths, encoder.preprocess), batch_sampler=batches, num_workers=workers,
-        collate_fn=_collate, pin_memory=encoder.device.type == "cuda")
+        collate_fn=_collate, worker_init_fn=_single_thread_worker, pin_memory=encoder.device.type == "cuda")
     task = bars.add_task("images", total=sum(plan[i][1] - plan[i][0] for i in shards), unit="img")
     batch_iter = iter(loader)
     for index in shards:
