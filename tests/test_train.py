@@ -96,7 +96,7 @@ def test_cli_train_prints_a_table_and_errors_cleanly(tiny_cache, tmp_path, capsy
                               "--batch-size", "4", "--out", tmp_path / "run"], capsys)
     assert code == 0, err
     flat = " ".join(out.split())  # rich wraps long titles at the 80-column test console
-    assert "(validation recall, %)" in flat and "best epoch" in flat and "t→i R@1" in flat
+    assert "(validation recall, %)" in flat and "best epoch" in flat and "t→i" in flat
     code, _, err = run_cli(["train", tiny_cache, "--projector", "conv", "--out", tmp_path / "run2"], capsys)
     assert code == 2 and "--projector conv: use one of linear, mlp, ndlinear" in err
 
