@@ -13,6 +13,7 @@ import pytest
 # Tests never reach a model hub: a name that is not a local folder must fail at once, not after retries.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["COLUMNS"] = "200"  # rich tables unwrapped, so tests can read their rows
 
 SHARED_DATA = Path(os.environ.get("VLMCACHE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 FLICKR = SHARED_DATA / "flickr8k"

@@ -172,6 +172,100 @@ def train(
                   f"parameters; {result.seconds:.1f} s; checkpoints in {result.out}")
 
 
+def _metrics_table(title: str, rows: dict[str, dict]) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("model")
+    for column in ("i→t R@1", "R@5", "R@10", "t→i R@1", "R@5", "R@10", "mean", "medR i→t", "medR t→i"):
+        table.add_column(column, justify="right")
+    for name, m in rows.items():
+        table.add_row(name, *(f"{m[f'{d}_r{k}']:.1f}" for d in ("i2t", "t2i") for k in (1, 5, 10)),
+                      f"{m['mean_recall']:.2f}", f"{m['i2t_median_rank']:g}", f"{m['t2i_median_rank']:g}")
+    return table
+
+
+@app.command("eval", epilog="Examples:\n\n  vlmcache eval runs/mlp-infonce\n\n"
+                            "  vlmcache eval runs/mlp-infonce --split test --json results.json\n\n"
+                            "  vlmcache eval runs/mlp-infonce --zero-shot features/cifar10 --ensemble")
+def eval_command(
+    checkpoint: Annotated[Path, typer.Argument(help="Run folder (uses its best checkpoint) or a .safetensors file.")],
+    split: Annotated[Optional[str], typer.Option(help="Split to evaluate [default: test if the cache has it, else val]")] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="Cache to evaluate on [default: the one it was trained on]")] = None,
+    baselines: Annotated[bool, typer.Option(help="Also show CCA and ASIF, fitted on the train split.")] = True,
+    zero_shot: Annotated[Optional[Path], typer.Option(help="Also report zero-shot accuracy on this labelled-folder cache.")] = None,
+    ensemble: Annotated[bool, typer.Option("--ensemble", help="Zero-shot with an 8-template prompt ensemble.")] = False,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the numbers to this JSON file.")] = None,
+) -> None:
+    """Image↔text Recall@1/5/10 (5 captions per image) of a checkpoint beside untrained and training-free baselines."""
+    from vlmcache.inference import evaluate_checkpoint
+    from vlmcache.inference import zero_shot as run_zero_shot
+
+    report = evaluate_checkpoint(checkpoint, split, cache, with_baselines=baselines)
+    console.print(_metrics_table(f"retrieval on split {report.split!r} of {report.cache} (%)", report.rows))
+    results: dict = {"split": report.split, "cache": str(report.cache), "retrieval": report.rows}
+    if zero_shot is not None:
+        accuracy = run_zero_shot(checkpoint, zero_shot, ensemble)
+        table = Table(title=f"zero-shot on {zero_shot} ({'8-template ensemble' if ensemble else 'a photo of a {}.'})",
+                      title_justify="left")
+        for column in ("model", "top-1 %", "top-5 %"):
+            table.add_column(column, justify="right" if column != "model" else "left")
+        for name, m in accuracy.items():
+            table.add_row(name, f"{m['top1']:.1f}", f"{m.get('top5', float('nan')):.1f}")
+        console.print(table)
+        results["zero_shot"] = accuracy
+    if json_out is not None:
+        json_out.write_text(json.dumps(results, indent=2))
+        console.print(f"wrote {json_out}")
+
+
+@app.command(epilog='Examples:\n\n  vlmcache classify photo.jpg --labels "a dog,a cat,a car" --checkpoint runs/mlp-infonce\n\n'
+                    "  vlmcache classify photo.jpg --labels-file labels.txt --template 'a photo of {}.' --checkpoint runs/x")
+def classify(
+    image: Annotated[Path, typer.Argument(help="An image file.")],
+    checkpoint: Annotated[Path, typer.Option(help="Run folder or .safetensors checkpoint.")] = Path("runs/latest"),
+    labels: Annotated[Optional[str], typer.Option(help="Comma-separated labels.")] = None,
+    labels_file: Annotated[Optional[Path], typer.Option(help="A text file with one label per line.")] = None,
+    template: Annotated[str, typer.Option(help="Prompt template; {} is replaced by the label.")] = "{}",
+) -> None:
+    """Rank text labels for one image: rank, prompt, cosine similarity and softmax probability."""
+    from vlmcache.inference import classify_image
+
+    if labels_file is not None:
+        if not labels_file.is_file():
+            raise VlmcacheError(f"--labels-file {labels_file}: file not found")
+        label_list = labels_file.read_text(encoding="utf-8").splitlines()
+    elif labels:
+        label_list = labels.split(",")
+    else:
+        raise VlmcacheError("give --labels 'a,b,c' or --labels-file FILE")
+    rows, scale = classify_image(checkpoint, image, label_list, template)
+    table = Table(title=f"{image}", caption=f"probability = softmax(cosine × {scale:.1f}, the learned logit scale)",
+                  title_justify="left")
+    for column, justify in (("rank", "right"), ("prompt", "left"), ("cosine", "right"), ("probability", "right")):
+        table.add_column(column, justify=justify)
+    for row in rows:
+        table.add_row(str(row.rank), row.prompt, f"{row.cosine:.4f}", f"{100 * row.probability:.1f}%")
+    console.print(table)
+
+
+@app.command(epilog='Example:\n\n  vlmcache search runs/mlp-infonce "a dog running on a beach" --top 5')
+def search(
+    checkpoint: Annotated[Path, typer.Argument(help="Run folder or .safetensors checkpoint.")],
+    query: Annotated[str, typer.Argument(help="What the images should show.")],
+    top: Annotated[int, typer.Option(help="How many images.")] = 5,
+    split: Annotated[Optional[str], typer.Option(help="Cached split to search [default: test, else val]")] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="Cache to search [default: the training cache]")] = None,
+) -> None:
+    """Find the cached images that best match a text query (cross-modal retrieval)."""
+    from vlmcache.inference import search_images
+
+    table = Table(title=f"top {top} images for {query!r}", title_justify="left")
+    for column, justify in (("rank", "right"), ("score", "right"), ("image", "left"), ("path", "left")):
+        table.add_column(column, justify=justify)
+    for hit in search_images(checkpoint, query, top, split, cache):
+        table.add_row(str(hit.rank), f"{hit.score:.4f}", hit.image_id, hit.path)
+    console.print(table)
+
+
 def main() -> None:
     """Entry point: runs the app, printing user mistakes as one line (exit 2) instead of a traceback."""
     try:
