@@ -266,6 +266,65 @@ def search(
     console.print(table)
 
 
+def _int_list(value: str, name: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(item) for item in value.split(",") if item.strip())
+    except ValueError:
+        raise VlmcacheError(f"--{name} {value}: give comma-separated integers, e.g. 0,1,2") from None
+
+
+def ablation_table(rows: list[dict], split: str) -> Table:
+    """The ablation as a rich table: mean ± std over seeds, best value per column in bold green."""
+    table = Table(title=f"ablation on split {split!r}: recall in %, mean ± std over seeds", title_justify="left")
+    several_caches = len({row["cache"] for row in rows}) > 1
+    if several_caches:
+        table.add_column("encoders")
+    for column in ("projector", "loss", "dim"):
+        table.add_column(column)
+    metric_names = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mean_recall")
+    for column in ("i→t R@1", "R@5", "R@10", "t→i R@1", "R@5", "R@10", "mean"):
+        table.add_column(column, justify="right")
+    table.add_column("params", justify="right")
+    table.add_column("s/run", justify="right")
+    best = {metric: max(row[metric] for row in rows) for metric in metric_names}
+    for row in rows:
+        cells = [row["encoders"]] if several_caches else []
+        cells += [row["projector"], row["loss"], str(row["dim"])]
+        for metric in metric_names:
+            text = f"{row[metric]:.1f} ± {row[metric + '_std']:.1f}"
+            cells.append(f"[bold green]{text}[/bold green]" if row[metric] == best[metric] else text)
+        cells += [f"{row['parameters']:,}", f"{row['seconds']:.1f}"]
+        table.add_row(*cells)
+    return table
+
+
+@app.command(epilog="Examples:\n\n  vlmcache ablate features/flickr8k\n\n"
+                    "  vlmcache ablate features/vit features/resnet18 --projectors linear,mlp --losses infonce "
+                    "--seeds 0,1 --epochs 10")
+def ablate(
+    caches: Annotated[list[Path], typer.Argument(help="One or more cache folders (several compare encoder pairs).")],
+    out: Annotated[Path, typer.Option(help="Folder for cell results, ablation.json and ablation.csv.")] = Path("runs/ablation"),
+    projectors: Annotated[str, typer.Option(help="Comma-separated: linear,mlp,ndlinear")] = "linear,mlp,ndlinear",
+    losses: Annotated[str, typer.Option(help="Comma-separated: infonce,sigmoid")] = "infonce,sigmoid",
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds; each cell runs once per seed.")] = "0,1,2",
+    dims: Annotated[str, typer.Option(help="Comma-separated shared-space sizes.")] = "256",
+    epochs: Annotated[int, typer.Option(help="Epochs per run (best epoch on val is kept).")] = 20,
+    batch_size: Annotated[int, typer.Option(help="Pairs per step.")] = 256,
+    jobs: Annotated[Optional[int], typer.Option(help="Cells trained in parallel [default: CPU cores]")] = None,
+    baselines: Annotated[bool, typer.Option(help="Add untrained, CCA and ASIF rows.")] = True,
+) -> None:
+    """Train the projector × loss grid on cached features (several seeds) and print one comparison table."""
+    from vlmcache.ablate import ablate as run_ablate
+
+    result = run_ablate(caches, out, projectors=tuple(_split_list(projectors) or ()),
+                        losses=tuple(_split_list(losses) or ()), seeds=_int_list(seeds, "seeds"),
+                        dims=_int_list(dims, "dims"), epochs=epochs, jobs=jobs, with_baselines=baselines,
+                        base_config={"batch_size": batch_size})
+    console.print(ablation_table(result.rows, result.split))
+    console.print(f"{result.cells_trained} runs trained, {result.cells_reused} reused from {result.out}/cells; "
+                  f"{result.seconds:.1f} s; wrote {result.out}/ablation.json and ablation.csv")
+
+
 def main() -> None:
     """Entry point: runs the app, printing user mistakes as one line (exit 2) instead of a traceback."""
     try:

@@ -1,0 +1,63 @@
+"""`vlmcache ablate`: the grid, baseline rows, resume from cached cells, and reproducibility."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from conftest import run_cli
+
+from vlmcache import extract
+from vlmcache.ablate import ablate
+
+
+@pytest.fixture
+def tiny_caches(flickr_slice, tmp_path, tiny_models):
+    for image in ("vit", "resnet"):
+        extract(flickr_slice, tmp_path / image, image_model=str(tiny_models[image]),
+                text_model=str(tiny_models["distilbert"]), progress=False)
+    return tmp_path / "vit", tmp_path / "resnet"
+
+
+def test_grid_with_baselines_files_and_resume(tiny_caches, tmp_path):
+    vit, resnet = tiny_caches
+    grid = {"projectors": ("linear", "ndlinear"), "losses": ("infonce", "sigmoid"), "seeds": (0, 1), "epochs": 2,
+            "base_config": {"batch_size": 4}, "jobs": 1, "progress": False}
+    result = ablate([vit, resnet], tmp_path / "ab", **grid)
+    assert result.cells_trained == 2 * 2 * 2 * 2 and result.cells_reused == 0
+    names = [(row["encoders"].split(" ")[0], row["projector"], row["loss"]) for row in result.rows]
+    assert len(names) == 2 * (4 + 3)  # per cache: 4 trained rows + untrained, CCA, ASIF
+    assert {n[1] for n in names} == {"linear", "ndlinear", "untrained linear", "CCA (closed form)", "ASIF (no training)"}
+    row = next(r for r in result.rows if r["projector"] == "linear" and r["loss"] == "infonce")
+    assert row["seeds"] == [0, 1] and row["mean_recall_std"] >= 0 and row["parameters"] == (32 + 32) * 256 + 2 * 256
+    saved = json.loads((tmp_path / "ab" / "ablation.json").read_text())
+    assert saved["rows"] == result.rows
+    with open(tmp_path / "ab" / "ablation.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == len(result.rows)
+    again = ablate([vit, resnet], tmp_path / "ab", **grid)  # everything cached: nothing retrained
+    assert again.cells_trained == 0 and again.cells_reused == 16
+    untimed = [{k: v for k, v in row.items() if k != "seconds"} for row in result.rows]
+    assert [{k: v for k, v in row.items() if k != "seconds"} for row in again.rows] == untimed
+
+
+def test_same_seeds_reproduce_the_same_numbers_in_parallel_too(tiny_caches, tmp_path):
+    vit, _ = tiny_caches
+    grid = {"projectors": ("mlp",), "losses": ("infonce", "sigmoid"), "seeds": (3,), "epochs": 2,
+            "base_config": {"batch_size": 4}, "with_baselines": False, "progress": False}
+    first = ablate([vit], tmp_path / "a", jobs=1, **grid)
+    second = ablate([vit], tmp_path / "b", jobs=2, **grid)
+    assert [r["mean_recall"] for r in first.rows] == [r["mean_recall"] for r in second.rows]
+    assert [r["i2t_r1"] for r in first.rows] == [r["i2t_r1"] for r in second.rows]
+
+
+def test_cli_ablate_prints_the_table(tiny_caches, tmp_path, capsys):
+    vit, _ = tiny_caches
+    code, out, err = run_cli(["ablate", vit, "--projectors", "linear", "--losses", "infonce", "--seeds", "0",
+                              "--epochs", "1", "--batch-size", "4", "--jobs", "1", "--out", tmp_path / "ab"], capsys)
+    assert code == 0, err
+    assert "ablation on split 'val'" in out and "CCA (closed form)" in out and "ASIF" in out and "±" in out
+    code, _, err = run_cli(["ablate", tmp_path / "missing"], capsys)
+    assert code == 2 and "no such cache folder" in err
+    code, _, err = run_cli(["ablate", vit, "--seeds", "a,b"], capsys)
+    assert code == 2 and "--seeds a,b" in err
