@@ -73,8 +73,11 @@ def test_sigmoid_loss_by_hand():
     assert loss.scale() == pytest.approx(2.0) and float(loss.logit_bias) == -1.0
     image = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # cosines = identity
-    positive = -math.log(1 / (1 + math.exp(-(2 * 1 - 1))))  # z=+1, logit 1
-    negative = -math.log(1 / (1 + math.exp(-(-1) * (2 * 0 - 1))))  # z=-1, logit -1
+    def minus_log_sigmoid(value: float) -> float:
+        return -math.log(1 / (1 + math.exp(-value)))
+
+    positive = minus_log_sigmoid(+1 * (2 * 1 - 1))  # diagonal: z = +1, logit = t·cos + b = 1
+    negative = minus_log_sigmoid(-1 * (2 * 0 - 1))  # off-diagonal: z = -1, logit = -1
     assert float(loss(image, text)) == pytest.approx((2 * positive + 2 * negative) / 4, rel=1e-6)
     assert SigmoidLoss().scale() == pytest.approx(10.0) and float(SigmoidLoss().logit_bias) == -10.0
 

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -21,7 +21,7 @@ app = typer.Typer(
 console = Console()
 
 
-def _split_list(value: Optional[str]) -> Optional[list[str]]:
+def _split_list(value: str | None) -> list[str] | None:
     return [item.strip() for item in value.split(",") if item.strip()] if value else None
 
 
@@ -35,18 +35,18 @@ def extract(
     out: Annotated[Path, typer.Option(help="Cache folder to write.")] = Path("features/cache"),
     image_model: Annotated[str, typer.Option(help="'efficientnet-lite0' (offline), or any HF image model name or folder.")] = "efficientnet-lite0",
     text_model: Annotated[str, typer.Option(help="'minilm' (offline), or any HF text model name or folder.")] = "minilm",
-    image_pooling: Annotated[Optional[str], typer.Option(help="cls | mean | pooler | avgpool [default: cls for ViT-like, avgpool for CNNs]")] = None,
-    text_pooling: Annotated[Optional[str], typer.Option(help="mean | cls | pooler [default: mean over the attention mask]")] = None,
+    image_pooling: Annotated[str | None, typer.Option(help="cls | mean | pooler | avgpool [default: cls for ViT-like, avgpool for CNNs]")] = None,
+    text_pooling: Annotated[str | None, typer.Option(help="mean | cls | pooler [default: mean over the attention mask]")] = None,
     format: Annotated[str, typer.Option(help="auto | flickr8k | karpathy | pairs | imagefolder")] = "auto",
-    images_dir: Annotated[Optional[Path], typer.Option(help="Where images are, if not beside the dataset file.")] = None,
-    splits: Annotated[Optional[str], typer.Option(help="Comma-separated splits to keep, e.g. train,val [default: all]")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="Keep the first N images of each split (quick runs).")] = None,
+    images_dir: Annotated[Path | None, typer.Option(help="Where images are, if not beside the dataset file.")] = None,
+    splits: Annotated[str | None, typer.Option(help="Comma-separated splits to keep, e.g. train,val [default: all]")] = None,
+    limit: Annotated[int | None, typer.Option(help="Keep the first N images of each split (quick runs).")] = None,
     shard_size: Annotated[int, typer.Option(help="Rows per HDF5 shard (the unit of resume).")] = 1024,
     dtype: Annotated[str, typer.Option(help="float16 | float32 storage.")] = "float16",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     text_batch_size: Annotated[int, typer.Option(help="Captions per forward pass.")] = 256,
     max_length: Annotated[int, typer.Option(help="Caption tokens kept (longer ones are truncated and counted).")] = 64,
-    workers: Annotated[Optional[int], typer.Option(help="Image-decoding worker processes [default: 1 on CPU, up to 8 on GPU]")] = None,
+    workers: Annotated[int | None, typer.Option(help="Image-decoding worker processes [default: 1 on CPU, up to 8 on GPU]")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     tokens: Annotated[bool, typer.Option("--tokens", help="Also store token-level states with their mask.")] = False,
     on_error: Annotated[str, typer.Option(help="fail: stop at the first bad image/caption, naming it; skip: record it in the manifest and go on.")] = "fail",
@@ -103,7 +103,7 @@ def info(cache: Annotated[Path, typer.Argument(help="Cache folder.")]) -> None:
     console.print(table)
 
 
-def _grid(value: Optional[str]) -> Optional[tuple[int, int]]:
+def _grid(value: str | None) -> tuple[int, int] | None:
     if not value:
         return None
     try:
@@ -132,14 +132,14 @@ def train(
     sampling: Annotated[str, typer.Option(help="image: each step pairs every image with ONE random caption, so "
                                                "captions of one image never meet as negatives; caption: every "
                                                "caption each epoch, same-image pairs masked out of the loss.")] = "image",
-    patience: Annotated[Optional[int], typer.Option(help="Stop after N epochs without a better val mean recall.")] = None,
+    patience: Annotated[int | None, typer.Option(help="Stop after N epochs without a better val mean recall.")] = None,
     dropout: Annotated[float, typer.Option(help="MLP dropout.")] = 0.1,
-    mlp_hidden: Annotated[Optional[int], typer.Option(help="MLP hidden width [default: --dim]")] = None,
+    mlp_hidden: Annotated[int | None, typer.Option(help="MLP hidden width [default: --dim]")] = None,
     mlp_layers: Annotated[int, typer.Option(help="MLP linear layers.")] = 2,
     residual: Annotated[bool, typer.Option("--residual", help="MLP: residual + LayerNorm head (OpenAI-CLIP tutorial).")] = False,
-    image_grid: Annotated[Optional[str], typer.Option(help="NdLinear grid for image features, e.g. 32x40 [default: most square]")] = None,
-    text_grid: Annotated[Optional[str], typer.Option(help="NdLinear grid for text features, e.g. 16x24.")] = None,
-    text_cache: Annotated[Optional[Path], typer.Option(help="Take text features from this cache (same dataset).")] = None,
+    image_grid: Annotated[str | None, typer.Option(help="NdLinear grid for image features, e.g. 32x40 [default: most square]")] = None,
+    text_grid: Annotated[str | None, typer.Option(help="NdLinear grid for text features, e.g. 16x24.")] = None,
+    text_cache: Annotated[Path | None, typer.Option(help="Take text features from this cache (same dataset).")] = None,
     train_split: Annotated[str, typer.Option(help="Split to train on.")] = "train",
     val_split: Annotated[str, typer.Option(help="Split to validate on each epoch.")] = "val",
     device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "cpu",
@@ -188,12 +188,12 @@ def _metrics_table(title: str, rows: dict[str, dict]) -> Table:
                             "  vlmcache eval runs/mlp-infonce --zero-shot features/cifar10 --ensemble")
 def eval_command(
     checkpoint: Annotated[Path, typer.Argument(help="Run folder (uses its best checkpoint) or a .safetensors file.")],
-    split: Annotated[Optional[str], typer.Option(help="Split to evaluate [default: test if the cache has it, else val]")] = None,
-    cache: Annotated[Optional[Path], typer.Option(help="Cache to evaluate on [default: the one it was trained on]")] = None,
+    split: Annotated[str | None, typer.Option(help="Split to evaluate [default: test if the cache has it, else val]")] = None,
+    cache: Annotated[Path | None, typer.Option(help="Cache to evaluate on [default: the one it was trained on]")] = None,
     baselines: Annotated[bool, typer.Option(help="Also show CCA and ASIF, fitted on the train split.")] = True,
-    zero_shot: Annotated[Optional[Path], typer.Option(help="Also report zero-shot accuracy on this labelled-folder cache.")] = None,
+    zero_shot: Annotated[Path | None, typer.Option(help="Also report zero-shot accuracy on this labelled-folder cache.")] = None,
     ensemble: Annotated[bool, typer.Option("--ensemble", help="Zero-shot with an 8-template prompt ensemble.")] = False,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the numbers to this JSON file.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the numbers to this JSON file.")] = None,
 ) -> None:
     """Image↔text Recall@1/5/10 (5 captions per image) of a checkpoint beside untrained and training-free baselines."""
     from vlmcache.inference import evaluate_checkpoint
@@ -217,26 +217,31 @@ def eval_command(
         console.print(f"wrote {json_out}")
 
 
+def _read_labels(labels: str | None, labels_file: Path | None) -> list[str]:
+    if labels_file is not None:
+        if not labels_file.is_file():
+            raise VlmcacheError(f"--labels-file {labels_file}: file not found")
+        return labels_file.read_text(encoding="utf-8").splitlines()
+    if labels:
+        return labels.split(",")
+    raise VlmcacheError("give --labels 'a,b,c' or --labels-file FILE")
+
+
 @app.command(epilog='Examples:\n\n  vlmcache classify photo.jpg --labels "a dog,a cat,a car" --checkpoint runs/mlp-infonce\n\n'
                     "  vlmcache classify photo.jpg --labels-file labels.txt --template 'a photo of {}.' --checkpoint runs/x")
 def classify(
     image: Annotated[Path, typer.Argument(help="An image file.")],
     checkpoint: Annotated[Path, typer.Option(help="Run folder or .safetensors checkpoint.")] = Path("runs/latest"),
-    labels: Annotated[Optional[str], typer.Option(help="Comma-separated labels.")] = None,
-    labels_file: Annotated[Optional[Path], typer.Option(help="A text file with one label per line.")] = None,
+    labels: Annotated[str | None, typer.Option(help="Comma-separated labels.")] = None,
+    labels_file: Annotated[Path | None, typer.Option(help="A text file with one label per line.")] = None,
     template: Annotated[str, typer.Option(help="Prompt template; {} is replaced by the label.")] = "{}",
+    label_list: Annotated[list[str] | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Rank text labels for one image: rank, prompt, cosine similarity and softmax probability."""
     from vlmcache.inference import classify_image
 
-    if labels_file is not None:
-        if not labels_file.is_file():
-            raise VlmcacheError(f"--labels-file {labels_file}: file not found")
-        label_list = labels_file.read_text(encoding="utf-8").splitlines()
-    elif labels:
-        label_list = labels.split(",")
-    else:
-        raise VlmcacheError("give --labels 'a,b,c' or --labels-file FILE")
+    if not label_list:
+        label_list = _read_labels(labels, labels_file)
     rows, scale = classify_image(checkpoint, image, label_list, template)
     table = Table(title=f"{image}", caption=f"probability = softmax(cosine × {scale:.1f}, the learned logit scale)",
                   title_justify="left")
@@ -252,8 +257,8 @@ def search(
     checkpoint: Annotated[Path, typer.Argument(help="Run folder or .safetensors checkpoint.")],
     query: Annotated[str, typer.Argument(help="What the images should show.")],
     top: Annotated[int, typer.Option(help="How many images.")] = 5,
-    split: Annotated[Optional[str], typer.Option(help="Cached split to search [default: test, else val]")] = None,
-    cache: Annotated[Optional[Path], typer.Option(help="Cache to search [default: the training cache]")] = None,
+    split: Annotated[str | None, typer.Option(help="Cached split to search [default: test, else val]")] = None,
+    cache: Annotated[Path | None, typer.Option(help="Cache to search [default: the training cache]")] = None,
 ) -> None:
     """Find the cached images that best match a text query (cross-modal retrieval)."""
     from vlmcache.inference import search_images
@@ -310,7 +315,7 @@ def ablate(
     dims: Annotated[str, typer.Option(help="Comma-separated shared-space sizes.")] = "256",
     epochs: Annotated[int, typer.Option(help="Epochs per run (best epoch on val is kept).")] = 20,
     batch_size: Annotated[int, typer.Option(help="Pairs per step.")] = 256,
-    jobs: Annotated[Optional[int], typer.Option(help="Cells trained in parallel [default: CPU cores]")] = None,
+    jobs: Annotated[int | None, typer.Option(help="Cells trained in parallel [default: CPU cores]")] = None,
     baselines: Annotated[bool, typer.Option(help="Add untrained, CCA and ASIF rows.")] = True,
 ) -> None:
     """Train the projector × loss grid on cached features (several seeds) and print one comparison table."""
@@ -323,6 +328,39 @@ def ablate(
     console.print(ablation_table(result.rows, result.split))
     console.print(f"{result.cells_trained} runs trained, {result.cells_reused} reused from {result.out}/cells; "
                   f"{result.seconds:.1f} s; wrote {result.out}/ablation.json and ablation.csv")
+
+
+@app.command(epilog="Examples:\n\n  vlmcache demo                       (uses ../shared/data/flickr8k if present)\n\n"
+                    "  vlmcache demo --data path/to/Flickr8k --limit 2000")
+def demo(
+    data: Annotated[Path | None, typer.Option(help="A Flickr8k-layout folder [default: ../shared/data/flickr8k, "
+                                                      "else a generated dataset of coloured shapes]")] = None,
+    out: Annotated[Path, typer.Option(help="Where the demo's cache and run go.")] = Path("features/demo"),
+    limit: Annotated[int, typer.Option(help="Images per split to extract (keeps the demo a few minutes).")] = 1000,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 20,
+) -> None:
+    """The whole pipeline on the offline default encoders: extract → train (MLP + InfoNCE) → eval → classify."""
+    from vlmcache.demo import find_demo_data, make_shapes_dataset
+    from vlmcache.store import open_cache
+
+    source = find_demo_data(data)
+    if source is None:
+        source = make_shapes_dataset(out / "shapes-data")
+        console.print(f"[yellow]No Flickr8k data found: generated a procedural dataset of coloured shapes with "
+                      f"matching captions in {source} (synthetic pictures, not real photos).[/yellow]")
+    console.rule(f"1/4 extract {source} (first {limit} images per split) with efficientnet-lite0 + minilm")
+    extract(source, out=out / "cache", limit=limit)
+    console.rule("2/4 train an MLP projector with InfoNCE on the cached features")
+    train(out / "cache", out=out / "run", projector="mlp", loss="infonce", epochs=epochs, overwrite=True)
+    console.rule("3/4 evaluate: trained vs untrained projector and training-free baselines")
+    eval_command(out / "run", split=None, cache=None, baselines=True, zero_shot=None, ensemble=False, json_out=None)
+    console.rule("4/4 classify one validation photo against its own caption and three others")
+    val = open_cache(out / "cache").split("val")
+    first_caption = {int(image): caption for caption, image in zip(val.captions, val.caption_image, strict=True)
+                     if image in (0, len(val.image_ids) // 3, len(val.image_ids) // 2, 2 * len(val.image_ids) // 3)}
+    console.print(f"true caption: {first_caption[0]!r}")
+    classify(Path(val.image_paths[0]), checkpoint=out / "run", labels=None, labels_file=None, template="{}",
+             label_list=list(dict.fromkeys(first_caption.values())))
 
 
 def main() -> None:

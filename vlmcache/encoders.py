@@ -123,6 +123,14 @@ def _resolve_folder(name_or_path: str) -> Path | None:
         return None
 
 
+def _weights_identity(name_or_path: str, config) -> str:
+    """SHA-256 of the model's weights files, or its hub revision when no local copy can be found."""
+    folder = _resolve_folder(name_or_path)
+    if folder is None:
+        return f"unknown (revision {getattr(config, '_commit_hash', None)})"
+    return weights_sha256(_weight_files(folder))
+
+
 def _load_hf(loader, name_or_path: str, what: str):
     """Call `loader.from_pretrained`, turning every loading failure into one clear line."""
     from transformers.utils import logging as transformers_logging
@@ -165,10 +173,8 @@ class ImageEncoder:
             else:
                 output = self.model(pixel_values=pixels)
                 states, pooler = output.last_hidden_state, getattr(output, "pooler_output", None)
-            if states.dim() == 4:  # convolutional: (N, C, H, W) -> tokens (N, H*W, C)
-                token_states = states.flatten(2).transpose(1, 2)
-            else:
-                token_states = states
+            # Convolutional output (N, C, H, W) becomes tokens (N, H*W, C).
+            token_states = states.flatten(2).transpose(1, 2) if states.dim() == 4 else states
             pooled = self._pool(token_states, pooler, conv=states.dim() == 4)
         mask = torch.ones(token_states.shape[:2], dtype=torch.bool) if tokens else None
         return Encoded(pooled.float().cpu(), token_states.float().cpu() if tokens else None, mask)
@@ -246,8 +252,7 @@ def load_image_encoder(name_or_path: str = DEFAULT_IMAGE_MODEL, pooling: str | N
     model = _load_hf(AutoModel, name_or_path, "image model")
     if getattr(model.config, "model_type", None) in ("distilbert", "bert", "roberta", "gpt2", "t5"):
         raise VlmcacheError(f"image model {name_or_path}: is a text model ({model.config.model_type}); pass it as --text-model")
-    folder = _resolve_folder(name_or_path)
-    weights = weights_sha256(_weight_files(folder)) if folder else f"unknown (revision {getattr(model.config, '_commit_hash', None)})"
+    weights = _weights_identity(name_or_path, model.config)
     conv = getattr(model.config, "model_type", "") in ("resnet", "convnext", "regnet", "efficientnet", "mobilenet_v2")
     return ImageEncoder(name_or_path, _freeze(model, torch_device), pooling or ("avgpool" if conv else "cls"),
                         _hf_preprocess(name_or_path, model.config), weights, torch_device, "transformers")
@@ -310,8 +315,7 @@ def load_text_encoder(name_or_path: str = DEFAULT_TEXT_MODEL, pooling: str | Non
         raise VlmcacheError(f"text model {name_or_path}: is an image model ({model.config.model_type}); pass it as --image-model")
     tokenizer = _load_hf(AutoTokenizer, source, "tokenizer of text model")
     limit = min(max_length, getattr(model.config, "max_position_embeddings", max_length))
-    folder = _resolve_folder(source)
-    weights = weights_sha256(_weight_files(folder)) if folder else f"unknown (revision {getattr(model.config, '_commit_hash', None)})"
+    weights = _weights_identity(source, model.config)
     return TextEncoder(name_or_path, _freeze(model, torch_device), tokenizer, pooling or "mean", limit, weights, torch_device)
 
 

@@ -23,8 +23,18 @@ import torch
 from vlmcache import datasets, encoders
 from vlmcache.errors import VlmcacheError
 from vlmcache.progress import make_progress
-from vlmcache.store import (FORMAT_VERSION, MODALITIES, CacheLock, now_iso, shard_name, shard_ranges,
-                            differences, write_index, write_json_atomic, write_shard)
+from vlmcache.store import (
+    FORMAT_VERSION,
+    MODALITIES,
+    CacheLock,
+    differences,
+    now_iso,
+    shard_name,
+    shard_ranges,
+    write_index,
+    write_json_atomic,
+    write_shard,
+)
 
 ON_ERROR = ("fail", "skip")
 
@@ -66,7 +76,7 @@ def _single_thread_worker(_: int) -> None:
 
 
 def _collate(items):
-    rows, pixels, errors = zip(*items)
+    rows, pixels, errors = zip(*items, strict=False)
     return list(rows), torch.stack(pixels), list(errors)
 
 
@@ -261,7 +271,7 @@ def _extract_images(out, dataset, encoder, plan, shards, provenance, batch_size,
         done = 0
         while done < rows:
             batch_rows, pixels, batch_errors = next(batch_iter)
-            for row, reason in zip(batch_rows, batch_errors):
+            for row, reason in zip(batch_rows, batch_errors, strict=False):
                 if reason:
                     _fail_or_record(on_error, f"image {dataset.image_paths[row]}", reason)
                     valid[row - start], errors[row - start] = False, reason

@@ -147,7 +147,8 @@ class RankedPrompt:
     probability: float
 
 
-def classify_image(checkpoint: str | Path, image: str | Path, labels: list[str], template: str = "{}") -> tuple[list[RankedPrompt], float]:
+def classify_image(checkpoint: str | Path, image: str | Path, labels: list[str],
+                   template: str = "{}") -> tuple[list[RankedPrompt], float]:
     """Rank prompts for one image file (runs the frozen image encoder on it).
 
     Returns the ranked rows and the softmax temperature scale used (the checkpoint's learned one).
