@@ -154,19 +154,57 @@ def _freeze(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return model.to(device)
 
 
+# (convolution, batch norm) attribute pairs that run back to back: HF ResNet-style layers, EfficientNet-Lite.
+CONV_BN_PAIRS = (("convolution", "normalization"), ("_conv_stem", "_bn0"), ("_expand_conv", "_bn0"),
+                 ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2"), ("_conv_head", "_bn1"))
+
+
+def fold_batchnorm(model: torch.nn.Module) -> int:
+    """Fold every inference-mode BatchNorm into the convolution before it; returns how many were folded.
+
+    y = γ·(conv(x) − μ)/σ + β is itself a convolution with rescaled weights and a new bias, so the
+    BatchNorm's memory pass disappears. Same function, up to float rounding.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = 0
+    for module in list(model.modules()):
+        for conv_name, bn_name in CONV_BN_PAIRS:
+            conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
+            if isinstance(conv, torch.nn.Conv2d) and isinstance(bn, torch.nn.BatchNorm2d):
+                setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
+                setattr(module, bn_name, torch.nn.Identity())
+                folded += 1
+    return folded
+
+
+def speed_up_convnet(model: torch.nn.Module, fast: bool) -> tuple[torch.nn.Module, str]:
+    """The fast inference path for convolutional encoders: BatchNorm folded, channels_last memory.
+
+    Returns the model and a name of the path taken, recorded in the cache's provenance.
+    """
+    if not fast:
+        return model, "eager"
+    folded = fold_batchnorm(model)
+    model = model.to(memory_format=torch.channels_last)
+    return model, f"eager+bn-fold({folded})+channels_last"
+
+
 class ImageEncoder:
     """A frozen image model with its preprocessing and pooling."""
 
     def __init__(self, name: str, model: torch.nn.Module, pooling: str, preprocess: Preprocess,
-                 weights: str, device: torch.device, kind: str):
+                 weights: str, device: torch.device, kind: str, compute_path: str = "eager"):
         self.name, self.model, self.pooling, self.preprocess = name, model, pooling, preprocess
-        self.weights_sha256, self.device, self.kind = weights, device, kind
+        self.weights_sha256, self.device, self.kind, self.compute_path = weights, device, kind, compute_path
         self.dim = int(self.encode(torch.zeros(1, 3, preprocess.size, preprocess.size)).pooled.shape[-1])
 
     def encode(self, pixels: torch.Tensor, tokens: bool = False) -> Encoded:
         """Preprocessed pixels (N, 3, H, W) -> pooled features (N, dim), and token states if asked."""
         with torch.inference_mode(), _autocast(self.device):
             pixels = pixels.to(self.device, non_blocking=True)
+            if "channels_last" in self.compute_path:
+                pixels = pixels.contiguous(memory_format=torch.channels_last)
             if self.kind == "efficientnet":
                 states = self.model.extract_features(pixels)  # (N, C, H, W)
                 pooler = None
@@ -238,15 +276,22 @@ class TextEncoder:
 
 
 def load_image_encoder(name_or_path: str = DEFAULT_IMAGE_MODEL, pooling: str | None = None,
-                       device: str = "auto") -> ImageEncoder:
-    """Load a frozen image encoder: "efficientnet-lite0" (offline, from PyPI) or any HF image model."""
+                       device: str = "auto", fast: bool = True) -> ImageEncoder:
+    """Load a frozen image encoder: "efficientnet-lite0" (offline, from PyPI) or any HF image model.
+
+    `fast=True` takes the fast inference path for convolutional models (see speed_up_convnet); the
+    features match the plain eager path within float rounding (tests/test_speed_parity.py).
+    """
     torch_device = pick_device(device)
     if pooling is not None and pooling not in IMAGE_POOLINGS:
         raise VlmcacheError(f"--image-pooling {pooling}: use one of {', '.join(IMAGE_POOLINGS)}")
     if name_or_path == DEFAULT_IMAGE_MODEL:
         model, weights_file = _load_efficientnet_lite0()
-        return ImageEncoder(name_or_path, _freeze(model, torch_device), pooling or "avgpool", Preprocess(),
-                            weights_sha256([weights_file]), torch_device, "efficientnet")
+        model, path = speed_up_convnet(_freeze(model, torch_device), fast)
+        # The Lite builder's evaluation preprocessing: centre crop 224/256, (pixel − 127) / 128.
+        lite = Preprocess(mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
+        return ImageEncoder(name_or_path, model, pooling or "avgpool", lite,
+                            weights_sha256([weights_file]), torch_device, "efficientnet", path)
     from transformers import AutoModel
 
     model = _load_hf(AutoModel, name_or_path, "image model")
@@ -254,8 +299,9 @@ def load_image_encoder(name_or_path: str = DEFAULT_IMAGE_MODEL, pooling: str | N
         raise VlmcacheError(f"image model {name_or_path}: is a text model ({model.config.model_type}); pass it as --text-model")
     weights = _weights_identity(name_or_path, model.config)
     conv = getattr(model.config, "model_type", "") in ("resnet", "convnext", "regnet", "efficientnet", "mobilenet_v2")
-    return ImageEncoder(name_or_path, _freeze(model, torch_device), pooling or ("avgpool" if conv else "cls"),
-                        _hf_preprocess(name_or_path, model.config), weights, torch_device, "transformers")
+    model, path = speed_up_convnet(_freeze(model, torch_device), fast and conv)
+    return ImageEncoder(name_or_path, model, pooling or ("avgpool" if conv else "cls"),
+                        _hf_preprocess(name_or_path, model.config), weights, torch_device, "transformers", path)
 
 
 def _load_efficientnet_lite0() -> tuple[torch.nn.Module, Path]:
@@ -269,7 +315,7 @@ def _load_efficientnet_lite0() -> tuple[torch.nn.Module, Path]:
     model = EfficientNet.from_name("efficientnet-lite0")
     # weights_only=True: the .pth is a pickle, and this refuses anything but tensors (no code runs).
     model.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
-    model.set_swish(memory_efficient=False)  # plain x*sigmoid(x): same values, no custom autograd op
+    # Lite models use ReLU6, set by from_name; never call the package's set_swish(), which swaps in swish.
     return model, weights_file
 
 
