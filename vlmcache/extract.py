@@ -51,6 +51,8 @@ class ExtractResult:
     skipped: list[dict] = field(default_factory=list)
     truncated_captions: int = 0
     seconds: float = 0.0
+    image_seconds: float = 0.0  # wall time of the image pass (decode + forward + write), this process
+    text_seconds: float = 0.0
 
 
 class _ImageRows(torch.utils.data.Dataset):
@@ -203,14 +205,18 @@ def extract(
         pending = {m: [i for i, _ in enumerate(plans[m]) if not (out / m / shard_name(i)).exists()] for m in MODALITIES}
         mine = {m: [i for n, i in enumerate(pending[m]) if n % world == rank] for m in MODALITIES}
         with make_progress(progress and rank == 0) as bars:
+            phase_started = time.perf_counter()
             _extract_images(out, dataset, image_encoder, plans["images"], mine["images"], provenance["images"],
                             batch_size, workers, tokens, on_error, bars)
+            image_seconds = time.perf_counter() - phase_started
             _extract_texts(out, dataset, text_encoder, plans["texts"], mine["texts"], provenance["texts"],
                            text_batch_size, tokens, on_error, bars)
+            text_seconds = time.perf_counter() - phase_started - image_seconds
         _barrier(world)
         reused = sum(len(plans[m]) - len(pending[m]) for m in MODALITIES)
         result = ExtractResult(out, dataset.num_images, dataset.num_captions,
-                               sum(len(mine[m]) for m in MODALITIES), reused)
+                               sum(len(pending[m]) for m in MODALITIES), reused,
+                               image_seconds=image_seconds, text_seconds=text_seconds)
         if rank == 0:
             _finalize(out, manifest, plans, result)
     finally:
