@@ -28,6 +28,7 @@ demo: $(STAMP)
 	$(BIN)/vlmcache demo
 
 test: $(STAMP)
+	$(BIN)/ruff check vlmcache tests benchmarks cli.py
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

@@ -61,3 +61,23 @@ def test_cli_ablate_prints_the_table(tiny_caches, tmp_path, capsys):
     assert code == 2 and "no such cache folder" in err
     code, _, err = run_cli(["ablate", vit, "--seeds", "a,b"], capsys)
     assert code == 2 and "--seeds a,b" in err
+
+
+def test_plots_of_a_run_and_an_ablation(tiny_caches, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from vlmcache.train import TrainConfig, train
+
+    vit, _ = tiny_caches
+    train(vit, tmp_path / "run", TrainConfig(epochs=3, batch_size=4))
+    code, out, err = run_cli(["plot", tmp_path / "run"], capsys)
+    assert code == 0, err
+    assert Image.open(tmp_path / "run" / "training.png").size[0] > 1000
+    ablate([vit], tmp_path / "ab", projectors=("linear",), losses=("infonce", "sigmoid"), seeds=(0, 1), epochs=1,
+           base_config={"batch_size": 4}, jobs=1, progress=False)
+    code, out, err = run_cli(["plot", tmp_path / "ab"], capsys)
+    assert code == 0 and "ablation.png" in out
+    assert Image.open(tmp_path / "ab" / "ablation.png").size[0] >= 600
+    code, _, err = run_cli(["plot", tmp_path / "nothing"], capsys)
+    assert code == 2 and "metrics.jsonl: not found" in err

@@ -364,6 +364,20 @@ def demo(
              label_list=list(dict.fromkeys(first_caption.values())))
 
 
+@app.command(epilog="Examples:\n\n  vlmcache plot runs/mlp-infonce          (writes runs/mlp-infonce/training.png)\n\n"
+                    "  vlmcache plot runs/ablation              (writes runs/ablation/ablation.png)")
+def plot(
+    path: Annotated[Path, typer.Argument(help="A run folder (metrics.jsonl) or an ablation folder / ablation.json.")],
+    out: Annotated[Path | None, typer.Option(help="PNG to write [default: beside the input]")] = None,
+) -> None:
+    """Plot training curves of a run, or the ablation as bars with error bars, to a PNG."""
+    from vlmcache.plots import plot_ablation, plot_training
+
+    is_ablation = path.name == "ablation.json" or (path / "ablation.json").exists()
+    written = plot_ablation(path, out) if is_ablation else plot_training(path, out)
+    console.print(f"wrote {written}")
+
+
 def main() -> None:
     """Entry point: runs the app, printing user mistakes as one line (exit 2) instead of a traceback."""
     try:

@@ -1,0 +1,88 @@
+"""PNG plots: training curves from a run's metrics.jsonl, and the ablation as bars with error bars.
+
+matplotlib is an optional extra (`pip install 'vlmcache[plots]'`); it is imported only here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vlmcache.errors import VlmcacheError
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only; no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise VlmcacheError("plots need matplotlib: pip install 'vlmcache[plots]'") from None
+    return plt
+
+
+def plot_training(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Loss, logit scale and validation recall per epoch from `run_dir/metrics.jsonl`; returns the PNG path."""
+    run_dir = Path(run_dir)
+    log = run_dir / "metrics.jsonl"
+    if not log.exists():
+        raise VlmcacheError(f"{log}: not found; pass a run folder written by vlmcache train")
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    if not records:
+        raise VlmcacheError(f"{log}: is empty; train at least one epoch")
+    epochs = [r["epoch"] for r in records]
+    plt = _pyplot()
+    figure, (loss_ax, scale_ax, recall_ax) = plt.subplots(1, 3, figsize=(15, 4.2))
+    loss_ax.plot(epochs, [r["train_loss"] for r in records], marker="o")
+    loss_ax.set(title="training loss", xlabel="epoch", ylabel="loss (mean over steps)")
+    scale_ax.plot(epochs, [r["logit_scale"] for r in records], marker="o", color="tab:orange")
+    scale_ax.set(title="learned logit scale (1 / temperature)", xlabel="epoch", ylabel="scale")
+    for key, label in (("val_i2t_r1", "image→text R@1"), ("val_t2i_r1", "text→image R@1"),
+                       ("val_i2t_r10", "image→text R@10"), ("val_t2i_r10", "text→image R@10"),
+                       ("val_mean_recall", "mean recall")):
+        recall_ax.plot(epochs, [r[key] for r in records], marker=".", label=label,
+                       linewidth=2.5 if key == "val_mean_recall" else 1.2)
+    recall_ax.set(title="validation retrieval", xlabel="epoch", ylabel="recall (%)")
+    recall_ax.legend(fontsize=8)
+    for axis in (loss_ax, scale_ax, recall_ax):
+        axis.grid(alpha=0.3)
+    figure.suptitle(f"vlmcache run {run_dir}")
+    figure.tight_layout()
+    out = Path(out) if out else run_dir / "training.png"
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+    return out
+
+
+def plot_ablation(ablation_json: str | Path, out: str | Path | None = None) -> Path:
+    """Mean recall per ablation row as bars with ±std error bars (over seeds); returns the PNG path."""
+    path = Path(ablation_json)
+    if path.is_dir():
+        path = path / "ablation.json"
+    if not path.exists():
+        raise VlmcacheError(f"{path}: not found; run vlmcache ablate first")
+    data = json.loads(path.read_text())
+    rows = data["rows"]
+    several = len({row["cache"] for row in rows}) > 1
+    labels = [(f"{row['encoders'].split(' (')[0]}\n" if several else "") +
+              (row["projector"] if row["loss"] == "—" else f"{row['projector']}\n{row['loss']}") for row in rows]
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(max(6.0, 1.1 * len(rows)), 4.8))
+    colours = ["tab:blue" if row["loss"] == "infonce" else "tab:orange" if row["loss"] == "sigmoid" else "tab:gray"
+               for row in rows]
+    axis.bar(range(len(rows)), [row["mean_recall"] for row in rows],
+             yerr=[row["mean_recall_std"] for row in rows], capsize=4, color=colours)
+    for index, row in enumerate(rows):
+        axis.text(index, row["mean_recall"] + row["mean_recall_std"] + 0.5, f"{row['mean_recall']:.1f}",
+                  ha="center", fontsize=8)
+    axis.set_xticks(range(len(rows)), labels, fontsize=8)
+    axis.set(ylabel="mean recall (%), R@1/5/10 both ways",
+             title=f"ablation on split {data['split']!r}: mean ± std over seeds (blue InfoNCE, orange sigmoid, "
+                   "grey training-free)")
+    axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    out = Path(out) if out else path.with_name("ablation.png")
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+    return out
