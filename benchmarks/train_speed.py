@@ -40,7 +40,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         run = train(cache, folder, config)
-    cache_epoch = min(record["seconds"] for record in run.history)  # includes the per-epoch validation
+    cache_epoch = min(record["train_seconds"] for record in run.history)  # the optimisation steps only
+    cache_epoch_with_validation = min(record["seconds"] for record in run.history)
     full_run = run.seconds
 
     split = cache.split("train")
@@ -69,9 +70,12 @@ def main() -> None:
                         f"{len(split.image_ids):,} train images, {torch.get_num_threads()} CPU threads")
     table.add_column("variant")
     table.add_column("seconds / epoch", justify="right")
-    table.add_row("vlmcache train on cached features (incl. validation)", f"{cache_epoch:.3f}")
+    table.add_row("vlmcache train on cached features", f"{cache_epoch:.3f}")
+    table.add_row("  the same plus its per-epoch validation (1,000 images × 5,000 captions)",
+                  f"{cache_epoch_with_validation:.3f}")
     table.add_row(f"frozen encoders in the loop (extrapolated from {args.loop_steps} steps)", f"{loop_epoch:,.1f}")
-    table.add_row("speed-up", f"{loop_epoch / cache_epoch:,.0f}×")
+    table.add_row("speed-up, training steps alike", f"{loop_epoch / cache_epoch:,.0f}×")
+    table.add_row("speed-up, cache epoch including its validation", f"{loop_epoch / cache_epoch_with_validation:,.0f}×")
     table.add_row(f"whole {args.epochs}-epoch run on the cache (incl. loading, validation, checkpoints)", f"{full_run:.1f}")
     Console().print(table)
 

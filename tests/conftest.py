@@ -114,3 +114,19 @@ def real_cache() -> Path:
         make_flickr_slice(data, 1000, 200)
     extract(data, REAL_CACHE, progress=False)
     return REAL_CACHE
+
+
+@pytest.fixture(scope="session")
+def real_run(real_cache, tmp_path_factory) -> Path:
+    """A linear + InfoNCE checkpoint trained on the real-feature cache (seconds)."""
+    from vlmcache.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("real-run") / "run"
+    train(real_cache, out, TrainConfig(projector="linear", loss="infonce", epochs=10, batch_size=128))
+    return out
+
+
+# A dev photo of three dogs running through snow; the other labels describe nothing in it.
+SNOW_DOGS = FLICKR / "Images" / "3265162450_5b4e3c5f1b.jpg"
+SNOW_DOGS_LABELS = ["dogs running in the snow", "a man riding a bicycle on a city street",
+                    "a plate of food on a table", "people sitting in a boat on a lake"]

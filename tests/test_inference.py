@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import CIFAR, FLICKR, require_shared_data, run_cli
+from conftest import CIFAR, SNOW_DOGS, SNOW_DOGS_LABELS, require_shared_data, run_cli
 
 from vlmcache import encoders, extract, open_cache
 from vlmcache.errors import VlmcacheError
@@ -87,13 +87,8 @@ def test_zero_shot_on_a_labelled_folder_and_encoder_mismatch(tiny_run, tmp_path,
         zero_shot(tiny_run, load_model(tiny_run)[1]["cache"])
 
 
-def test_trained_checkpoint_ranks_the_true_description_of_a_real_photo_first(real_cache, tmp_path):
+def test_trained_checkpoint_ranks_the_true_description_of_a_real_photo_first(real_run):
     require_shared_data()
-    train(real_cache, tmp_path / "run", TrainConfig(projector="linear", loss="infonce", epochs=10, batch_size=128))
-    # A dev photo of three dogs running through snow; the other labels describe nothing in it.
-    photo = FLICKR / "Images" / "3265162450_5b4e3c5f1b.jpg"
-    labels = ["dogs running in the snow", "a man riding a bicycle on a city street",
-              "a plate of food on a table", "people sitting in a boat on a lake"]
-    rows, _ = classify_image(tmp_path / "run", photo, labels)
+    rows, _ = classify_image(real_run, SNOW_DOGS, SNOW_DOGS_LABELS)
     assert rows[0].prompt == "dogs running in the snow"
     assert rows[0].probability > 0.5

@@ -4,7 +4,9 @@
   pairs (ridge-regularised whitening, then an SVD of the whitened cross-covariance).
 - ASIF (Norelli et al., 2023): each image is represented by its similarities to the training images
   (the anchors), each caption by its similarities to the anchors' captions; both are sparsified to the
-  top-k anchors and raised to a power, then compared by cosine. Nothing is learned.
+  top-k anchors and raised to a power, then compared by cosine. Nothing is learned. Defaults k=800,
+  p=4: the paper's p=8 suits its 1.6M anchors; with Flickr8k's 30k anchors p=4 scores 34.2 mean recall
+  on dev against 28.1 for p=8 (a choice made on dev, stated as such in the README).
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def relative_representation(queries: torch.Tensor, anchors: torch.Tensor, k: int
     return torch.cat(rows)
 
 
-def asif_metrics(train: Split, evaluate_on: Split, k: int = 800, power: float = 8.0) -> dict[str, float]:
+def asif_metrics(train: Split, evaluate_on: Split, k: int = 800, power: float = 4.0) -> dict[str, float]:
     """Retrieval metrics of ASIF with every training (image, caption) pair as an anchor."""
     anchor_images, anchor_texts = (torch.from_numpy(a) for a in training_pairs(train))
     # Centre each modality on its anchors: raw encoder features share a large common direction that

@@ -378,6 +378,20 @@ def plot(
     console.print(f"wrote {written}")
 
 
+@app.command(epilog="Example:\n\n  vlmcache serve runs/mlp-infonce            (then open http://127.0.0.1:8000)")
+def serve(
+    checkpoint: Annotated[Path, typer.Argument(help="Run folder or .safetensors checkpoint.")],
+    host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    split: Annotated[str | None, typer.Option(help="Cached split to search [default: test, else val]")] = None,
+) -> None:
+    """A local web page: upload an image and rank labels, or search the cached images by text."""
+    from vlmcache.serve import serve as run_server
+
+    console.print(f"serving {checkpoint} at http://{host}:{port} (Ctrl-C to stop)")
+    run_server(checkpoint, host, port, split)
+
+
 def main() -> None:
     """Entry point: runs the app, printing user mistakes as one line (exit 2) instead of a traceback."""
     try:

@@ -70,6 +70,13 @@ class Encoded:
     mask: torch.Tensor | None = None
 
 
+def _ordinary(pooled: torch.Tensor, tokens: torch.Tensor | None, mask: torch.Tensor | None) -> Encoded:
+    """fp32 CPU copies made outside inference mode: callers may feed them to autograd (inference-mode
+    tensors refuse that)."""
+    return Encoded(pooled.float().cpu().clone(), None if tokens is None else tokens.float().cpu().clone(),
+                   None if mask is None else mask.cpu().clone())
+
+
 def pick_device(device: str = "auto") -> torch.device:
     """'auto' -> cuda when present, else cpu; anything else is passed to torch.device."""
     if device == "auto":
@@ -215,7 +222,7 @@ class ImageEncoder:
             token_states = states.flatten(2).transpose(1, 2) if states.dim() == 4 else states
             pooled = self._pool(token_states, pooler, conv=states.dim() == 4)
         mask = torch.ones(token_states.shape[:2], dtype=torch.bool) if tokens else None
-        return Encoded(pooled.float().cpu(), token_states.float().cpu() if tokens else None, mask)
+        return _ordinary(pooled, token_states if tokens else None, mask)
 
     def _pool(self, token_states: torch.Tensor, pooler: torch.Tensor | None, conv: bool) -> torch.Tensor:
         if self.pooling == "avgpool" or (self.pooling == "mean" and conv):
@@ -265,8 +272,7 @@ class TextEncoder:
                 pooled = getattr(output, "pooler_output", None)
                 if pooled is None:
                     raise VlmcacheError(f"text model {self.name}: has no pooler output; use --text-pooling mean or cls")
-        token_mask = batch["attention_mask"].bool().cpu() if tokens else None
-        return Encoded(pooled.float().cpu(), states.float().cpu() if tokens else None, token_mask)
+        return _ordinary(pooled, states if tokens else None, batch["attention_mask"].bool() if tokens else None)
 
     def provenance(self) -> dict:
         """What produced these features (see ImageEncoder.provenance)."""

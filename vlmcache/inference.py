@@ -147,34 +147,6 @@ class RankedPrompt:
     probability: float
 
 
-def classify_image(checkpoint: str | Path, image: str | Path, labels: list[str],
-                   template: str = "{}") -> tuple[list[RankedPrompt], float]:
-    """Rank prompts for one image file (runs the frozen image encoder on it).
-
-    Returns the ranked rows and the softmax temperature scale used (the checkpoint's learned one).
-    """
-    labels = [label.strip() for label in labels if label.strip()]
-    if len(labels) < 2:
-        raise VlmcacheError("--labels: give at least two labels, comma-separated (or --labels-file, one per line)")
-    model, meta = load_model(checkpoint)
-    image_encoder = encoders.image_encoder_from_provenance(meta["image_encoder"], "cpu")
-    try:
-        pixels = torch.from_numpy(image_encoder.preprocess(load_rgb(image)))[None]
-    except ImageDecodeError as error:
-        raise VlmcacheError(f"{image}: {error}") from None
-    prompts = [template.format(label) for label in labels]
-    with torch.no_grad():
-        image_emb = model.embed_images(image_encoder.encode(pixels).pooled)
-        text_emb = _text_embedder(model, meta)(prompts)
-    cosine = (image_emb @ text_emb.T)[0]
-    scale = model.loss.scale()
-    probability = torch.softmax(scale * cosine, dim=0)
-    order = torch.argsort(cosine, descending=True, stable=True)
-    rows = [RankedPrompt(rank + 1, prompts[index], float(cosine[index]), float(probability[index]))
-            for rank, index in enumerate(order.tolist())]
-    return rows, scale
-
-
 @dataclass
 class SearchHit:
     """One row of a text→image search."""
@@ -185,19 +157,76 @@ class SearchHit:
     path: str
 
 
+class Predictor:
+    """A trained checkpoint ready for queries, loaded once: projectors, the frozen image encoder (loaded
+    on first use) and the prompt store. Used by `classify`, `search` and the web page."""
+
+    def __init__(self, checkpoint: str | Path):
+        self.model, self.meta = load_model(checkpoint)
+        self._image_encoder = None
+        self._search_split: tuple | None = None
+
+    @property
+    def image_encoder(self) -> encoders.ImageEncoder:
+        if self._image_encoder is None:
+            self._image_encoder = encoders.image_encoder_from_provenance(self.meta["image_encoder"], "cpu")
+        return self._image_encoder
+
+    def rank_labels(self, image: str | Path, labels: list[str], template: str = "{}") -> tuple[list[RankedPrompt], float]:
+        """Rank prompts for one image file. Returns the rows and the (learned) softmax scale used."""
+        labels = [label.strip() for label in labels if label.strip()]
+        if len(labels) < 2:
+            raise VlmcacheError("--labels: give at least two labels, comma-separated (or --labels-file, one per line)")
+        try:
+            pixels = torch.from_numpy(self.image_encoder.preprocess(load_rgb(image)))[None]
+        except ImageDecodeError as error:
+            raise VlmcacheError(f"{image}: {error}") from None
+        prompts = [template.format(label) for label in labels]
+        with torch.no_grad():
+            image_emb = self.model.embed_images(self.image_encoder.encode(pixels).pooled)
+            text_emb = _text_embedder(self.model, self.meta)(prompts)
+        cosine = (image_emb @ text_emb.T)[0]
+        scale = self.model.loss.scale()
+        probability = torch.softmax(scale * cosine, dim=0)
+        order = torch.argsort(cosine, descending=True, stable=True)
+        rows = [RankedPrompt(rank + 1, prompts[index], float(cosine[index]), float(probability[index]))
+                for rank, index in enumerate(order.tolist())]
+        return rows, scale
+
+    def searchable(self, split: str | None = None, cache: str | Path | None = None):
+        """(split data, unit image embeddings) of the cached split searched; computed once."""
+        if self._search_split is None or self._search_split[0] != (split, cache):
+            opened = _checkpoint_cache(self.meta, cache)
+            chosen = opened.split(split or default_split(opened))
+            with torch.no_grad():
+                embedded = self.model.embed_images(torch.from_numpy(chosen.image_features))
+            self._search_split = ((split, cache), chosen, embedded)
+        return self._search_split[1], self._search_split[2]
+
+    def search(self, query: str, top: int = 5, split: str | None = None,
+               cache: str | Path | None = None) -> list[SearchHit]:
+        """The `top` cached images of a split closest to a text query in the trained shared space."""
+        if not query.strip():
+            raise VlmcacheError("the search query is empty; type what the image should show")
+        chosen, image_emb = self.searchable(split, cache)
+        with torch.no_grad():
+            query_emb = _text_embedder(self.model, self.meta)([query])
+        scores = (query_emb @ image_emb.T)[0]
+        best = torch.topk(scores, min(top, len(scores)))
+        return [SearchHit(rank + 1, float(score), chosen.image_ids[index], chosen.image_paths[index])
+                for rank, (score, index) in enumerate(zip(best.values.tolist(), best.indices.tolist(), strict=True))]
+
+
+def classify_image(checkpoint: str | Path, image: str | Path, labels: list[str],
+                   template: str = "{}") -> tuple[list[RankedPrompt], float]:
+    """Rank prompts for one image file with a checkpoint (runs the frozen image encoder on it).
+
+    Returns the ranked rows and the softmax scale used (the checkpoint's learned logit scale).
+    """
+    return Predictor(checkpoint).rank_labels(image, labels, template)
+
+
 def search_images(checkpoint: str | Path, query: str, top: int = 5, split: str | None = None,
                   cache: str | Path | None = None) -> list[SearchHit]:
-    """The `top` cached images of a split closest to a text query in the trained shared space."""
-    if not query.strip():
-        raise VlmcacheError("the search query is empty; type what the image should show")
-    model, meta = load_model(checkpoint)
-    opened = _checkpoint_cache(meta, cache)
-    chosen = opened.split(split or default_split(opened))
-    with torch.no_grad():
-        image_emb = model.embed_images(torch.from_numpy(chosen.image_features))
-        query_emb = _text_embedder(model, meta)([query])
-    scores = (query_emb @ image_emb.T)[0]
-    best = torch.topk(scores, min(top, len(scores)))
-    return [SearchHit(rank + 1, float(score), chosen.image_ids[index], chosen.image_paths[index])
-            for rank, (score, index) in enumerate(zip(best.values.tolist(), best.indices.tolist(), strict=True))]
-
+    """The `top` cached images of a split closest to a text query (see Predictor.search)."""
+    return Predictor(checkpoint).search(query, top, split, cache)

@@ -230,10 +230,11 @@ def train(
             model.loss.clamp_()
             total, batches = total + float(loss.detach()), batches + 1
         state["epoch"] += 1
+        train_seconds = time.perf_counter() - epoch_started
         metrics = evaluate_model(model, val_split, torch_device)
         record = {"epoch": state["epoch"], "train_loss": total / max(1, batches), "logit_scale": model.loss.scale(),
                   "lr": optimizer.param_groups[0]["lr"], **{f"val_{k}": v for k, v in metrics.items()},
-                  "seconds": time.perf_counter() - epoch_started}
+                  "train_seconds": train_seconds, "seconds": time.perf_counter() - epoch_started}
         state["history"].append(record)
         if metrics["mean_recall"] > state["best_metrics"].get("mean_recall", -1.0):
             state.update(best_epoch=state["epoch"], best_metrics=metrics, bad_epochs=0)

@@ -1,0 +1,125 @@
+"""`vlmcache serve`: a local web page for a trained checkpoint.
+
+Upload an image and type labels to see them ranked with probabilities as bars; type a text query to see
+the best-matching cached images as thumbnails. Built on Starlette + uvicorn (small, well kept, no build
+step, no front-end framework): the page is one HTML file with a few lines of JavaScript calling two JSON
+endpoints. Binds to 127.0.0.1 unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from vlmcache.errors import VlmcacheError
+from vlmcache.inference import Predictor
+
+MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>vlmcache</title>
+<style>
+ body { font-family: system-ui, sans-serif; max-width: 960px; margin: 2em auto; color: #222; }
+ section { border: 1px solid #ddd; border-radius: 8px; padding: 1em 1.5em; margin-bottom: 1.5em; }
+ .bar { background: #4a7bd0; height: 1.1em; border-radius: 3px; }
+ table { border-collapse: collapse; width: 100%; } td { padding: 0.25em 0.5em; }
+ .error { color: #b00020; } .thumbs { display: flex; flex-wrap: wrap; gap: 10px; }
+ .thumbs figure { margin: 0; width: 170px; font-size: 0.8em; } .thumbs img { width: 170px; }
+</style></head><body>
+<h1>vlmcache</h1><p>Checkpoint <code>{checkpoint}</code> ({projector} + {loss}).</p>
+<section><h2>Classify an image</h2>
+<form id="classify-form"><input type="file" id="image" name="image" accept="image/*" required>
+<input type="text" id="labels" name="labels" size="60" value="a dog, a cat, a car, a person"
+ placeholder="comma-separated labels"> <button id="classify-button" type="submit">Rank labels</button></form>
+<div id="classify-result"></div></section>
+<section><h2>Search the cached images</h2>
+<form id="search-form"><input type="text" id="query" size="60" placeholder="a dog running on a beach" required>
+<button id="search-button" type="submit">Search</button></form><div id="search-result" class="thumbs"></div></section>
+<script>
+const esc = s => s.replace(/[&<>"]/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]));
+document.getElementById('classify-form').onsubmit = async e => {
+  e.preventDefault();
+  const out = document.getElementById('classify-result'); out.textContent = 'ranking…';
+  const body = new FormData(); body.append('image', document.getElementById('image').files[0]);
+  body.append('labels', document.getElementById('labels').value);
+  const reply = await fetch('classify', {method: 'POST', body}); const data = await reply.json();
+  if (!reply.ok) { out.innerHTML = '<p class="error" id="error">' + esc(data.error) + '</p>'; return; }
+  out.innerHTML = '<table id="ranking">' + data.rows.map(r => '<tr><td>' + r.rank + '</td><td class="label">' +
+    esc(r.prompt) + '</td><td style="width:40%"><div class="bar" style="width:' + (100 * r.probability).toFixed(1) +
+    '%"></div></td><td>' + (100 * r.probability).toFixed(1) + '%</td></tr>').join('') + '</table>' +
+    '<p>probability = softmax(cosine × ' + data.scale.toFixed(1) + ', the learned logit scale)</p>';
+};
+document.getElementById('search-form').onsubmit = async e => {
+  e.preventDefault();
+  const out = document.getElementById('search-result'); out.textContent = 'searching…';
+  const reply = await fetch('search?top=8&q=' + encodeURIComponent(document.getElementById('query').value));
+  const data = await reply.json();
+  if (!reply.ok) { out.innerHTML = '<p class="error">' + esc(data.error) + '</p>'; return; }
+  out.innerHTML = data.hits.map(h => '<figure><img src="image/' + h.index + '" alt="' + esc(h.image_id) +
+    '"><figcaption>' + h.rank + '. ' + esc(h.image_id) + ' (' + h.score.toFixed(3) + ')</figcaption></figure>').join('');
+};
+</script></body></html>"""
+
+
+def create_app(checkpoint: str | Path, split: str | None = None):
+    """The Starlette app for a checkpoint (the tests drive it directly and through a real browser)."""
+    try:
+        from starlette.applications import Starlette
+        from starlette.responses import FileResponse, HTMLResponse, JSONResponse
+        from starlette.routing import Route
+    except ImportError:
+        raise VlmcacheError("the web page needs starlette, uvicorn and python-multipart: pip install 'vlmcache[serve]'") from None
+    predictor = Predictor(checkpoint)
+    config = predictor.meta["config"]
+    page = (PAGE.replace("{checkpoint}", str(checkpoint)).replace("{projector}", config["projector"])
+            .replace("{loss}", config["loss"]))
+
+    async def index(request):
+        return HTMLResponse(page)
+
+    async def classify(request):
+        if int(request.headers.get("content-length") or 0) > MAX_UPLOAD_BYTES + 64 * 1024:
+            return JSONResponse({"error": f"upload larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MB"}, status_code=413)
+        form = await request.form()
+        upload, labels = form.get("image"), str(form.get("labels") or "")
+        if upload is None or not hasattr(upload, "read"):
+            return JSONResponse({"error": "choose an image file to upload"}, status_code=400)
+        data = await upload.read()
+        if len(data) > MAX_UPLOAD_BYTES:
+            return JSONResponse({"error": f"upload larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MB"}, status_code=413)
+        with tempfile.NamedTemporaryFile(suffix=Path(upload.filename or "upload").suffix) as handle:
+            handle.write(data)
+            handle.flush()
+            try:
+                rows, scale = predictor.rank_labels(handle.name, labels.split(","))
+            except VlmcacheError as error:
+                message = str(error).replace(handle.name, upload.filename or "upload")
+                return JSONResponse({"error": message}, status_code=400)
+        return JSONResponse({"rows": [row.__dict__ for row in rows], "scale": scale})
+
+    async def search(request):
+        try:
+            top = max(1, min(50, int(request.query_params.get("top", "8"))))
+            hits = predictor.search(request.query_params.get("q", ""), top, split)
+        except (VlmcacheError, ValueError) as error:
+            return JSONResponse({"error": str(error)}, status_code=400)
+        chosen, _ = predictor.searchable(split)
+        index_of = {image_id: number for number, image_id in enumerate(chosen.image_ids)}
+        return JSONResponse({"hits": [{**hit.__dict__, "index": index_of[hit.image_id]} for hit in hits]})
+
+    async def image(request):
+        chosen, _ = predictor.searchable(split)
+        number = request.path_params["number"]
+        if not 0 <= number < len(chosen.image_paths) or not Path(chosen.image_paths[number]).is_file():
+            return JSONResponse({"error": "no such image"}, status_code=404)
+        return FileResponse(chosen.image_paths[number])  # only paths recorded in the cache are ever served
+
+    return Starlette(routes=[Route("/", index), Route("/classify", classify, methods=["POST"]),
+                             Route("/search", search), Route("/image/{number:int}", image)])
+
+
+def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, split: str | None = None) -> None:
+    """Run the page with uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(checkpoint, split), host=host, port=port, log_level="warning")
