@@ -25,24 +25,31 @@ def assert_parity(fast: torch.Tensor, eager: torch.Tensor) -> None:
     assert F.cosine_similarity(fast, eager).min() >= 0.9999
 
 
-def test_efficientnet_fast_path_matches_eager_on_real_images():
-    eager = load_image_encoder("efficientnet-lite0", device="cpu", fast=False)
-    fast = load_image_encoder("efficientnet-lite0", device="cpu", fast=True)
+def test_efficientnet_fast_paths_match_eager_on_real_images():
+    eager = load_image_encoder("efficientnet-lite0", device="cpu", backend="eager")
+    pixels = real_pixels(eager.preprocess)
+    reference = eager.encode(pixels).pooled
+    fast = load_image_encoder("efficientnet-lite0", device="cpu", backend="torch")
     assert eager.compute_path == "eager" and fast.compute_path == "eager+bn-fold(49)+channels_last"
-    pixels = real_pixels(eager.preprocess)
-    assert_parity(fast.encode(pixels).pooled, eager.encode(pixels).pooled)
+    assert_parity(fast.encode(pixels).pooled, reference)
+    onnx = load_image_encoder("efficientnet-lite0", device="cpu", backend="onnxruntime")
+    assert onnx.compute_path.startswith("onnxruntime-") and "bn-fold(49)" in onnx.compute_path
+    assert_parity(onnx.encode(pixels).pooled, reference)
+    assert load_image_encoder("efficientnet-lite0", device="cpu").compute_path == onnx.compute_path  # auto
 
 
-def test_resnet_fast_path_matches_eager(tiny_models):
-    eager = load_image_encoder(str(tiny_models["resnet"]), device="cpu", fast=False)
-    fast = load_image_encoder(str(tiny_models["resnet"]), device="cpu", fast=True)
-    assert fast.compute_path.startswith("eager+bn-fold(")
-    pixels = real_pixels(eager.preprocess)
-    assert_parity(fast.encode(pixels, tokens=True).tokens.flatten(1), eager.encode(pixels, tokens=True).tokens.flatten(1))
+def test_resnet_and_vit_fast_paths_match_eager(tiny_models):
+    for model in ("resnet", "vit"):
+        eager = load_image_encoder(str(tiny_models[model]), device="cpu", backend="eager")
+        pixels = real_pixels(eager.preprocess)
+        for backend in ("torch", "onnxruntime"):
+            fast = load_image_encoder(str(tiny_models[model]), device="cpu", backend=backend)
+            assert_parity(fast.encode(pixels).pooled, eager.encode(pixels).pooled)
+        assert_parity(fast.encode(pixels, tokens=True).tokens.flatten(1), eager.encode(pixels, tokens=True).tokens.flatten(1))
 
 
 def test_folding_removes_every_batchnorm():
-    model = load_image_encoder("efficientnet-lite0", device="cpu", fast=False).model
+    model = load_image_encoder("efficientnet-lite0", device="cpu", backend="eager").model
     assert fold_batchnorm(model) == 49
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
 

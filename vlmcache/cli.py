@@ -51,7 +51,7 @@ def extract(
     tokens: Annotated[bool, typer.Option("--tokens", help="Also store token-level states with their mask.")] = False,
     on_error: Annotated[str, typer.Option(help="fail: stop at the first bad image/caption, naming it; skip: record it in the manifest and go on.")] = "fail",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing cache instead of resuming it.")] = False,
-    fast: Annotated[bool, typer.Option("--fast/--eager", help="CNN image encoders: fold BatchNorm and use channels_last (same features within float rounding), or run plain eager PyTorch.")] = True,
+    backend: Annotated[str, typer.Option(help="Image encoder backend: auto (onnxruntime on a CPU when installed, else torch) | onnxruntime | torch (CNNs: BatchNorm folded, channels_last) | eager. All give the same features within float rounding.")] = "auto",
 ) -> None:
     """Encode a dataset once with frozen encoders and write a sharded HDF5 feature cache (resumable)."""
     from vlmcache.extract import extract as run_extract
@@ -60,7 +60,7 @@ def extract(
                          text_pooling=text_pooling, format=format, images_dir=images_dir, splits=_split_list(splits),
                          limit=limit, shard_size=shard_size, dtype=dtype, batch_size=batch_size,
                          text_batch_size=text_batch_size, max_length=max_length, workers=workers, device=device,
-                         tokens=tokens, on_error=on_error, overwrite=overwrite, fast=fast)
+                         tokens=tokens, on_error=on_error, overwrite=overwrite, backend=backend)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     console.print(f"[green]cache ready[/green] {result.path}: {result.images:,} images, {result.captions:,} captions "

@@ -141,14 +141,14 @@ def extract(
     tokens: bool = False,
     on_error: str = "fail",
     overwrite: bool = False,
-    fast: bool = True,
+    backend: str = "auto",
     progress: bool = True,
 ) -> ExtractResult:
     """Encode every image and caption of `data` once and write the cache folder `out`.
 
     Re-running on a partly written cache resumes it (complete shards are kept); a complete cache with
-    the same settings is left as it is. `overwrite=True` starts afresh. `fast=False` runs convolutional
-    image encoders as plain eager PyTorch (no BatchNorm folding, no channels_last). `on_error="skip"` records bad
+    the same settings is left as it is. `overwrite=True` starts afresh. `backend` picks how the image
+    encoder runs (see encoders.load_image_encoder); token features always come from torch. `on_error="skip"` records bad
     images/captions in the manifest instead of stopping. See the module docstring for torchrun.
     """
     started = time.perf_counter()
@@ -168,7 +168,10 @@ def extract(
     torch_device = encoders.pick_device(device)
     if torch_device.type == "cuda" and world > 1:
         torch_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    image_encoder = encoders.load_image_encoder(image_model, image_pooling, str(torch_device), fast)
+    if tokens and backend == "onnxruntime":
+        raise VlmcacheError("--tokens needs the torch backend (the ONNX export gives pooled features only)")
+    image_backend = "torch" if tokens and backend == "auto" else backend
+    image_encoder = encoders.load_image_encoder(image_model, image_pooling, str(torch_device), image_backend)
     text_encoder = encoders.load_text_encoder(text_model, text_pooling, str(torch_device), max_length)
     fingerprint = dataset.fingerprint()
     provenance = {
