@@ -112,7 +112,12 @@ def real_cache() -> Path:
     if not (data / "Flickr8k.token.txt").exists():
         shutil.rmtree(data, ignore_errors=True)
         make_flickr_slice(data, 1000, 200)
-    extract(data, REAL_CACHE, progress=False)
+    from vlmcache.errors import VlmcacheError
+
+    try:
+        extract(data, REAL_CACHE, progress=False)
+    except VlmcacheError:  # left by an older vlmcache with other settings: rebuild it
+        extract(data, REAL_CACHE, progress=False, overwrite=True)
     return REAL_CACHE
 
 

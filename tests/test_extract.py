@@ -127,8 +127,11 @@ def test_complete_cache_is_reused_and_overwrite_redoes_it(flickr_slice, tmp_path
 
 def test_resume_with_other_settings_is_refused(flickr_slice, tmp_path, tiny_models):
     extract(flickr_slice, tmp_path / "c", **tiny(tiny_models))
-    with pytest.raises(VlmcacheError, match=r"made differently \(provenance.images.encoder.dim.*--overwrite"):
+    refusal = r"made differently \(provenance.images.compute_path, provenance.images.encoder.dim.*--overwrite"
+    with pytest.raises(VlmcacheError, match=refusal):
         extract(flickr_slice, tmp_path / "c", **tiny(tiny_models, image="resnet"))
+    assert not (tmp_path / "c" / ".lock").exists()  # a refused run releases the lock
+    extract(flickr_slice, tmp_path / "c", overwrite=True, **tiny(tiny_models, image="resnet"))
 
 
 def test_lock_stops_a_second_writer(flickr_slice, tmp_path, tiny_models):

@@ -201,8 +201,8 @@ def extract(
             _prepare(out, dataset, manifest, overwrite)
         except VlmcacheError as failure:
             error = str(failure)
-    _share_error(error, world)
     try:
+        _share_error(error, world)
         plans = {"images": shard_ranges(dataset.num_images, shard_size),
                  "texts": shard_ranges(dataset.num_captions, shard_size)}
         pending = {m: [i for i, _ in enumerate(plans[m]) if not (out / m / shard_name(i)).exists()] for m in MODALITIES}
