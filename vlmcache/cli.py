@@ -175,7 +175,7 @@ def train(
 
 def _metrics_table(title: str, rows: dict[str, dict]) -> Table:
     table = Table(title=title, title_justify="left")
-    table.add_column("model")
+    table.add_column("model", no_wrap=True)
     for column in ("i→t R@1", "R@5", "R@10", "t→i R@1", "R@5", "R@10", "mean", "medR i→t", "medR t→i"):
         table.add_column(column, justify="right")
     for name, m in rows.items():
@@ -337,7 +337,7 @@ def demo(
     data: Annotated[Path | None, typer.Option(help="A Flickr8k-layout folder [default: ../shared/data/flickr8k, "
                                                       "else a generated dataset of coloured shapes]")] = None,
     out: Annotated[Path, typer.Option(help="Where the demo's cache and run go.")] = Path("features/demo"),
-    limit: Annotated[int, typer.Option(help="Images per split to extract (keeps the demo a few minutes).")] = 1000,
+    limit: Annotated[int, typer.Option(help="Images per split to extract (keeps the demo a few minutes).")] = 2000,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 20,
 ) -> None:
     """The whole pipeline on the offline default encoders: extract → train (MLP + InfoNCE) → eval → classify."""
