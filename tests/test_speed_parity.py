@@ -56,7 +56,7 @@ def test_folding_removes_every_batchnorm():
 
 def test_length_sorted_caption_batches_match_one_by_one_encoding():
     require_shared_data()
-    encoder = load_text_encoder("minilm", device="cpu")
+    encoder = load_text_encoder("minilm", device="cpu", backend="eager")
     captions = [line.split("\t", 1)[1] for line in (FLICKR / "Flickr8k.token.txt").read_text().splitlines()[:24]]
     order = np.argsort(encoder.token_lengths(captions), kind="stable")
     batched = torch.zeros(len(captions), encoder.dim)
@@ -65,3 +65,14 @@ def test_length_sorted_caption_batches_match_one_by_one_encoding():
         batched[rows] = encoder.encode([captions[i] for i in rows]).pooled
     single = torch.cat([encoder.encode([caption]).pooled for caption in captions])
     assert_parity(batched, single)
+
+
+def test_text_onnxruntime_matches_eager_on_real_captions(tiny_models):
+    require_shared_data()
+    captions = [line.split("\t", 1)[1] for line in (FLICKR / "Flickr8k.token.txt").read_text().splitlines()[:40]]
+    for model in ("minilm", str(tiny_models["distilbert"])):
+        eager = load_text_encoder(model, device="cpu", backend="eager")
+        onnx = load_text_encoder(model, device="cpu", backend="onnxruntime")
+        assert eager.compute_path == "eager" and onnx.compute_path.startswith("onnxruntime-")
+        assert_parity(onnx.encode(captions).pooled, eager.encode(captions).pooled)
+    assert load_text_encoder("minilm", device="cpu").compute_path.startswith("onnxruntime-")  # auto on a CPU

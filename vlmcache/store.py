@@ -95,6 +95,7 @@ class CacheLock:
 
     def __init__(self, folder: Path):
         self.path = folder / ".lock"
+        self.held = False
 
     def __enter__(self) -> CacheLock:
         for _ in range(2):
@@ -109,6 +110,7 @@ class CacheLock:
                 continue
             os.write(handle, str(os.getpid()).encode())
             os.close(handle)
+            self.held = True
             return self
         raise VlmcacheError(f"{self.path}: could not take the cache lock")
 
@@ -119,7 +121,9 @@ class CacheLock:
             return None
 
     def __exit__(self, *exc) -> None:
-        self.path.unlink(missing_ok=True)
+        if self.held:  # never remove a lock another process holds
+            self.path.unlink(missing_ok=True)
+            self.held = False
 
 
 def _alive(pid: int) -> bool:
