@@ -137,7 +137,8 @@ def main() -> None:
     table.add_column("measure")
     table.add_column("value", justify="right")
     for key, value in results.items():
-        table.add_row(key, f"{value:,.2f}" if isinstance(value, float) else str(value))
+        text = str(value) if not isinstance(value, float) else f"{value:.1e}" if 0 < abs(value) < 0.01 else f"{value:,.2f}"
+        table.add_row(key, text)
     Console().print(table)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

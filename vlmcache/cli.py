@@ -19,6 +19,8 @@ app = typer.Typer(
          "projectors on the cache in minutes on a CPU.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
 console = Console()
+if not console.is_terminal and "COLUMNS" not in os.environ:
+    console.width = 160  # piped into a file or CI log: keep whole tables rather than 80 truncated columns
 
 
 def _split_list(value: str | None) -> list[str] | None:
