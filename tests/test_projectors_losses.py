@@ -56,7 +56,7 @@ def test_infonce_by_hand():
     col0 = -math.log(math.exp(1) / (math.exp(1) + math.exp(0)))
     col1 = -math.log(math.exp(c) / (math.exp(c) + math.exp(c)))
     expected = ((row0 + row1) / 2 + (col0 + col1) / 2) / 2
-    assert float(loss(image, text)) == pytest.approx(expected, rel=1e-6)
+    assert loss(image, text).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_infonce_scale_starts_at_1_over_0_07_and_clamps_at_100():
@@ -70,7 +70,7 @@ def test_infonce_scale_starts_at_1_over_0_07_and_clamps_at_100():
 
 def test_sigmoid_loss_by_hand():
     loss = SigmoidLoss(init_scale=2.0, init_bias=-1.0)
-    assert loss.scale() == pytest.approx(2.0) and float(loss.logit_bias) == -1.0
+    assert loss.scale() == pytest.approx(2.0) and loss.logit_bias.item() == -1.0
     image = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # cosines = identity
     def minus_log_sigmoid(value: float) -> float:
@@ -78,8 +78,8 @@ def test_sigmoid_loss_by_hand():
 
     positive = minus_log_sigmoid(+1 * (2 * 1 - 1))  # diagonal: z = +1, logit = t·cos + b = 1
     negative = minus_log_sigmoid(-1 * (2 * 0 - 1))  # off-diagonal: z = -1, logit = -1
-    assert float(loss(image, text)) == pytest.approx((2 * positive + 2 * negative) / 4, rel=1e-6)
-    assert SigmoidLoss().scale() == pytest.approx(10.0) and float(SigmoidLoss().logit_bias) == -10.0
+    assert loss(image, text).item() == pytest.approx((2 * positive + 2 * negative) / 4, rel=1e-6)
+    assert SigmoidLoss().scale() == pytest.approx(10.0) and SigmoidLoss().logit_bias.item() == -10.0
 
 
 def test_same_image_pairs_are_masked_out():
@@ -91,9 +91,9 @@ def test_same_image_pairs_are_masked_out():
     logits[0, 1] = logits[1, 0] = -math.inf
     labels = torch.arange(3)
     expected = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-    assert float(loss(image, text, ids)) == pytest.approx(float(expected), rel=1e-6)
+    assert loss(image, text, ids).item() == pytest.approx(float(expected), rel=1e-6)
     sigmoid = SigmoidLoss(init_scale=1.0, init_bias=0.0)
     pair = -F.logsigmoid((2 * torch.eye(3) - 1) * (F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T))
     keep = torch.ones(3, 3)
     keep[0, 1] = keep[1, 0] = 0
-    assert float(sigmoid(image, text, ids)) == pytest.approx(float((pair * keep).sum() / 7), rel=1e-6)
+    assert sigmoid(image, text, ids).item() == pytest.approx(float((pair * keep).sum() / 7), rel=1e-6)

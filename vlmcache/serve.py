@@ -24,7 +24,8 @@ PAGE = """<!doctype html>
  .bar { background: #4a7bd0; height: 1.1em; border-radius: 3px; }
  table { border-collapse: collapse; width: 100%; } td { padding: 0.25em 0.5em; }
  .error { color: #b00020; } .thumbs { display: flex; flex-wrap: wrap; gap: 10px; }
- .thumbs figure { margin: 0; width: 170px; font-size: 0.8em; } .thumbs img { width: 170px; }
+ .thumbs figure { margin: 0; width: 170px; font-size: 0.8em; overflow-wrap: anywhere; } .thumbs img { width: 170px; }
+ form { margin-bottom: 0.8em; }
 </style></head><body>
 <h1>vlmcache</h1><p>Checkpoint <code>{checkpoint}</code> ({projector} + {loss}).</p>
 <section><h2>Classify an image</h2>
