@@ -62,7 +62,7 @@ def test_default_offline_encoders_on_real_flickr(flickr_slice, tmp_path, capsys)
     assert prov["name"] == "efficientnet-lite0" and prov["pooling"] == "avgpool" and len(prov["weights_sha256"]) == 64
     assert prov["preprocess"]["size"] == 224 and cache.manifest["libraries"]["torch"]
     code, out, _ = run_cli(["info", tmp_path / "cache"], capsys)
-    assert code == 0 and "efficientnet-lite0" in out and cache.fingerprint[:20] in out
+    assert code == 0 and "efficientnet-lite0" in out and cache.fingerprint[:20] in out and "onnxruntime-" in out
 
 
 def test_tiny_vit_distilbert_and_resnet_with_tokens(flickr_slice, tmp_path, tiny_models):

@@ -98,6 +98,7 @@ def info(cache: Annotated[Path, typer.Argument(help="Cache folder.")]) -> None:
         table.add_row(f"{modality} preprocessing", json.dumps(extra))
         table.add_row(f"{modality} storage", f"{prov['dtype']}, {len(manifest['shards'][modality])} shards of "
                                              f"{prov['shard_size']} rows, tokens={prov['tokens']}")
+        table.add_row(f"{modality} compute path", prov.get("compute_path", "eager"))
     table.add_row("libraries", ", ".join(f"{k} {v}" for k, v in manifest["libraries"].items()))
     table.add_row("created / finished", f"{manifest['created']} / {manifest.get('finished')}")
     table.add_row("skipped", f"{len(manifest['skipped'])} items" + "".join(
