@@ -54,6 +54,9 @@ def test_default_offline_encoders_on_real_flickr(flickr_slice, tmp_path, capsys)
     same = val.caption_image[:, None] == val.caption_image[None, :]
     np.fill_diagonal(same, False)
     assert similarity[same].mean() > similarity[~same].mean() + 0.2
+    # Lazy access: shard by shard, rows in order, the same values as the split loader.
+    starts = [(start, shard["features"].shape[0]) for start, shard in cache.iter_shards("images")]
+    assert starts == [(0, 8), (8, 2)]
     # Images stored once (fp16 by default), provenance on every shard equal to the manifest's.
     assert shard_arrays(tmp_path / "cache", "images").dtype == np.float16
     with h5py.File(tmp_path / "cache" / "images" / "shard-00000.h5", "r") as shard:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -479,8 +478,3 @@ def _check_same_weights(actual: str, provenance: dict) -> None:
 def describe(provenance: dict) -> str:
     """Short one-line description of an encoder provenance, for tables."""
     return f"{provenance['name']} ({provenance['pooling']}, {provenance['dim']}-d)"
-
-
-def as_json(value) -> str:
-    """Canonical JSON (sorted keys), so equal provenance gives equal strings."""
-    return json.dumps(value, sort_keys=True, ensure_ascii=False)
