@@ -128,9 +128,24 @@ def test_complete_cache_is_reused_and_overwrite_redoes_it(flickr_slice, tmp_path
     assert redone.shards_written == 2
 
 
+def test_a_complete_cache_is_kept_whatever_the_backend_but_a_partial_one_resumes_on_its_own(
+        flickr_slice, tmp_path, tiny_models):
+    extract(flickr_slice, tmp_path / "c", backend="torch", **tiny(tiny_models, image="resnet"))
+    again = extract(flickr_slice, tmp_path / "c", backend="onnxruntime", **tiny(tiny_models, image="resnet"))
+    assert again.shards_written == 0
+    assert open_cache(tmp_path / "c").provenance["images"]["compute_path"].startswith("eager+bn-fold")
+    (tmp_path / "c" / "texts" / "shard-00000.h5").unlink()  # as if interrupted
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps({**manifest, "status": "incomplete"}))
+    with pytest.raises(VlmcacheError, match=r"compute_path.*--backend as before: eager\+bn-fold"):
+        extract(flickr_slice, tmp_path / "c", backend="onnxruntime", **tiny(tiny_models, image="resnet"))
+    resumed = extract(flickr_slice, tmp_path / "c", backend="torch", **tiny(tiny_models, image="resnet"))
+    assert resumed.shards_written == 1
+
+
 def test_resume_with_other_settings_is_refused(flickr_slice, tmp_path, tiny_models):
     extract(flickr_slice, tmp_path / "c", **tiny(tiny_models))
-    refusal = r"made differently \(provenance.images.compute_path, provenance.images.encoder.dim.*--overwrite"
+    refusal = r"made differently \(provenance.images.encoder.dim.*--overwrite"
     with pytest.raises(VlmcacheError, match=refusal):
         extract(flickr_slice, tmp_path / "c", **tiny(tiny_models, image="resnet"))
     assert not (tmp_path / "c" / ".lock").exists()  # a refused run releases the lock

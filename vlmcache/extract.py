@@ -234,13 +234,19 @@ def _prepare(out: Path, dataset: datasets.PairDataset, manifest: dict, overwrite
     manifest_path = out / "manifest.json"
     if manifest_path.exists() and not overwrite:
         old = json.loads(manifest_path.read_text())
+        complete = old.get("status") == "complete"
         differing = [path for path in differences({k: old.get(k, {}) for k in ("dataset", "provenance")},
                                                   {k: manifest[k] for k in ("dataset", "provenance")})
-                     if path != "dataset.root"]  # the same data may be reached by another path
+                     # The same data may be reached by another path; and a complete cache made by another
+                     # backend holds the same features (within float rounding) and is kept as it is. An
+                     # incomplete one must resume on its own backend, so no cache mixes two.
+                     if path != "dataset.root" and not (complete and path.endswith(".compute_path"))]
         if differing:
+            hint = (f" (or --backend as before: {old['provenance']['images'].get('compute_path')})"
+                    if all(path.endswith(".compute_path") for path in differing) else "")
             raise VlmcacheError(f"{out}: already holds a cache made differently ({', '.join(differing[:4])}); "
-                                "pass --overwrite to replace it, or choose another --out")
-        if old.get("status") == "complete":
+                                f"pass --overwrite to replace it{hint}, or choose another --out")
+        if complete:
             manifest.update(old)
             return
     elif overwrite:
