@@ -19,6 +19,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from vlmcache import baselines, encoders
 from vlmcache.errors import VlmcacheError
@@ -58,8 +59,6 @@ class AblationResult:
 
 
 def _worker_init(threads: int) -> None:
-    import torch
-
     torch.set_num_threads(threads)
 
 

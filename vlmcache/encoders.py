@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from vlmcache.errors import VlmcacheError
 
@@ -171,8 +174,6 @@ def fold_batchnorm(model: torch.nn.Module) -> int:
     y = γ·(conv(x) − μ)/σ + β is itself a convolution with rescaled weights and a new bias, so the
     BatchNorm's memory pass disappears. Same function, up to float rounding.
     """
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
     folded = 0
     for module in list(model.modules()):
         for conv_name, bn_name in CONV_BN_PAIRS:
@@ -214,9 +215,6 @@ def attach_onnxruntime(encoder: ImageEncoder | TextEncoder, example: dict[str, t
     On a small CPU this is several times faster than PyTorch eager (see the README's throughput table);
     the features match within float rounding (tests/test_speed_parity.py).
     """
-    import io
-    import warnings
-
     import onnxruntime
 
     buffer = io.BytesIO()
