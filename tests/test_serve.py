@@ -32,7 +32,7 @@ def test_page_classify_search_and_image(client):
     assert rows[0]["prompt"] == "dogs running in the snow" and abs(sum(r["probability"] for r in rows) - 1) < 1e-5
     hits = client.get("/search", params={"q": "a dog in the snow", "top": 3}).json()["hits"]
     assert len(hits) == 3 and hits[0]["score"] >= hits[2]["score"]
-    image = client.get(f"/image/{hits[0]['index']}")
+    image = client.get(f"/image/{hits[0]['row']}")
     assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
     assert client.get("/image/999999").status_code == 404
 

@@ -239,11 +239,14 @@ def _choose_backend(backend: str, device: torch.device) -> str:
         raise VlmcacheError("--backend onnxruntime runs on the CPU; use --backend torch on a GPU")
     try:
         import onnxruntime  # noqa: F401
+        have_onnxruntime = True
     except ImportError:
-        if backend == "onnxruntime":
-            raise VlmcacheError("--backend onnxruntime needs the onnxruntime package: pip install 'vlmcache[fast]'") from None
-        return "torch" if backend == "auto" else backend
-    return "onnxruntime" if backend == "auto" and device.type == "cpu" else ("torch" if backend == "auto" else backend)
+        have_onnxruntime = False
+    if backend == "onnxruntime" and not have_onnxruntime:
+        raise VlmcacheError("--backend onnxruntime needs the onnxruntime package: pip install 'vlmcache[fast]'")
+    if backend != "auto":
+        return backend
+    return "onnxruntime" if have_onnxruntime and device.type == "cpu" else "torch"
 
 
 class ImageEncoder:

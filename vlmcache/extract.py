@@ -78,7 +78,7 @@ def _single_thread_worker(_: int) -> None:
 
 
 def _collate(items):
-    rows, pixels, errors = zip(*items, strict=False)
+    rows, pixels, errors = zip(*items, strict=True)
     return list(rows), torch.stack(pixels), list(errors)
 
 
@@ -147,9 +147,9 @@ def extract(
     """Encode every image and caption of `data` once and write the cache folder `out`.
 
     Re-running on a partly written cache resumes it (complete shards are kept); a complete cache with
-    the same settings is left as it is. `overwrite=True` starts afresh. `backend` picks how the image
-    encoder runs (see encoders.load_image_encoder); token features always come from torch. `on_error="skip"` records bad
-    images/captions in the manifest instead of stopping. See the module docstring for torchrun.
+    the same settings is left as it is. `overwrite=True` starts afresh. `backend` picks how the encoders
+    run (see encoders.load_image_encoder); token features always come from torch. `on_error="skip"`
+    records bad images/captions in the manifest instead of stopping. See the module docstring for torchrun.
     """
     started = time.perf_counter()
     if on_error not in ON_ERROR:
@@ -289,7 +289,7 @@ def _extract_images(out, dataset, encoder, plan, shards, provenance, batch_size,
         done = 0
         while done < rows:
             batch_rows, pixels, batch_errors = next(batch_iter)
-            for row, reason in zip(batch_rows, batch_errors, strict=False):
+            for row, reason in zip(batch_rows, batch_errors, strict=True):
                 if reason:
                     _fail_or_record(on_error, f"image {dataset.image_paths[row]}", reason)
                     valid[row - start], errors[row - start] = False, reason

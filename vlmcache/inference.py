@@ -155,6 +155,7 @@ class SearchHit:
     score: float
     image_id: str
     path: str
+    row: int  # the image's row in the searched split
 
 
 class Predictor:
@@ -213,7 +214,7 @@ class Predictor:
             query_emb = _text_embedder(self.model, self.meta)([query])
         scores = (query_emb @ image_emb.T)[0]
         best = torch.topk(scores, min(top, len(scores)))
-        return [SearchHit(rank + 1, float(score), chosen.image_ids[index], chosen.image_paths[index])
+        return [SearchHit(rank + 1, float(score), chosen.image_ids[index], chosen.image_paths[index], index)
                 for rank, (score, index) in enumerate(zip(best.values.tolist(), best.indices.tolist(), strict=True))]
 
 

@@ -56,7 +56,7 @@ document.getElementById('search-form').onsubmit = async e => {
   const reply = await fetch('search?top=8&q=' + encodeURIComponent(document.getElementById('query').value));
   const data = await reply.json();
   if (!reply.ok) { out.innerHTML = '<p class="error">' + esc(data.error) + '</p>'; return; }
-  out.innerHTML = data.hits.map(h => '<figure><img src="image/' + h.index + '" alt="' + esc(h.image_id) +
+  out.innerHTML = data.hits.map(h => '<figure><img src="image/' + h.row + '" alt="' + esc(h.image_id) +
     '"><figcaption>' + h.rank + '. ' + esc(h.image_id) + ' (' + h.score.toFixed(3) + ')</figcaption></figure>').join('');
 };
 </script></body></html>"""
@@ -104,9 +104,7 @@ def create_app(checkpoint: str | Path, split: str | None = None):
             hits = predictor.search(request.query_params.get("q", ""), top, split)
         except (VlmcacheError, ValueError) as error:
             return JSONResponse({"error": str(error)}, status_code=400)
-        chosen, _ = predictor.searchable(split)
-        index_of = {image_id: number for number, image_id in enumerate(chosen.image_ids)}
-        return JSONResponse({"hits": [{**hit.__dict__, "index": index_of[hit.image_id]} for hit in hits]})
+        return JSONResponse({"hits": [hit.__dict__ for hit in hits]})
 
     async def image(request):
         chosen, _ = predictor.searchable(split)

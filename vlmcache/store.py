@@ -267,9 +267,9 @@ class FeatureCache:
             image_features=images[image_valid],
             text_features=texts[caption_valid],
             caption_image=new_row[caption_image[caption_valid]].astype(np.int64),
-            image_ids=[i for i, ok in zip(self.index["image_id"][image_rows], image_valid, strict=False) if ok],
-            image_paths=[p for p, ok in zip(self.index["image_path"][image_rows], image_valid, strict=False) if ok],
-            captions=[c for c, ok in zip(self.index["caption"][caption_rows], caption_valid, strict=False) if ok],
+            image_ids=[i for i, ok in zip(self.index["image_id"][image_rows], image_valid, strict=True) if ok],
+            image_paths=[p for p, ok in zip(self.index["image_path"][image_rows], image_valid, strict=True) if ok],
+            captions=[c for c, ok in zip(self.index["caption"][caption_rows], caption_valid, strict=True) if ok],
             image_labels=None if labels is None else np.asarray(labels[image_rows])[image_valid],
         )
 

@@ -326,8 +326,13 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[AlignmentModel, d
     tensors, header = read_checkpoint(path)
     meta = header["vlmcache"]
     model = AlignmentModel(TrainConfig.from_dict(meta["config"]), meta["image_dim"], meta["text_dim"])
-    model.load_state_dict({name[len("model."):]: value for name, value in tensors.items() if name.startswith("model.")})
+    _load_weights(model, tensors)
     return model.to(device).eval(), meta
+
+
+def _load_weights(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Load the `model.*` tensors of a checkpoint into `model`."""
+    model.load_state_dict({name[len("model."):]: value for name, value in tensors.items() if name.startswith("model.")})
 
 
 def _restore(path: Path, meta: dict, model, optimizer, scheduler, generator) -> dict:
@@ -337,7 +342,7 @@ def _restore(path: Path, meta: dict, model, optimizer, scheduler, generator) -> 
         if saved.get(key) != meta[key]:
             raise VlmcacheError(f"{path}: was trained with a different {key} than requested now; resume with the "
                                 "same cache and options, or start a new run with --overwrite or another --out")
-    model.load_state_dict({name[len("model."):]: value for name, value in tensors.items() if name.startswith("model.")})
+    _load_weights(model, tensors)
     optim_state: dict = {"state": {}, "param_groups": json.loads(header["optimizer_groups"])}
     for name, value in tensors.items():
         if name.startswith("optim."):
