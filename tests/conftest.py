@@ -124,7 +124,8 @@ def real_cache() -> Path:
 @pytest.fixture(scope="session")
 def real_run(real_cache, tmp_path_factory) -> Path:
     """A linear + InfoNCE checkpoint trained on the real-feature cache (seconds)."""
-    from vlmcache.train import TrainConfig, train
+    from vlmcache.config import TrainConfig
+    from vlmcache.train import train
 
     out = tmp_path_factory.mktemp("real-run") / "run"
     train(real_cache, out, TrainConfig(projector="linear", loss="infonce", epochs=10, batch_size=128))

@@ -67,7 +67,8 @@ def test_plots_of_a_run_and_an_ablation(tiny_caches, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     from PIL import Image
 
-    from vlmcache.train import TrainConfig, train
+    from vlmcache.config import TrainConfig
+    from vlmcache.train import train
 
     vit, _ = tiny_caches
     train(vit, tmp_path / "run", TrainConfig(epochs=3, batch_size=4))

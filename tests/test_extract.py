@@ -18,7 +18,8 @@ from PIL import Image
 
 from vlmcache import extract, open_cache
 from vlmcache.errors import VlmcacheError
-from vlmcache.store import CacheLock, check_same_dataset, check_same_encoders
+from vlmcache.files import FolderLock
+from vlmcache.store import check_same_dataset, check_same_encoders
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -155,11 +156,11 @@ def test_resume_with_other_settings_is_refused(flickr_slice, tmp_path, tiny_mode
 def test_lock_stops_a_second_writer(flickr_slice, tmp_path, tiny_models):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / ".lock").write_text(str(os.getpid()))  # a live process holds it
-    with pytest.raises(VlmcacheError, match=r"another extract \(pid \d+\) is writing this cache"):
+    with pytest.raises(VlmcacheError, match=r"another vlmcache extract \(pid \d+\) is writing here"):
         extract(flickr_slice, tmp_path / "c", **tiny(tiny_models))
     (tmp_path / "c" / ".lock").unlink()
-    with CacheLock(tmp_path / "c"), pytest.raises(VlmcacheError, match="another extract"):
-        CacheLock(tmp_path / "c").__enter__()
+    with FolderLock(tmp_path / "c", "extract"), pytest.raises(VlmcacheError, match="another vlmcache extract"):
+        FolderLock(tmp_path / "c", "extract").__enter__()
 
 
 def test_mixed_shards_and_mismatched_caches_are_refused(flickr_slice, tmp_path, tiny_models):

@@ -8,9 +8,12 @@ import pytest
 from conftest import CIFAR, SNOW_DOGS, SNOW_DOGS_LABELS, require_shared_data, run_cli
 
 from vlmcache import encoders, extract, open_cache
+from vlmcache.checkpoint import load_model
+from vlmcache.config import TrainConfig
 from vlmcache.errors import VlmcacheError
-from vlmcache.inference import classify_image, evaluate_checkpoint, search_images, zero_shot
-from vlmcache.train import TrainConfig, evaluate_model, load_model, train
+from vlmcache.evaluate import evaluate_checkpoint, evaluate_model, zero_shot
+from vlmcache.predictor import classify_image, search_images
+from vlmcache.train import train
 
 
 @pytest.fixture

@@ -10,8 +10,12 @@ from conftest import run_cli
 from safetensors.torch import load_file, save_file
 
 from vlmcache import extract
+from vlmcache.checkpoint import load_model, read_checkpoint
+from vlmcache.config import TrainConfig
 from vlmcache.errors import VlmcacheError
-from vlmcache.train import TrainConfig, evaluate_model, initial_model, load_model, read_checkpoint, train
+from vlmcache.evaluate import evaluate_model
+from vlmcache.model import initial_model
+from vlmcache.train import train
 
 
 @pytest.fixture

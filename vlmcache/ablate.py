@@ -8,9 +8,13 @@ and run in `jobs` worker processes, each limited to its share of the CPU threads
 from __future__ import annotations
 
 import csv
+import ctypes
 import hashlib
+import io
 import json
 import os
+import signal
+import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -21,14 +25,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlmcache import baselines, encoders
+from vlmcache import __version__, encoders
+from vlmcache.checkpoint import load_model
+from vlmcache.config import TrainConfig
 from vlmcache.errors import VlmcacheError
-from vlmcache.inference import default_split
+from vlmcache.evaluate import ASIF_ROW, CCA_ROW, RETRIEVAL_KEYS, baseline_metrics, evaluate_model
+from vlmcache.files import FolderLock, write_json_atomic, write_text_atomic
+from vlmcache.model import initial_model
 from vlmcache.progress import make_progress
-from vlmcache.store import open_cache
-from vlmcache.train import TrainConfig, evaluate_model, initial_model, load_features, load_model, train
+from vlmcache.store import load_features, open_cache
+from vlmcache.train import train
 
-METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mean_recall")
+UNTRAINED_LINEAR = "untrained linear"
 
 
 @dataclass
@@ -39,9 +47,10 @@ class Cell:
     config: dict
 
     def key(self) -> str:
-        """Hash of what determines the result: the cache's data and encoders, and the full config."""
+        """Hash of what determines the result: the cache's data and encoders, the full config and the code."""
         opened = open_cache(self.cache)
-        identity = {"fingerprint": opened.fingerprint, "provenance": opened.provenance, "config": self.config}
+        identity = {"fingerprint": opened.fingerprint, "provenance": opened.provenance, "config": self.config,
+                    "vlmcache": __version__}
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -60,13 +69,17 @@ class AblationResult:
 
 def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
+    if sys.platform == "linux":  # die with the parent: a kill -9 of ablate must not leave workers behind
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
 
 
 def run_cell(cell: Cell) -> dict:
     """Train one cell in a temporary folder and return its metrics on the evaluation split."""
     config = TrainConfig.from_dict(cell.config)
     opened = open_cache(cell.cache)
-    split = default_split(opened)
+    split = opened.default_split()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="vlmcache-cell-") as folder:
         result = train(opened, folder, config)
@@ -83,25 +96,22 @@ def run_cell(cell: Cell) -> dict:
 def baseline_rows(cache: str, dim: int, seeds: list[int]) -> list[dict]:
     """Untrained linear projectors (per seed), CCA and ASIF on one cache, as raw cells."""
     opened = open_cache(cache)
-    split = default_split(opened)
+    split = opened.default_split()
     train_split, evaluated = load_features(opened, "train"), load_features(opened, split)
+    image_dim, text_dim = train_split.image_features.shape[1], train_split.text_features.shape[1]
     raw = []
     for seed in seeds:
         started = time.perf_counter()
-        config = TrainConfig(projector="linear", dim=dim, seed=seed)
-        model = initial_model(config, train_split.image_features.shape[1], train_split.text_features.shape[1])
-        raw.append({"cache": cache, "config": {"projector": "untrained linear", "loss": "—", "dim": dim, "seed": seed},
+        model = initial_model(TrainConfig(projector="linear", dim=dim, seed=seed), image_dim, text_dim)
+        raw.append({"cache": cache, "config": {"projector": UNTRAINED_LINEAR, "loss": "—", "dim": dim, "seed": seed},
                     "metrics": evaluate_model(model, evaluated), "parameters": model.projector_parameters(),
                     "seconds": time.perf_counter() - started, "split": split})
-    image_dim, text_dim = train_split.image_features.shape[1], train_split.text_features.shape[1]
-    for name, compute, parameters in (
-            ("CCA (closed form)", lambda: baselines.cca_metrics(train_split, evaluated, dim), (image_dim + text_dim) * dim),
-            ("ASIF (no training)", lambda: baselines.asif_metrics(train_split, evaluated), 0)):
-        started = time.perf_counter()
-        metrics = compute()
+    started = time.perf_counter()
+    fitted = baseline_metrics(train_split, evaluated, dim)
+    seconds = (time.perf_counter() - started) / len(fitted)
+    for name, parameters in ((CCA_ROW, (image_dim + text_dim) * dim), (ASIF_ROW, 0)):
         raw.append({"cache": cache, "config": {"projector": name, "loss": "—", "dim": dim, "seed": 0},
-                    "metrics": metrics, "parameters": parameters, "seconds": time.perf_counter() - started,
-                    "split": split})
+                    "metrics": fitted[name], "parameters": parameters, "seconds": seconds, "split": split})
     return raw
 
 
@@ -126,47 +136,60 @@ def ablate(
     caches = [str(Path(c).resolve()) for c in caches]
     for cache in caches:
         open_cache(cache)  # fail now, with the cache named, not inside a worker
+    if jobs is not None and not 1 <= jobs <= 64:
+        raise VlmcacheError(f"--jobs {jobs}: must be between 1 and 64")
     out = Path(out)
-    (out / "cells").mkdir(parents=True, exist_ok=True)
+    try:
+        (out / "cells").mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise VlmcacheError(f"--out {out}: cannot create it ({error.strerror})") from None
     cells = [Cell(cache, asdict(TrainConfig(**{**(base_config or {}), "projector": projector, "loss": loss,
                                                "dim": dim, "seed": seed, "epochs": epochs})))
              for cache in caches for projector in projectors for loss in losses for dim in dims for seed in seeds]
-    done, pending = [], []
-    for cell in cells:
-        path = out / "cells" / f"{cell.key()}.json"
-        (done if path.exists() else pending).append((cell, path))
-    raw = [json.loads(path.read_text()) for _, path in done]
-    jobs = max(1, min(jobs or os.cpu_count() or 1, len(pending) or 1))
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    with make_progress(progress) as bars:
-        task = bars.add_task("ablation cells", total=len(cells), completed=len(done), unit="cell")
-        if jobs == 1:
-            _worker_init(threads)
-            for cell, path in pending:
-                raw.append(_keep(run_cell(cell), path))
-                bars.advance(task)
-        elif pending:
-            with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_init,
-                                     initargs=(threads,)) as pool:
-                futures = {pool.submit(run_cell, cell): path for cell, path in pending}
-                for future in as_completed(futures):
-                    raw.append(_keep(future.result(), futures[future]))
+    with FolderLock(out, "ablation"):
+        raw, pending = [], []
+        for cell in cells:
+            path = out / "cells" / f"{cell.key()}.json"
+            finished = _read_cell(path)
+            raw.append(finished) if finished is not None else pending.append((cell, path))
+        reused = len(raw)
+        jobs = max(1, min(jobs or os.cpu_count() or 1, len(pending) or 1))
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with make_progress(progress) as bars:
+            task = bars.add_task("ablation cells", total=len(cells), completed=reused, unit="cell")
+            if jobs == 1:
+                _worker_init(threads)
+                for cell, path in pending:
+                    raw.append(_keep(run_cell(cell), path))
                     bars.advance(task)
-    if with_baselines:
-        for cache in caches:
-            for dim in dims:
-                raw += baseline_rows(cache, dim, list(seeds))
-    rows = aggregate(raw, caches)
-    result = AblationResult(rows, out, len(pending), len(done), time.perf_counter() - started,
-                            raw[0]["split"] if raw else "val", raw)
-    _write(result)
+            elif pending:
+                with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_init,
+                                         initargs=(threads,)) as pool:
+                    futures = {pool.submit(run_cell, cell): path for cell, path in pending}
+                    for future in as_completed(futures):
+                        raw.append(_keep(future.result(), futures[future]))
+                        bars.advance(task)
+        if with_baselines:
+            for cache in caches:
+                for dim in dims:
+                    raw += baseline_rows(cache, dim, list(seeds))
+        rows = aggregate(raw, caches)
+        result = AblationResult(rows, out, len(pending), reused, time.perf_counter() - started,
+                                raw[0]["split"] if raw else "val", raw)
+        _write(result)
     return result
 
 
+def _read_cell(path: Path) -> dict | None:
+    """A finished cell's result, or None when it is missing or was cut short (it is trained again)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _keep(cell_result: dict, path: Path) -> dict:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(cell_result))
-    os.replace(temporary, path)
+    write_json_atomic(path, cell_result)
     return cell_result
 
 
@@ -187,23 +210,24 @@ def aggregate(raw: list[dict], caches: list[str]) -> list[dict]:
         row = {"cache": cache, "encoders": encoder_pair(cache), "projector": projector, "loss": loss, "dim": dim,
                "seeds": sorted(item["config"]["seed"] for item in items), "parameters": items[0]["parameters"],
                "seconds": float(np.mean([item["seconds"] for item in items]))}
-        for metric in METRICS:
+        for metric in RETRIEVAL_KEYS:
             values = [item["metrics"][metric] for item in items]
             row[metric] = float(np.mean(values))
             row[f"{metric}_std"] = float(np.std(values))
         rows.append(row)
     order = {cache: index for index, cache in enumerate(caches)}
-    trained_first = {"untrained linear": 2, "CCA (closed form)": 3, "ASIF (no training)": 4}
+    trained_first = {UNTRAINED_LINEAR: 2, CCA_ROW: 3, ASIF_ROW: 4}
     return sorted(rows, key=lambda r: (order[r["cache"]], trained_first.get(r["projector"], 1), -r["mean_recall"]))
 
 
 def _write(result: AblationResult) -> None:
-    (result.out / "ablation.json").write_text(json.dumps(
-        {"split": result.split, "rows": result.rows, "cells": result.raw, "seconds": result.seconds}, indent=2))
-    with open(result.out / "ablation.csv", "w", newline="") as handle:
-        columns = ["encoders", "projector", "loss", "dim", *[c for m in METRICS for c in (m, f"{m}_std")],
-                   "parameters", "seconds", "seeds"]
-        writer = csv.DictWriter(handle, columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in result.rows:
-            writer.writerow({**row, "seeds": " ".join(map(str, row["seeds"]))})
+    write_json_atomic(result.out / "ablation.json",
+                      {"split": result.split, "rows": result.rows, "cells": result.raw, "seconds": result.seconds})
+    buffer = io.StringIO()
+    columns = ["encoders", "projector", "loss", "dim", *[c for m in RETRIEVAL_KEYS for c in (m, f"{m}_std")],
+               "parameters", "seconds", "seeds"]
+    writer = csv.DictWriter(buffer, columns, extrasaction="ignore")
+    writer.writeheader()
+    for row in result.rows:
+        writer.writerow({**row, "seeds": " ".join(map(str, row["seeds"]))})
+    write_text_atomic(result.out / "ablation.csv", buffer.getvalue())

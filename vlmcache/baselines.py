@@ -15,7 +15,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vlmcache.evaluate import retrieval_metrics
 from vlmcache.store import Split
 
 
@@ -49,11 +48,10 @@ def fit_cca(images: np.ndarray, texts: np.ndarray, dim: int, ridge: float = 1e-3
     return image_mean, image_map.astype(np.float32), text_mean, text_map.astype(np.float32)
 
 
-def cca_metrics(train: Split, evaluate_on: Split, dim: int = 256) -> dict[str, float]:
-    """Retrieval metrics of CCA fitted on `train` pairs, evaluated on `evaluate_on`."""
+def cca_embeddings(train: Split, evaluate_on: Split, dim: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(image, text) embeddings of `evaluate_on` by CCA fitted on the `train` pairs."""
     image_mean, image_map, text_mean, text_map = fit_cca(*training_pairs(train), dim)
-    return retrieval_metrics((evaluate_on.image_features - image_mean) @ image_map,
-                             (evaluate_on.text_features - text_mean) @ text_map, evaluate_on.caption_image)
+    return (evaluate_on.image_features - image_mean) @ image_map, (evaluate_on.text_features - text_mean) @ text_map
 
 
 def relative_representation(queries: torch.Tensor, anchors: torch.Tensor, k: int, power: float,
@@ -69,8 +67,9 @@ def relative_representation(queries: torch.Tensor, anchors: torch.Tensor, k: int
     return torch.cat(rows)
 
 
-def asif_metrics(train: Split, evaluate_on: Split, k: int = 800, power: float = 4.0) -> dict[str, float]:
-    """Retrieval metrics of ASIF with every training (image, caption) pair as an anchor."""
+def asif_embeddings(train: Split, evaluate_on: Split, k: int = 800,
+                    power: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image, text) ASIF representations of `evaluate_on`, every training (image, caption) pair an anchor."""
     anchor_images, anchor_texts = (torch.from_numpy(a) for a in training_pairs(train))
     # Centre each modality on its anchors: raw encoder features share a large common direction that
     # makes every similarity high and the top-k uninformative.
@@ -79,4 +78,4 @@ def asif_metrics(train: Split, evaluate_on: Split, k: int = 800, power: float = 
                                      anchor_images - image_centre, k, power)
     texts = relative_representation(torch.from_numpy(evaluate_on.text_features) - text_centre,
                                     anchor_texts - text_centre, k, power)
-    return retrieval_metrics(images, texts, evaluate_on.caption_image)
+    return images, texts

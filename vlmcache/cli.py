@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
+from click.core import ParameterSource
 from rich.console import Console
 from rich.table import Table
 
@@ -23,7 +25,9 @@ if not console.is_terminal and "COLUMNS" not in os.environ:
     console.width = 160  # piped into a file or CI log: keep whole tables rather than 80 truncated columns
 
 
-def _split_list(value: str | None) -> list[str] | None:
+def _split_list(value) -> list[str] | None:
+    if isinstance(value, list | tuple):  # from a TOML config file
+        return [str(item) for item in value]
     return [item.strip() for item in value.split(",") if item.strip()] if value else None
 
 
@@ -56,13 +60,15 @@ def extract(
     backend: Annotated[str, typer.Option(help="Image encoder backend: auto (onnxruntime on a CPU when installed, else torch) | onnxruntime | torch (CNNs: BatchNorm folded, channels_last) | eager. All give the same features within float rounding.")] = "auto",
 ) -> None:
     """Encode a dataset once with frozen encoders and write a sharded HDF5 feature cache (resumable)."""
+    from vlmcache.extract import ExtractConfig
     from vlmcache.extract import extract as run_extract
 
-    result = run_extract(data, out, image_model=image_model, text_model=text_model, image_pooling=image_pooling,
-                         text_pooling=text_pooling, format=format, images_dir=images_dir, splits=_split_list(splits),
-                         limit=limit, shard_size=shard_size, dtype=dtype, batch_size=batch_size,
-                         text_batch_size=text_batch_size, max_length=max_length, workers=workers, device=device,
-                         tokens=tokens, on_error=on_error, overwrite=overwrite, backend=backend)
+    config = ExtractConfig(image_model=image_model, text_model=text_model, image_pooling=image_pooling,
+                           text_pooling=text_pooling, format=format, images_dir=images_dir, splits=_split_list(splits),
+                           limit=limit, shard_size=shard_size, dtype=dtype, batch_size=batch_size,
+                           text_batch_size=text_batch_size, max_length=max_length, workers=workers, device=device,
+                           tokens=tokens, on_error=on_error, backend=backend)
+    result = run_extract(data, out, config, overwrite=overwrite)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     console.print(f"[green]cache ready[/green] {result.path}: {result.images:,} images, {result.captions:,} captions "
@@ -107,9 +113,30 @@ def info(cache: Annotated[Path, typer.Argument(help="Cache folder.")]) -> None:
     console.print(table)
 
 
-def _grid(value: str | None) -> tuple[int, int] | None:
+@app.command(epilog="Example:\n\n  vlmcache verify features/flickr8k")
+def verify(cache: Annotated[Path, typer.Argument(help="Cache folder.")]) -> None:
+    """Check every shard of a cache (checksums, content hashes, row ranges, provenance, finite features)."""
+    from vlmcache.store import verify_cache
+
+    problems = verify_cache(cache)
+    if not problems:
+        console.print(f"[green]ok[/green] {cache}: every shard reads back whole and matches the manifest")
+        return
+    table = Table(title=f"bad shards in {cache}", title_justify="left")
+    table.add_column("shard", no_wrap=True)
+    table.add_column("problem")
+    for shard, problem in problems:
+        table.add_row(shard, problem)
+    console.print(table)
+    raise VlmcacheError(f"{cache}: {len(problems)} bad shard(s), first {problems[0][0]}; delete them and run the same "
+                        "vlmcache extract again to recompute just those")
+
+
+def _grid(value) -> tuple[int, int] | None:
     if not value:
         return None
+    if isinstance(value, list | tuple):  # from a TOML config file
+        return tuple(value)
     try:
         first, second = (int(part) for part in value.lower().split("x"))
     except ValueError:
@@ -117,11 +144,27 @@ def _grid(value: str | None) -> tuple[int, int] | None:
     return first, second
 
 
+def _with_config_file(config_file: Path | None, options: dict) -> tuple[dict, dict]:
+    """Options with values from a TOML --config file wherever the command line did not set them.
+
+    Returns (merged options, the file's remaining keys).
+    """
+    if config_file is None:
+        return options, {}
+    from vlmcache.config import read_config_file
+
+    values = read_config_file(config_file)
+    context = click.get_current_context()
+    merged = {name: values[name] if name in values and context.get_parameter_source(name) != ParameterSource.COMMANDLINE
+              else value for name, value in options.items()}
+    return merged, {key: value for key, value in values.items() if key not in options}
+
+
 @app.command(epilog="Examples:\n\n  vlmcache train features/flickr8k --projector mlp --loss infonce --out runs/mlp-infonce\n\n"
                     "  vlmcache train features/flickr8k --projector ndlinear --loss sigmoid --epochs 30 --out runs/nd\n\n"
                     "  vlmcache train features/flickr8k --out runs/mlp-infonce --resume")
 def train(
-    cache: Annotated[Path, typer.Argument(help="Cache folder written by vlmcache extract.")],
+    cache: Annotated[Path | None, typer.Argument(help="Cache folder written by vlmcache extract [default: the --config file's cache].")] = None,
     out: Annotated[Path, typer.Option(help="Run folder for checkpoints and metrics.jsonl.")] = Path("runs/latest"),
     projector: Annotated[str, typer.Option(help="linear | mlp | ndlinear")] = "mlp",
     loss: Annotated[str, typer.Option(help="infonce (CLIP) | sigmoid (SigLIP)")] = "infonce",
@@ -149,27 +192,37 @@ def train(
     device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "cpu",
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out exactly where it stopped.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the run in --out afresh.")] = False,
+    config_file: Annotated[Path | None, typer.Option("--config", help="TOML file of these options (e.g. a run's config.toml); options given here override it.")] = None,
 ) -> None:
     """Train image and text projectors on cached features (seconds on a CPU); checkpoints as safetensors."""
     from rich.live import Live
 
-    from vlmcache.train import TrainConfig
+    from vlmcache.config import TrainConfig
+    from vlmcache.evaluate import RETRIEVAL_KEYS, RETRIEVAL_LABELS
     from vlmcache.train import train as run_train
 
-    config = TrainConfig(projector=projector, loss=loss, dim=dim, epochs=epochs, batch_size=batch_size, lr=lr,
-                         weight_decay=weight_decay, warmup=warmup, schedule=schedule, seed=seed, sampling=sampling,
-                         patience=patience, dropout=dropout, mlp_hidden=mlp_hidden, mlp_layers=mlp_layers,
-                         residual=residual, image_grid=_grid(image_grid), text_grid=_grid(text_grid),
-                         train_split=train_split, val_split=val_split)
-    table = Table(title=f"{projector} + {loss} on {cache} (validation recall, %)", title_justify="left")
-    for column in ("epoch", "loss", "scale", "i→t R@1", "R@5", "R@10", "t→i R@1", "R@5", "R@10", "mean", "s"):
+    options, rest = _with_config_file(config_file, {
+        "projector": projector, "loss": loss, "dim": dim, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+        "weight_decay": weight_decay, "warmup": warmup, "schedule": schedule, "seed": seed, "sampling": sampling,
+        "patience": patience, "dropout": dropout, "mlp_hidden": mlp_hidden, "mlp_layers": mlp_layers,
+        "residual": residual, "image_grid": image_grid, "text_grid": text_grid, "train_split": train_split,
+        "val_split": val_split, "cache": cache, "text_cache": text_cache})
+    cache, text_cache = options.pop("cache"), options.pop("text_cache")
+    unknown = sorted(set(rest) - {f for f in TrainConfig.__dataclass_fields__})
+    if unknown:
+        raise VlmcacheError(f"--config {config_file}: unknown key {unknown[0]!r}; use the option names of vlmcache train")
+    if cache is None:
+        raise VlmcacheError("give the CACHE folder (or a --config file with a cache key)")
+    config = TrainConfig.from_dict({**rest, **options, "image_grid": _grid(options["image_grid"]),
+                                    "text_grid": _grid(options["text_grid"])})
+    table = Table(title=f"{config.projector} + {config.loss} on {cache} (validation recall, %)", title_justify="left")
+    for column in ("epoch", "loss", "scale", *RETRIEVAL_LABELS, "s"):
         table.add_column(column, justify="right")
     with Live(table, console=console, refresh_per_second=4):
         result = run_train(cache, out, config, text_cache=text_cache, resume=resume, overwrite=overwrite,
                            device=device, on_epoch=lambda r: table.add_row(
                                str(r["epoch"]), f"{r['train_loss']:.4f}", f"{r['logit_scale']:.1f}",
-                               *(f"{r[f'val_{d}_r{k}']:.1f}" for d in ("i2t", "t2i") for k in (1, 5, 10)),
-                               f"{r['val_mean_recall']:.2f}", f"{r['seconds']:.2f}"))
+                               *(f"{r['val_' + key]:.1f}" for key in RETRIEVAL_KEYS), f"{r['seconds']:.2f}"))
     best = result.best_metrics
     console.print(f"best epoch {result.best_epoch}: val mean recall {best['mean_recall']:.2f} "
                   f"(R@1 i→t {best['i2t_r1']:.1f}, t→i {best['t2i_r1']:.1f}); {result.parameters:,} projector "
@@ -177,13 +230,15 @@ def train(
 
 
 def _metrics_table(title: str, rows: dict[str, dict]) -> Table:
+    from vlmcache.evaluate import MEDIAN_RANK_KEYS, MEDIAN_RANK_LABELS, RETRIEVAL_KEYS, RETRIEVAL_LABELS
+
     table = Table(title=title, title_justify="left")
     table.add_column("model", no_wrap=True)
-    for column in ("i→t R@1", "R@5", "R@10", "t→i R@1", "R@5", "R@10", "mean", "medR i→t", "medR t→i"):
+    for column in (*RETRIEVAL_LABELS, *MEDIAN_RANK_LABELS):
         table.add_column(column, justify="right")
     for name, m in rows.items():
-        table.add_row(name, *(f"{m[f'{d}_r{k}']:.1f}" for d in ("i2t", "t2i") for k in (1, 5, 10)),
-                      f"{m['mean_recall']:.2f}", f"{m['i2t_median_rank']:g}", f"{m['t2i_median_rank']:g}")
+        table.add_row(name, *(f"{m[key]:.2f}" if key == "mean_recall" else f"{m[key]:.1f}" for key in RETRIEVAL_KEYS),
+                      *(f"{m[key]:g}" for key in MEDIAN_RANK_KEYS))
     return table
 
 
@@ -197,27 +252,33 @@ def eval_command(
     baselines: Annotated[bool, typer.Option(help="Also show CCA and ASIF, fitted on the train split.")] = True,
     zero_shot: Annotated[Path | None, typer.Option(help="Also report zero-shot accuracy on this labelled-folder cache.")] = None,
     ensemble: Annotated[bool, typer.Option("--ensemble", help="Zero-shot with an 8-template prompt ensemble.")] = False,
+    class_names: Annotated[Path | None, typer.Option(help='Zero-shot: JSON {"folder_name": "words for the prompt"} [default: folder names cleaned into words]')] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the numbers to this JSON file.")] = None,
 ) -> None:
     """Image↔text Recall@1/5/10 (5 captions per image) of a checkpoint beside untrained and training-free baselines."""
-    from vlmcache.inference import evaluate_checkpoint
-    from vlmcache.inference import zero_shot as run_zero_shot
+    from vlmcache.evaluate import ZERO_SHOT_KEYS, ZERO_SHOT_LABELS, evaluate_checkpoint, read_class_names
+    from vlmcache.evaluate import zero_shot as run_zero_shot
+    from vlmcache.files import check_writable, write_json_atomic
 
+    if json_out is not None:
+        check_writable(json_out, "--json")  # before the work, not after it
+    names = read_class_names(class_names)
     report = evaluate_checkpoint(checkpoint, split, cache, with_baselines=baselines)
     console.print(_metrics_table(f"retrieval on split {report.split!r} of {report.cache} (%)", report.rows))
     results: dict = {"split": report.split, "cache": str(report.cache), "retrieval": report.rows}
     if zero_shot is not None:
-        accuracy = run_zero_shot(checkpoint, zero_shot, ensemble)
+        accuracy = run_zero_shot(checkpoint, zero_shot, ensemble, class_names=names)
         table = Table(title=f"zero-shot on {zero_shot} ({'8-template ensemble' if ensemble else 'a photo of a {}.'})",
-                      title_justify="left")
-        for column in ("model", "top-1 %", "top-5 %"):
-            table.add_column(column, justify="right" if column != "model" else "left")
+                      caption="top-5 is n/a with fewer than 5 classes (any model would score 100)", title_justify="left")
+        table.add_column("model")
+        for column in ZERO_SHOT_LABELS:
+            table.add_column(column, justify="right")
         for name, m in accuracy.items():
-            table.add_row(name, f"{m['top1']:.1f}", f"{m.get('top5', float('nan')):.1f}")
+            table.add_row(name, *("n/a" if m[key] is None else f"{m[key]:.1f}" for key in ZERO_SHOT_KEYS))
         console.print(table)
         results["zero_shot"] = accuracy
     if json_out is not None:
-        json_out.write_text(json.dumps(results, indent=2))
+        write_json_atomic(json_out, results)
         console.print(f"wrote {json_out}")
 
 
@@ -225,7 +286,10 @@ def _read_labels(labels: str | None, labels_file: Path | None) -> list[str]:
     if labels_file is not None:
         if not labels_file.is_file():
             raise VlmcacheError(f"--labels-file {labels_file}: file not found")
-        return labels_file.read_text(encoding="utf-8").splitlines()
+        try:
+            return labels_file.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise VlmcacheError(f"--labels-file {labels_file}: not UTF-8 text; save it as UTF-8, one label per line") from None
     if labels:
         return labels.split(",")
     raise VlmcacheError("give --labels 'a,b,c' or --labels-file FILE")
@@ -242,7 +306,7 @@ def classify(
     label_list: Annotated[list[str] | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Rank text labels for one image: rank, prompt, cosine similarity and softmax probability."""
-    from vlmcache.inference import classify_image
+    from vlmcache.predictor import classify_image
 
     if not label_list:
         label_list = _read_labels(labels, labels_file)
@@ -260,12 +324,12 @@ def classify(
 def search(
     checkpoint: Annotated[Path, typer.Argument(help="Run folder or .safetensors checkpoint.")],
     query: Annotated[str, typer.Argument(help="What the images should show.")],
-    top: Annotated[int, typer.Option(help="How many images.")] = 5,
+    top: Annotated[int, typer.Option(help="How many images.", min=1, max=10_000)] = 5,
     split: Annotated[str | None, typer.Option(help="Cached split to search [default: test, else val]")] = None,
     cache: Annotated[Path | None, typer.Option(help="Cache to search [default: the training cache]")] = None,
 ) -> None:
     """Find the cached images that best match a text query (cross-modal retrieval)."""
-    from vlmcache.inference import search_images
+    from vlmcache.predictor import search_images
 
     table = Table(title=f"top {top} images for {query!r}", title_justify="left")
     for column, justify in (("rank", "right"), ("score", "right"), ("image", "left"), ("path", "left")):
@@ -275,7 +339,9 @@ def search(
     console.print(table)
 
 
-def _int_list(value: str, name: str) -> tuple[int, ...]:
+def _int_list(value, name: str) -> tuple[int, ...]:
+    if isinstance(value, list | tuple) and all(isinstance(item, int) and not isinstance(item, bool) for item in value):
+        return tuple(value)
     try:
         return tuple(int(item) for item in value.split(",") if item.strip())
     except ValueError:
@@ -288,10 +354,12 @@ def ablation_table(rows: list[dict], split: str) -> Table:
     several_caches = len({row["cache"] for row in rows}) > 1
     if several_caches:
         table.add_column("encoders")
+    from vlmcache.evaluate import RETRIEVAL_KEYS as metric_names
+    from vlmcache.evaluate import RETRIEVAL_LABELS
+
     for column in ("projector", "loss", "dim"):
         table.add_column(column)
-    metric_names = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mean_recall")
-    for column in ("i→t R@1", "R@5", "R@10", "t→i R@1", "R@5", "R@10", "mean"):
+    for column in RETRIEVAL_LABELS:
         table.add_column(column, justify="right")
     table.add_column("params", justify="right")
     table.add_column("s/run", justify="right")
@@ -311,7 +379,7 @@ def ablation_table(rows: list[dict], split: str) -> Table:
                     "  vlmcache ablate features/vit features/resnet18 --projectors linear,mlp --losses infonce "
                     "--seeds 0,1 --epochs 10")
 def ablate(
-    caches: Annotated[list[Path], typer.Argument(help="One or more cache folders (several compare encoder pairs).")],
+    caches: Annotated[list[Path] | None, typer.Argument(help="One or more cache folders (several compare encoder pairs).")] = None,
     out: Annotated[Path, typer.Option(help="Folder for cell results, ablation.json and ablation.csv.")] = Path("runs/ablation"),
     projectors: Annotated[str, typer.Option(help="Comma-separated: linear,mlp,ndlinear")] = "linear,mlp,ndlinear",
     losses: Annotated[str, typer.Option(help="Comma-separated: infonce,sigmoid")] = "infonce,sigmoid",
@@ -321,14 +389,24 @@ def ablate(
     batch_size: Annotated[int, typer.Option(help="Pairs per step.")] = 256,
     jobs: Annotated[int | None, typer.Option(help="Cells trained in parallel [default: CPU cores]")] = None,
     baselines: Annotated[bool, typer.Option(help="Add untrained, CCA and ASIF rows.")] = True,
+    config_file: Annotated[Path | None, typer.Option("--config", help="TOML file of these options (lists allowed, e.g. seeds = [0, 1]); any other train option in it (lr, dropout, ...) applies to every cell. Options given here override it.")] = None,
 ) -> None:
     """Train the projector × loss grid on cached features (several seeds) and print one comparison table."""
     from vlmcache.ablate import ablate as run_ablate
+    from vlmcache.config import TrainConfig
 
-    result = run_ablate(caches, out, projectors=tuple(_split_list(projectors) or ()),
-                        losses=tuple(_split_list(losses) or ()), seeds=_int_list(seeds, "seeds"),
-                        dims=_int_list(dims, "dims"), epochs=epochs, jobs=jobs, with_baselines=baselines,
-                        base_config={"batch_size": batch_size})
+    options, rest = _with_config_file(config_file, {
+        "caches": caches, "out": out, "projectors": projectors, "losses": losses, "seeds": seeds, "dims": dims,
+        "epochs": epochs, "batch_size": batch_size, "jobs": jobs, "baselines": baselines})
+    unknown = sorted(set(rest) - set(TrainConfig.__dataclass_fields__))
+    if unknown:
+        raise VlmcacheError(f"--config {config_file}: unknown key {unknown[0]!r}; use ablate or train option names")
+    if not options["caches"]:
+        raise VlmcacheError("give at least one CACHE folder (or a --config file with caches = [...])")
+    result = run_ablate(options["caches"], options["out"], projectors=tuple(_split_list(options["projectors"]) or ()),
+                        losses=tuple(_split_list(options["losses"]) or ()), seeds=_int_list(options["seeds"], "seeds"),
+                        dims=_int_list(options["dims"], "dims"), epochs=options["epochs"], jobs=options["jobs"],
+                        with_baselines=options["baselines"], base_config={**rest, "batch_size": options["batch_size"]})
     console.print(ablation_table(result.rows, result.split))
     console.print(f"{result.cells_trained} runs trained, {result.cells_reused} reused from {result.out}/cells; "
                   f"{result.seconds:.1f} s; wrote {result.out}/ablation.json and ablation.csv")
@@ -355,9 +433,13 @@ def demo(
     console.rule(f"1/4 extract {source} (first {limit} images per split) with efficientnet-lite0 + minilm")
     extract(source, out=out / "cache", limit=limit)
     console.rule("2/4 train an MLP projector with InfoNCE on the cached features")
-    train(out / "cache", out=out / "run", projector="mlp", loss="infonce", epochs=epochs, overwrite=True)
+    from vlmcache.config import TrainConfig
+    from vlmcache.train import train as run_train
+
+    run_train(out / "cache", out / "run", TrainConfig(projector="mlp", loss="infonce", epochs=epochs), overwrite=True)
     console.rule("3/4 evaluate: trained vs untrained projector and training-free baselines")
-    eval_command(out / "run", split=None, cache=None, baselines=True, zero_shot=None, ensemble=False, json_out=None)
+    eval_command(out / "run", split=None, cache=None, baselines=True, zero_shot=None, ensemble=False, class_names=None,
+                 json_out=None)
     console.rule("4/4 classify one validation photo against its own caption and three others")
     val = open_cache(out / "cache").split("val")
     first_caption = {int(image): caption for caption, image in zip(val.captions, val.caption_image, strict=True)
@@ -396,12 +478,18 @@ def serve(
 
 
 def main() -> None:
-    """Entry point: runs the app, printing user mistakes as one line (exit 2) instead of a traceback."""
+    """Entry point: runs the app; user mistakes (bad options, bad files) print one line on stderr, exit 2."""
+    errors = Console(stderr=True, soft_wrap=True, highlight=False)
     try:
-        app()
+        code = app(standalone_mode=False)
     except VlmcacheError as error:
-        Console(stderr=True).print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        errors.print(f"[red]error:[/red] {error}", markup=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        Console(stderr=True).print("interrupted; re-run the same command to resume")
+    except click.ClickException as error:  # typer's own parsing: unknown option, not an integer, ...
+        command = error.ctx.command_path if getattr(error, "ctx", None) else "vlmcache"
+        errors.print(f"error: {error.format_message()} (see {command} --help)".replace("\n", " "), markup=False)
+        sys.exit(2)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        errors.print("interrupted; re-run the same command to resume", markup=False)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

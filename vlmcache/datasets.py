@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,8 +211,12 @@ def _read_pairs(path: Path, images_dir: Path | None) -> tuple[list[_Record], lis
     for number, row in enumerate(rows, start=1):
         if not isinstance(row, dict) or "image" not in row or "caption" not in row:
             raise VlmcacheError(f"{path} row {number}: needs the fields 'image' and 'caption' (optional 'split')")
-        image = str(row["image"])
-        record = by_image.setdefault(image, _Record(image, base / image, str(row.get("split") or "train"), []))
+        image = os.path.normpath(str(row["image"]))  # ./a.jpg and a.jpg are one image
+        split = str(row.get("split") or "train")
+        record = by_image.setdefault(image, _Record(image, base / image, split, []))
+        if record.split != split:
+            raise VlmcacheError(f"{path} row {number}: image {image} is listed in split {split!r} and earlier in "
+                                f"{record.split!r}; an image belongs to one split")
         record.captions.append(str(row["caption"] if row["caption"] is not None else ""))
     return list(by_image.values()), []
 
@@ -228,8 +233,23 @@ def _read_imagefolder(root: Path, images_dir: Path | None) -> tuple[list[_Record
     return records, classes
 
 
+def _check_records(root: Path, records: list[_Record]) -> None:
+    """One row per image file, and captions HDF5 can store: refuse the input otherwise, naming the item."""
+    seen: dict[str, _Record] = {}
+    for record in records:
+        key = os.path.normpath(os.path.abspath(record.image_path))
+        if key in seen:
+            raise VlmcacheError(f"{root}: image {record.image_id} is listed twice (splits {seen[key].split!r} and "
+                                f"{record.split!r}); list each image once")
+        seen[key] = record
+        for caption in record.captions:
+            if "\x00" in caption:
+                raise VlmcacheError(f"{root}: a caption of image {record.image_id} contains a NUL byte; remove it")
+
+
 def _build(fmt: str, root: Path, records: list[_Record], classes: list[str],
            splits: list[str] | None, limit: int | None) -> PairDataset:
+    _check_records(root, records)
     if splits:
         known = {record.split for record in records}
         missing = [split for split in splits if split not in known]

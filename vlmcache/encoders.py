@@ -83,9 +83,15 @@ def pick_device(device: str = "auto") -> torch.device:
     """'auto' -> cuda when present, else cpu; anything else is passed to torch.device."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, ValueError):
+        chosen = None
+    if chosen is None or chosen.type not in ("cpu", "cuda"):
+        raise VlmcacheError(f"--device {device}: use auto, cpu, cuda or cuda:N")
+    if chosen.type == "cuda" and not torch.cuda.is_available():
         raise VlmcacheError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
-    return torch.device(device)
+    return chosen
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -256,6 +262,7 @@ class ImageEncoder:
                  weights: str, device: torch.device, kind: str, compute_path: str = "eager"):
         self.name, self.model, self.pooling, self.preprocess = name, model, pooling, preprocess
         self.weights_sha256, self.device, self.kind, self.compute_path = weights, device, kind, compute_path
+        self.channels_last = False  # set by the torch fast path for CNNs (compute_path only describes it)
         self.onnx = None  # an onnxruntime session for pooled features, when that backend is on
         self.dim = int(self.encode(torch.zeros(1, 3, preprocess.size, preprocess.size)).pooled.shape[-1])
 
@@ -265,7 +272,7 @@ class ImageEncoder:
             return _ordinary(torch.from_numpy(self.onnx.run(None, {"pixels": pixels.numpy()})[0]), None, None)
         with torch.inference_mode(), _autocast(self.device):
             pixels = pixels.to(self.device, non_blocking=True)
-            if "channels_last" in self.compute_path:
+            if self.channels_last:
                 pixels = pixels.contiguous(memory_format=torch.channels_last)
             pooled, token_states = self.forward(pixels)
         mask = torch.ones(token_states.shape[:2], dtype=torch.bool) if tokens else None
@@ -380,6 +387,7 @@ def _finish(encoder: ImageEncoder, backend: str, conv: bool) -> ImageEncoder:
     chosen = _choose_backend(backend, encoder.device)
     if chosen != "eager" and conv:
         encoder.model, encoder.compute_path = speed_up_convnet(encoder.model)
+        encoder.channels_last = True
     if chosen == "onnxruntime":
         size = encoder.preprocess.size
         attach_onnxruntime(encoder, {"pixels": torch.zeros(1, 3, size, size)}, {"pixels": {0: "batch"}})
@@ -463,9 +471,9 @@ def image_encoder_from_provenance(provenance: dict, device: str = "auto") -> Ima
     return encoder
 
 
-def text_encoder_from_provenance(provenance: dict, device: str = "auto") -> TextEncoder:
+def text_encoder_from_provenance(provenance: dict, device: str = "auto", backend: str = "auto") -> TextEncoder:
     """Reload the text encoder a cache recorded (for prompts at query time), checking its weights."""
-    encoder = load_text_encoder(provenance["name"], provenance["pooling"], device, provenance["max_length"])
+    encoder = load_text_encoder(provenance["name"], provenance["pooling"], device, provenance["max_length"], backend)
     _check_same_weights(encoder.weights_sha256, provenance)
     return encoder
 

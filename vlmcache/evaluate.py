@@ -1,21 +1,53 @@
-"""Retrieval and zero-shot metrics, the one place train, eval and ablate compute them.
+"""Evaluation: retrieval and zero-shot metrics, the one metric schema, and evaluating checkpoints.
 
 Retrieval with several captions per image (Flickr/COCO protocol, as CLIP_benchmark):
 - image→text R@K: an image scores if ANY of its captions is among its top-K texts;
 - text→image R@K: a caption scores if ITS image is among its top-K images.
 Ranks are exact and ties are broken against the query: an item scoring exactly as high as the best
-correct one counts as ranked above it. So a model that scores everything equal gets chance-level
-recall, never 100%. Similarities are computed in chunks, so the full images×captions matrix never
-exists in memory.
+correct one counts as ranked above it. Non-finite similarities (NaN or inf embeddings) count as the
+worst possible score. So a degenerate model gets chance-level recall or worse, never 100%. Similarities
+are computed in chunks, so the full images×captions matrix never exists in memory.
 """
 
 from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vlmcache import baselines
+from vlmcache.checkpoint import check_encoders_match, checkpoint_caches, load_model
+from vlmcache.config import TrainConfig
+from vlmcache.errors import VlmcacheError
+from vlmcache.model import AlignmentModel, initial_model
+from vlmcache.prompts import PromptStore, prompt_folder
+from vlmcache.store import Split, load_features, open_cache
+
+# The metric schema: keys (JSON, metrics.jsonl with a "val_" prefix, ablation.csv) and their column labels.
 KS = (1, 5, 10)
+RECALL_KEYS = tuple(f"{direction}_r{k}" for direction in ("i2t", "t2i") for k in KS)
+RETRIEVAL_KEYS = (*RECALL_KEYS, "mean_recall")
+RETRIEVAL_LABELS = ("i→t R@1", "R@5", "R@10", "t→i R@1", "R@5", "R@10", "mean")
+MEDIAN_RANK_KEYS = ("i2t_median_rank", "t2i_median_rank")
+MEDIAN_RANK_LABELS = ("medR i→t", "medR t→i")
+ZERO_SHOT_KEYS = ("top1", "top5", "mean_per_class")
+ZERO_SHOT_LABELS = ("top-1 %", "top-5 %", "mean per-class %")
+# Row names of the baselines that sit beside every trained number.
+UNTRAINED_ROW = "untrained (same init)"
+CCA_ROW = "CCA (closed form)"
+ASIF_ROW = "ASIF (no training)"
+
+
+def trained_row(config: TrainConfig) -> str:
+    """The table row name of a trained model."""
+    return f"trained ({config.projector} + {config.loss})"
+
+
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 # A short ensemble in the spirit of CLIP's ImageNet prompts, for when one template is too brittle.
 ENSEMBLE_TEMPLATES = (
@@ -26,6 +58,10 @@ ENSEMBLE_TEMPLATES = (
 
 def _as_tensor(array) -> torch.Tensor:
     return array if isinstance(array, torch.Tensor) else torch.from_numpy(np.asarray(array))
+
+
+def _finite_or_worst(scores: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(scores), scores, torch.tensor(-torch.inf))
 
 
 def retrieval_ranks(image_emb, text_emb, caption_image, chunk_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
@@ -39,7 +75,7 @@ def retrieval_ranks(image_emb, text_emb, caption_image, chunk_size: int = 1024) 
     image_ranks = np.zeros(len(images), dtype=np.int64)
     for start in range(0, len(images), chunk_size):
         rows = torch.arange(start, min(start + chunk_size, len(images)))
-        scores = images[rows] @ texts.T  # (chunk, captions)
+        scores = _finite_or_worst(images[rows] @ texts.T)  # (chunk, captions)
         correct = owner[None, :] == rows[:, None]
         best_correct = torch.where(correct, scores, torch.tensor(-torch.inf)).max(dim=1).values
         above = ((scores >= best_correct[:, None]) & ~correct).sum(dim=1)
@@ -48,22 +84,19 @@ def retrieval_ranks(image_emb, text_emb, caption_image, chunk_size: int = 1024) 
     text_ranks = np.zeros(len(texts), dtype=np.int64)
     for start in range(0, len(texts), chunk_size):
         rows = torch.arange(start, min(start + chunk_size, len(texts)))
-        scores = texts[rows] @ images.T  # (chunk, images)
+        scores = _finite_or_worst(texts[rows] @ images.T)  # (chunk, images)
         correct_score = scores.gather(1, owner[rows, None])
         # (scores >= correct) counts the correct image itself, which makes the count a 1-based rank.
         text_ranks[rows.numpy()] = (scores >= correct_score).sum(dim=1).numpy()
     return image_ranks, text_ranks
 
 
-def recall_from_ranks(image_ranks: np.ndarray, text_ranks: np.ndarray, ks=KS) -> dict[str, float]:
+def recall_from_ranks(image_ranks: np.ndarray, text_ranks: np.ndarray) -> dict[str, float]:
     """R@K in percent both ways, their mean ("mean_recall", = rsum/6 for K=1,5,10) and median ranks."""
     scored = image_ranks[image_ranks > 0]
-    metrics = {}
-    for k in ks:
-        metrics[f"i2t_r{k}"] = float(100.0 * (scored <= k).mean())
-    for k in ks:
-        metrics[f"t2i_r{k}"] = float(100.0 * (text_ranks <= k).mean())
-    metrics["mean_recall"] = float(np.mean([metrics[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in ks]))
+    metrics = {f"i2t_r{k}": float(100.0 * (scored <= k).mean()) for k in KS}
+    metrics.update({f"t2i_r{k}": float(100.0 * (text_ranks <= k).mean()) for k in KS})
+    metrics["mean_recall"] = float(np.mean([metrics[key] for key in RECALL_KEYS]))
     metrics["i2t_median_rank"] = float(np.median(scored))
     metrics["t2i_median_rank"] = float(np.median(text_ranks))
     return metrics
@@ -88,15 +121,111 @@ def class_embeddings(encode_texts, classnames: list[str], templates=DEFAULT_TEMP
 
 
 def zero_shot_metrics(image_emb, labels, class_emb, classnames: list[str]) -> dict:
-    """Top-1/top-5 accuracy (percent) and per-class top-1 accuracy of nearest-class-prompt prediction."""
+    """Top-1, top-5 and mean per-class top-1 accuracy (percent) of nearest-class-prompt prediction.
+
+    The true class's rank counts ties against it, as in retrieval. `top5` is None with fewer than
+    5 classes, where it would be 100% for any model.
+    """
     images = F.normalize(_as_tensor(image_emb).float(), dim=-1)
     labels = _as_tensor(labels).long()
-    scores = images @ _as_tensor(class_emb).float().T
-    k = min(5, scores.shape[1])
-    top = scores.topk(k, dim=1).indices
-    hit1 = top[:, 0] == labels
+    scores = _finite_or_worst(images @ _as_tensor(class_emb).float().T)
+    rank = (scores >= scores.gather(1, labels[:, None])).sum(dim=1)
+    hit1 = rank <= 1
     per_class = {name: float(100.0 * hit1[labels == index].float().mean()) for index, name in enumerate(classnames)
                  if (labels == index).any()}
     return {"top1": float(100.0 * hit1.float().mean()),
-            f"top{k}": float(100.0 * (top == labels[:, None]).any(dim=1).float().mean()),
-            "per_class": per_class}
+            "top5": float(100.0 * (rank <= 5).float().mean()) if len(classnames) >= 5 else None,
+            "mean_per_class": float(np.mean(list(per_class.values()))), "per_class": per_class}
+
+
+def clean_class_name(folder: str) -> str:
+    """A folder name as words for a prompt: 'car_side' → 'car side', 'Faces_easy' → 'faces easy'."""
+    words = re.sub(r"([a-z])([A-Z])", r"\1 \2", folder).replace("_", " ").replace("-", " ").split()
+    return " ".join(word if word.isupper() and len(word) > 1 else word.lower() for word in words)
+
+
+@torch.no_grad()
+def evaluate_model(model: AlignmentModel, split: Split, device: str | torch.device = "cpu") -> dict[str, float]:
+    """Retrieval metrics of a model on a split of cached features."""
+    model.eval()
+    images, texts, owner = split.torch(device)
+    return retrieval_metrics(model.embed_images(images), model.embed_texts(texts), owner)
+
+
+def baseline_metrics(train: Split, evaluated: Split, dim: int) -> dict[str, dict]:
+    """The training-free baselines fitted on `train`, evaluated on `evaluated`: {row name: metrics}."""
+    owner = evaluated.caption_image
+    return {CCA_ROW: retrieval_metrics(*baselines.cca_embeddings(train, evaluated, dim), owner),
+            ASIF_ROW: retrieval_metrics(*baselines.asif_embeddings(train, evaluated), owner)}
+
+
+@dataclass
+class EvalReport:
+    """Retrieval metrics per model on one split of one cache."""
+
+    cache: Path
+    split: str
+    rows: dict[str, dict]
+
+
+def evaluate_checkpoint(checkpoint: str | Path, split: str | None = None, cache: str | Path | None = None,
+                        with_baselines: bool = True) -> EvalReport:
+    """Retrieval metrics on a split for the trained projectors, the untrained ones (same seed), and the
+    training-free baselines (CCA, ASIF), always fitted on the train split of the run's own caches."""
+    model, meta = load_model(checkpoint)
+    opened, text_cache = checkpoint_caches(meta, cache)
+    config = TrainConfig.from_dict(meta["config"])
+    split = split or opened.default_split()
+    evaluated = load_features(opened, split, text_cache)
+    dims = (evaluated.image_features.shape[1], evaluated.text_features.shape[1])
+    if dims != (meta["image_dim"], meta["text_dim"]):
+        raise VlmcacheError(f"{opened.path}: features are {dims[0]}/{dims[1]}-d but the checkpoint expects "
+                            f"{meta['image_dim']}/{meta['text_dim']}-d")
+    rows = {trained_row(config): evaluate_model(model, evaluated),
+            UNTRAINED_ROW: evaluate_model(initial_model(config, meta["image_dim"], meta["text_dim"]), evaluated)}
+    if with_baselines:
+        train_cache, train_text_cache = checkpoint_caches(meta) if cache is not None else (opened, text_cache)
+        if config.train_split in train_cache.splits:
+            rows.update(baseline_metrics(load_features(train_cache, config.train_split, train_text_cache),
+                                         evaluated, config.dim))
+    return EvalReport(opened.path, split, rows)
+
+
+def read_class_names(path: str | Path | None) -> dict[str, str]:
+    """A JSON object mapping class folder names to the words used in prompts ({} without a file)."""
+    if path is None:
+        return {}
+    try:
+        names = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise VlmcacheError(f"--class-names {path}: not a readable JSON file ({error})") from None
+    if not isinstance(names, dict) or not all(isinstance(v, str) and v.strip() for v in names.values()):
+        raise VlmcacheError(f'--class-names {path}: give a JSON object {{"folder_name": "words for the prompt"}}')
+    return names
+
+
+def zero_shot(checkpoint: str | Path, folder_cache: str | Path, ensemble: bool = False,
+              split: str | None = None, class_names: dict[str, str] | None = None) -> dict[str, dict]:
+    """Zero-shot accuracy on a labelled image-folder cache, trained vs untrained projectors.
+
+    Class folder names are cleaned into words ('car_side' → 'car side'), or taken from `class_names`;
+    they become prompts "a photo of a {}." (or an 8-template ensemble with `ensemble=True`).
+    """
+    model, meta = load_model(checkpoint)
+    opened = open_cache(folder_cache)
+    if not opened.classes:
+        raise VlmcacheError(f"{opened.path}: has no class labels; extract a labelled image folder (root/<class>/*.jpg)")
+    check_encoders_match(meta, opened, modalities=("images",))
+    labelled = opened.split(split or opened.splits[0])
+    words = [(class_names or {}).get(name) or clean_class_name(name) for name in opened.classes]
+    templates = ENSEMBLE_TEMPLATES if ensemble else DEFAULT_TEMPLATES
+    config = TrainConfig.from_dict(meta["config"])
+    prompts = PromptStore(meta["text_encoder"], prompt_folder(meta))
+    results = {}
+    for name, candidate in (("trained", model),
+                            (UNTRAINED_ROW, initial_model(config, meta["image_dim"], meta["text_dim"]).eval())):
+        with torch.no_grad():
+            class_emb = class_embeddings(lambda texts, m=candidate: m.embed_texts(prompts.encode(texts)), words, templates)
+            image_emb = candidate.embed_images(torch.from_numpy(labelled.image_features))
+        results[name] = zero_shot_metrics(image_emb, labelled.image_labels, class_emb, opened.classes)
+    return results

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import time
-from dataclasses import dataclass, field
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import h5py
@@ -22,21 +22,64 @@ import torch
 
 from vlmcache import datasets, encoders
 from vlmcache.errors import VlmcacheError
+from vlmcache.files import FolderLock, remove_stale_temporaries, write_json_atomic
 from vlmcache.progress import make_progress
 from vlmcache.store import (
     FORMAT_VERSION,
     MODALITIES,
-    CacheLock,
     differences,
+    file_sha256,
     now_iso,
     shard_name,
     shard_ranges,
     write_index,
-    write_json_atomic,
     write_shard,
 )
 
 ON_ERROR = ("fail", "skip")
+DTYPES = ("float16", "float32")
+MAX_WORKERS = 64
+
+
+@dataclass
+class ExtractConfig:
+    """How to extract: encoders, dataset reading, storage and compute options (recorded in the manifest)."""
+
+    image_model: str = encoders.DEFAULT_IMAGE_MODEL
+    text_model: str = encoders.DEFAULT_TEXT_MODEL
+    image_pooling: str | None = None
+    text_pooling: str | None = None
+    format: str = "auto"
+    images_dir: str | None = None
+    splits: list[str] | None = None
+    limit: int | None = None
+    shard_size: int = 1024
+    dtype: str = "float16"
+    batch_size: int = 64
+    text_batch_size: int = 256
+    max_length: int = 64
+    workers: int | None = None
+    device: str = "auto"
+    tokens: bool = False
+    on_error: str = "fail"
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if self.on_error not in ON_ERROR:
+            raise VlmcacheError(f"--on-error {self.on_error}: use fail or skip")
+        if self.dtype not in DTYPES:
+            raise VlmcacheError(f"--dtype {self.dtype}: use float16 or float32")
+        for option, value, low, high in (("shard-size", self.shard_size, 1, 1 << 22),
+                                         ("batch-size", self.batch_size, 1, 1 << 16),
+                                         ("text-batch-size", self.text_batch_size, 1, 1 << 16),
+                                         ("max-length", self.max_length, 1, 8192),
+                                         ("workers", self.workers, 0, MAX_WORKERS), ("limit", self.limit, 1, 1 << 40)):
+            if value is not None and not low <= value <= high:
+                raise VlmcacheError(f"--{option} {value}: must be between {low} and {high}")
+        if self.images_dir is not None:
+            self.images_dir = str(self.images_dir)
+        if self.tokens and self.backend == "onnxruntime":
+            raise VlmcacheError("--tokens needs --backend torch or eager (the ONNX export gives pooled features only)")
 
 
 @dataclass
@@ -119,64 +162,36 @@ def _vlmcache_version() -> str:
     return __version__
 
 
-def extract(
-    data: str | Path,
-    out: str | Path,
-    *,
-    image_model: str = encoders.DEFAULT_IMAGE_MODEL,
-    text_model: str = encoders.DEFAULT_TEXT_MODEL,
-    image_pooling: str | None = None,
-    text_pooling: str | None = None,
-    format: str = "auto",
-    images_dir: str | Path | None = None,
-    splits: list[str] | None = None,
-    limit: int | None = None,
-    shard_size: int = 1024,
-    dtype: str = "float16",
-    batch_size: int = 64,
-    text_batch_size: int = 256,
-    max_length: int = 64,
-    workers: int | None = None,
-    device: str = "auto",
-    tokens: bool = False,
-    on_error: str = "fail",
-    overwrite: bool = False,
-    backend: str = "auto",
-    progress: bool = True,
-) -> ExtractResult:
+def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = None, *, overwrite: bool = False,
+            progress: bool = True, **options) -> ExtractResult:
     """Encode every image and caption of `data` once and write the cache folder `out`.
 
-    Re-running on a partly written cache resumes it (complete shards are kept); a complete cache with
-    the same settings is left as it is. `overwrite=True` starts afresh. `backend` picks how the encoders
-    run (see encoders.load_image_encoder); token features always come from torch. `on_error="skip"`
-    records bad images/captions in the manifest instead of stopping. See the module docstring for torchrun.
+    `config` (or its fields as keyword `options`) says how. Re-running on a partly written cache
+    resumes it (complete shards are kept); a complete cache with the same settings is left as it is.
+    `overwrite=True` starts afresh, deleting only the files a cache consists of. See the module
+    docstring for torchrun.
     """
     started = time.perf_counter()
-    if on_error not in ON_ERROR:
-        raise VlmcacheError(f"--on-error {on_error}: use fail or skip")
-    if dtype not in ("float16", "float32"):
-        raise VlmcacheError(f"--dtype {dtype}: use float16 or float32")
-    if shard_size < 1 or batch_size < 1 or text_batch_size < 1:
-        raise VlmcacheError("--shard-size and batch sizes must be positive")
+    config = config or ExtractConfig(**options)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise VlmcacheError(f"--out {out}: is a file; pass a folder path for the cache")
     rank, world = _distributed()
-    dataset = datasets.load_dataset(data, format, images_dir, splits, limit)
+    dataset = datasets.load_dataset(data, config.format, config.images_dir, config.splits, config.limit)
     if dataset.num_images == 0:
         raise VlmcacheError(f"{data}: no images selected")
-    torch_device = encoders.pick_device(device)
+    _check_out_folder(out, dataset)
+    torch_device = encoders.pick_device(config.device)
     if torch_device.type == "cuda" and world > 1:
         torch_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if tokens and backend == "onnxruntime":
-        raise VlmcacheError("--tokens needs --backend torch or eager (the ONNX export gives pooled features only)")
-    backend = "torch" if tokens and backend == "auto" else backend
-    image_encoder = encoders.load_image_encoder(image_model, image_pooling, str(torch_device), backend)
-    text_encoder = encoders.load_text_encoder(text_model, text_pooling, str(torch_device), max_length, backend)
+    backend = "torch" if config.tokens and config.backend == "auto" else config.backend
+    image_encoder = encoders.load_image_encoder(config.image_model, config.image_pooling, str(torch_device), backend)
+    text_encoder = encoders.load_text_encoder(config.text_model, config.text_pooling, str(torch_device),
+                                              config.max_length, backend)
     fingerprint = dataset.fingerprint()
     provenance = {
-        modality: {"encoder": encoder.provenance(), "dataset_fingerprint": fingerprint, "dtype": dtype,
-                   "tokens": tokens, "shard_size": shard_size, "compute_path": path}
+        modality: {"encoder": encoder.provenance(), "dataset_fingerprint": fingerprint, "dtype": config.dtype,
+                   "tokens": config.tokens, "shard_size": config.shard_size, "compute_path": path}
         for modality, encoder, path in (("images", image_encoder, image_encoder.compute_path),
                                         ("texts", text_encoder, f"{text_encoder.compute_path}+length-sorted-batches"))
     }
@@ -186,34 +201,35 @@ def extract(
         "created": now_iso(),
         "dataset": {"format": dataset.format, "root": str(dataset.root), "fingerprint": fingerprint,
                     "images": dataset.num_images, "captions": dataset.num_captions,
-                    "splits": dataset.split_counts(), "limit_per_split": limit},
+                    "splits": dataset.split_counts(), "limit_per_split": config.limit},
         "provenance": provenance,
+        "extract_config": asdict(config),
         "libraries": _library_versions(),
     }
     manifest = json.loads(json.dumps(manifest))  # plain JSON types, so it compares equal to a reloaded one
 
-    lock = CacheLock(out) if rank == 0 else None
-    error = None
-    if rank == 0:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            lock.__enter__()
-            _prepare(out, dataset, manifest, overwrite)
-        except VlmcacheError as failure:
-            error = str(failure)
-    try:
+    with ExitStack() as stack:
+        error = None
+        if rank == 0:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                stack.enter_context(FolderLock(out, "extract"))
+                _prepare(out, dataset, manifest, overwrite)
+            except VlmcacheError as failure:
+                error = str(failure)
+            except OSError as failure:
+                error = f"--out {out}: cannot write the cache there ({failure.strerror})"
         _share_error(error, world)
-        plans = {"images": shard_ranges(dataset.num_images, shard_size),
-                 "texts": shard_ranges(dataset.num_captions, shard_size)}
+        plans = {"images": shard_ranges(dataset.num_images, config.shard_size),
+                 "texts": shard_ranges(dataset.num_captions, config.shard_size)}
         pending = {m: [i for i, _ in enumerate(plans[m]) if not (out / m / shard_name(i)).exists()] for m in MODALITIES}
         mine = {m: [i for n, i in enumerate(pending[m]) if n % world == rank] for m in MODALITIES}
         with make_progress(progress and rank == 0) as bars:
             phase_started = time.perf_counter()
             _extract_images(out, dataset, image_encoder, plans["images"], mine["images"], provenance["images"],
-                            batch_size, workers, tokens, on_error, bars)
+                            config, bars)
             image_seconds = time.perf_counter() - phase_started
-            _extract_texts(out, dataset, text_encoder, plans["texts"], mine["texts"], provenance["texts"],
-                           text_batch_size, tokens, on_error, bars)
+            _extract_texts(out, dataset, text_encoder, plans["texts"], mine["texts"], provenance["texts"], config, bars)
             text_seconds = time.perf_counter() - phase_started - image_seconds
         _barrier(world)
         reused = sum(len(plans[m]) - len(pending[m]) for m in MODALITIES)
@@ -222,11 +238,37 @@ def extract(
                                image_seconds=image_seconds, text_seconds=text_seconds)
         if rank == 0:
             _finalize(out, manifest, plans, result)
-    finally:
-        if lock is not None:
-            lock.__exit__()
     result.seconds = time.perf_counter() - started
     return result
+
+
+CACHE_ENTRIES = {"images", "texts", "index.h5", "manifest.json", ".lock"}
+
+
+def _is_cache_file(path: Path) -> bool:
+    """Whether vlmcache could have created this entry of a cache folder (so --overwrite may remove it)."""
+    name = path.name
+    return (name in CACHE_ENTRIES or name.startswith("prompt-features") or ".tmp-" in name
+            or (path.parent.name in MODALITIES and (name.startswith("shard-") or name.startswith(".shard-"))))
+
+
+def _check_out_folder(out: Path, dataset: datasets.PairDataset) -> None:
+    """Refuse an --out that holds the dataset or files that are not a cache's (they would be at risk)."""
+    target = os.path.abspath(out)
+
+    def within(path: str) -> bool:
+        absolute = os.path.abspath(path)
+        return absolute == target or absolute.startswith(target + os.sep)
+
+    if within(str(dataset.root)) or any(within(path) for path in dataset.image_paths):
+        raise VlmcacheError(f"--out {out}: contains the dataset's files; write the cache to a folder of its own, "
+                            "e.g. features/NAME")
+    if out.is_dir():
+        foreign = [p for p in [*out.iterdir(), *[c for m in MODALITIES if (out / m).is_dir() for c in (out / m).iterdir()]]
+                   if not _is_cache_file(p)]
+        if foreign:
+            raise VlmcacheError(f"--out {out}: holds files that are not part of a vlmcache cache ({foreign[0]}); "
+                                "choose an empty or new folder")
 
 
 def _prepare(out: Path, dataset: datasets.PairDataset, manifest: dict, overwrite: bool) -> None:
@@ -248,15 +290,20 @@ def _prepare(out: Path, dataset: datasets.PairDataset, manifest: dict, overwrite
                                 f"pass --overwrite to replace it{hint}, or choose another --out")
         if complete:
             manifest.update(old)
+            if not (out / "index.h5").exists():
+                write_index(out / "index.h5", dataset)
             return
     elif overwrite:
-        for child in ("images", "texts", "index.h5", "manifest.json"):
-            target = out / child
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        # Only what a cache consists of (checked by _check_out_folder): shards, index and manifest.
+        for modality in MODALITIES:
+            for shard in (out / modality).glob("shard-*.h5"):
+                shard.unlink()
+        for child in ("index.h5", "manifest.json"):
+            (out / child).unlink(missing_ok=True)
     for modality in MODALITIES:
         (out / modality).mkdir(exist_ok=True)
-        for leftover in (out / modality).glob(".shard-*.tmp-*"):  # half shards of a killed run
-            leftover.unlink()
+        remove_stale_temporaries(out / modality)  # half shards of a killed run
+    remove_stale_temporaries(out)
     if not (out / "index.h5").exists():
         write_index(out / "index.h5", dataset)
     write_json_atomic(manifest_path, manifest)
@@ -267,9 +314,10 @@ def _fail_or_record(on_error: str, what: str, reason: str) -> None:
         raise VlmcacheError(f"{what}: {reason}; fix or remove it, or pass --on-error skip to record and skip it")
 
 
-def _extract_images(out, dataset, encoder, plan, shards, provenance, batch_size, workers, tokens, on_error, bars):
+def _extract_images(out, dataset, encoder, plan, shards, provenance, config: ExtractConfig, bars):
     if not shards:
         return
+    batch_size, workers, tokens, on_error = config.batch_size, config.workers, config.tokens, config.on_error
     if workers is None:
         # On a CPU the forward pass needs the cores and one decoder keeps up; a GPU needs many decoders.
         workers = min(8, os.cpu_count() or 1) if encoder.device.type == "cuda" else 1
@@ -307,9 +355,10 @@ def _extract_images(out, dataset, encoder, plan, shards, provenance, batch_size,
         write_shard(out / "images" / shard_name(index), start, provenance, arrays, provenance["dtype"])
 
 
-def _extract_texts(out, dataset, encoder, plan, shards, provenance, batch_size, tokens, on_error, bars):
+def _extract_texts(out, dataset, encoder, plan, shards, provenance, config: ExtractConfig, bars):
     if not shards:
         return
+    batch_size, tokens, on_error = config.text_batch_size, config.tokens, config.on_error
     task = bars.add_task("captions", total=sum(plan[i][1] - plan[i][0] for i in shards), unit="cap")
     for index in shards:
         start, stop = plan[index]
@@ -359,7 +408,8 @@ def _finalize(out: Path, manifest: dict, plans: dict, result: ExtractResult) -> 
                                         "item": str(ids[modality][start + offset]), "reason": reason})
                 if "truncated" in shard:
                     truncated += int(shard["truncated"][()].sum())
-            shards[modality].append({"file": shard_name(number), "row_start": start, "rows": stop - start})
+            shards[modality].append({"file": shard_name(number), "row_start": start, "rows": stop - start,
+                                     "sha256": file_sha256(path)})
     manifest.update({"status": "complete", "finished": now_iso(), "shards": shards, "skipped": skipped,
                      "truncated_captions": truncated})
     write_json_atomic(out / "manifest.json", manifest)

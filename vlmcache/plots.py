@@ -9,6 +9,10 @@ import json
 from pathlib import Path
 
 from vlmcache.errors import VlmcacheError
+from vlmcache.files import check_writable
+
+PLOTTED = ("epoch", "train_loss", "logit_scale", "val_i2t_r1", "val_t2i_r1", "val_i2t_r10", "val_t2i_r10",
+           "val_mean_recall")
 
 
 def _pyplot():
@@ -22,15 +26,28 @@ def _pyplot():
     return plt
 
 
+def read_metrics_log(log: Path) -> list[dict]:
+    """The complete epoch records of a metrics.jsonl (a line cut short by a kill, or not JSON, is skipped)."""
+    records = []
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and all(key in record for key in PLOTTED):
+            records.append(record)
+    return records
+
+
 def plot_training(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Loss, logit scale and validation recall per epoch from `run_dir/metrics.jsonl`; returns the PNG path."""
     run_dir = Path(run_dir)
     log = run_dir / "metrics.jsonl"
     if not log.exists():
         raise VlmcacheError(f"{log}: not found; pass a run folder written by vlmcache train")
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    records = read_metrics_log(log)
     if not records:
-        raise VlmcacheError(f"{log}: is empty; train at least one epoch")
+        raise VlmcacheError(f"{log}: holds no complete epoch; train at least one epoch")
     epochs = [r["epoch"] for r in records]
     plt = _pyplot()
     figure, (loss_ax, scale_ax, recall_ax) = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -49,7 +66,7 @@ def plot_training(run_dir: str | Path, out: str | Path | None = None) -> Path:
         axis.grid(alpha=0.3)
     figure.suptitle(f"vlmcache run {run_dir}")
     figure.tight_layout()
-    out = Path(out) if out else run_dir / "training.png"
+    out = check_writable(Path(out) if out else run_dir / "training.png", "--out")
     figure.savefig(out, dpi=110)
     plt.close(figure)
     return out
@@ -62,8 +79,14 @@ def plot_ablation(ablation_json: str | Path, out: str | Path | None = None) -> P
         path = path / "ablation.json"
     if not path.exists():
         raise VlmcacheError(f"{path}: not found; run vlmcache ablate first")
-    data = json.loads(path.read_text())
-    rows = data["rows"]
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        rows = data["rows"]
+        complete = bool(rows) and all("mean_recall" in row and "projector" in row for row in rows)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        complete = False
+    if not complete:
+        raise VlmcacheError(f"{path}: not a complete ablation.json; run vlmcache ablate again")
     several = len({row["cache"] for row in rows}) > 1
     labels = [(f"{row['encoders'].split(' (')[0]}\n" if several else "") +
               (row["projector"] if row["loss"] == "—" else f"{row['projector']}\n{row['loss']}") for row in rows]
@@ -82,7 +105,7 @@ def plot_ablation(ablation_json: str | Path, out: str | Path | None = None) -> P
                    "grey training-free)")
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
-    out = Path(out) if out else path.with_name("ablation.png")
+    out = check_writable(Path(out) if out else path.with_name("ablation.png"), "--out")
     figure.savefig(out, dpi=110)
     plt.close(figure)
     return out

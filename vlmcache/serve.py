@@ -8,11 +8,14 @@ endpoints. Binds to 127.0.0.1 unless told otherwise.
 
 from __future__ import annotations
 
+import html
+import os
 import tempfile
 from pathlib import Path
 
+from vlmcache.datasets import ImageDecodeError, load_rgb
 from vlmcache.errors import VlmcacheError
-from vlmcache.inference import Predictor
+from vlmcache.predictor import Predictor
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 
@@ -70,51 +73,89 @@ def create_app(checkpoint: str | Path, split: str | None = None):
         from starlette.routing import Route
     except ImportError:
         raise VlmcacheError("the web page needs starlette, uvicorn and python-multipart: pip install 'vlmcache[serve]'") from None
+    from starlette.concurrency import run_in_threadpool
+
     predictor = Predictor(checkpoint)
+    predictor.searchable(split)  # load everything a query needs now, so the first query is as fast as the rest
+    predictor.prompts.encoder  # noqa: B018
     config = predictor.meta["config"]
-    page = (PAGE.replace("{checkpoint}", str(checkpoint)).replace("{projector}", config["projector"])
-            .replace("{loss}", config["loss"]))
+    page = (PAGE.replace("{checkpoint}", html.escape(str(checkpoint))).replace("{projector}", html.escape(config["projector"]))
+            .replace("{loss}", html.escape(config["loss"])))
+    too_large = {"error": f"upload larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MB"}
 
     async def index(request):
         return HTMLResponse(page)
 
     async def classify(request):
         if int(request.headers.get("content-length") or 0) > MAX_UPLOAD_BYTES + 64 * 1024:
-            return JSONResponse({"error": f"upload larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MB"}, status_code=413)
+            return JSONResponse(too_large, status_code=413)
+        body = bytearray()
+        async for chunk in request.stream():  # counted as it arrives: a chunked upload cannot exceed the limit
+            body += chunk
+            if len(body) > MAX_UPLOAD_BYTES + 64 * 1024:
+                return JSONResponse(too_large, status_code=413)
+        request._body = bytes(body)  # starlette parses the form from the body already read
         form = await request.form()
         upload, labels = form.get("image"), str(form.get("labels") or "")
         if upload is None or not hasattr(upload, "read"):
             return JSONResponse({"error": "choose an image file to upload"}, status_code=400)
         data = await upload.read()
         if len(data) > MAX_UPLOAD_BYTES:
-            return JSONResponse({"error": f"upload larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MB"}, status_code=413)
-        with tempfile.NamedTemporaryFile(suffix=Path(upload.filename or "upload").suffix) as handle:
-            handle.write(data)
-            handle.flush()
-            try:
-                rows, scale = predictor.rank_labels(handle.name, labels.split(","))
-            except VlmcacheError as error:
-                message = str(error).replace(handle.name, upload.filename or "upload")
-                return JSONResponse({"error": message}, status_code=400)
+            return JSONResponse(too_large, status_code=413)
+        try:
+            rows, scale = await run_in_threadpool(_rank_upload, predictor, data, upload.filename, labels)
+        except VlmcacheError as error:
+            return JSONResponse({"error": str(error)}, status_code=400)
         return JSONResponse({"rows": [row.__dict__ for row in rows], "scale": scale})
 
     async def search(request):
         try:
             top = max(1, min(50, int(request.query_params.get("top", "8"))))
-            hits = predictor.search(request.query_params.get("q", ""), top, split)
+            hits = await run_in_threadpool(predictor.search, request.query_params.get("q", ""), top, split)
         except (VlmcacheError, ValueError) as error:
             return JSONResponse({"error": str(error)}, status_code=400)
-        return JSONResponse({"hits": [hit.__dict__ for hit in hits]})
+        # Only what the page shows: no server paths leave the machine.
+        return JSONResponse({"hits": [{"rank": h.rank, "score": h.score, "image_id": h.image_id, "row": h.row}
+                                      for h in hits]})
 
     async def image(request):
         chosen, _ = predictor.searchable(split)
         number = request.path_params["number"]
-        if not 0 <= number < len(chosen.image_paths) or not Path(chosen.image_paths[number]).is_file():
+        path = servable_image(chosen.image_paths[number], root) if 0 <= number < len(chosen.image_paths) else None
+        if path is None:
             return JSONResponse({"error": "no such image"}, status_code=404)
-        return FileResponse(chosen.image_paths[number])  # only paths recorded in the cache are ever served
+        return FileResponse(path)
+
+    # Images are served only from inside the folder that holds all of the split's recorded images.
+    root = Path(os.path.commonpath([os.path.dirname(path) for path in predictor.searchable(split)[0].image_paths]))
 
     return Starlette(routes=[Route("/", index), Route("/classify", classify, methods=["POST"]),
                              Route("/search", search), Route("/image/{number:int}", image)])
+
+
+def _rank_upload(predictor: Predictor, data: bytes, filename: str | None, labels: str):
+    """Rank labels for uploaded bytes (in a worker thread: the event loop stays free for other requests)."""
+    with tempfile.NamedTemporaryFile(suffix=Path(filename or "upload").suffix) as handle:
+        handle.write(data)
+        handle.flush()
+        try:
+            return predictor.rank_labels(handle.name, labels.split(","))
+        except VlmcacheError as error:
+            raise VlmcacheError(str(error).replace(handle.name, filename or "upload")) from None
+
+
+def servable_image(recorded: str, root: Path) -> Path | None:
+    """The recorded image path if it is, right now, a regular file inside the dataset root that decodes as
+    an image; None otherwise. Symlinks are resolved first, so a swapped link cannot point outside."""
+    resolved_root = root.resolve()
+    path = Path(os.path.realpath(recorded))
+    if not path.is_relative_to(resolved_root) or not path.is_file():
+        return None
+    try:
+        load_rgb(path)
+    except ImageDecodeError:
+        return None
+    return path
 
 
 def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, split: str | None = None) -> None:

@@ -18,6 +18,7 @@ when complete, so a shard file that exists is whole.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from vlmcache.errors import VlmcacheError
+from vlmcache.files import atomic_write
 
 MODALITIES = ("images", "texts")
 FORMAT_VERSION = 1
@@ -45,40 +47,45 @@ def shard_ranges(rows: int, shard_size: int) -> list[tuple[int, int]]:
     return [(start, min(start + shard_size, rows)) for start in range(0, rows, shard_size)]
 
 
-def write_json_atomic(path: Path, value: dict) -> None:
-    """Write JSON to a temporary name, then rename: readers never see half a file."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(value, indent=2, ensure_ascii=False))
-    os.replace(temporary, path)
-
-
 def write_shard(path: Path, row_start: int, provenance: dict, arrays: dict[str, np.ndarray], dtype: str) -> None:
     """Write one complete shard atomically (temporary name, fsync, rename).
 
     `arrays` holds features, valid, error (list of str) and optionally truncated, tokens, token_mask.
-    Features and tokens are stored in `dtype` ("float16" or "float32").
+    Features and tokens are stored in `dtype` ("float16" or "float32"). Every numeric dataset carries
+    HDF5's fletcher32 checksum per chunk, so flipped bytes fail the read instead of becoming features.
     """
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with h5py.File(temporary, "w", track_order=True) as shard:
+    with atomic_write(path) as temporary, h5py.File(temporary, "w", track_order=True) as shard:
         shard.attrs["row_start"] = row_start
         shard.attrs["rows"] = len(arrays["valid"])
         shard.attrs["provenance"] = json.dumps(provenance, sort_keys=True)
         for name, value in arrays.items():
             if name == "error":
                 shard.create_dataset(name, data=np.asarray(value, dtype=object), dtype=_STRING)
-            elif name in ("features", "tokens"):
-                shard.create_dataset(name, data=np.asarray(value, dtype=dtype))
             else:
-                shard.create_dataset(name, data=np.asarray(value))
+                data = np.asarray(value, dtype=dtype) if name in ("features", "tokens") else np.asarray(value)
+                shard.create_dataset(name, data=data, fletcher32=True, chunks=_row_chunks(data.shape))
         shard.flush()
         os.fsync(shard.id.get_vfd_handle())
-    os.replace(temporary, path)
+
+
+def _row_chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Chunks of whole rows, about 1 MB (fp16): big enough that checksumming costs little on read."""
+    row_size = max(1, int(np.prod(shape[1:])))
+    return (max(1, min(shape[0], (1 << 19) // row_size)), *shape[1:]) if shape[0] else None
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_index(path: Path, dataset) -> None:
     """Write the dataset's metadata (ids, paths, captions, splits, labels) atomically."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with h5py.File(temporary, "w") as index:
+    with atomic_write(path) as temporary, h5py.File(temporary, "w") as index:
         index.create_dataset("image_id", data=np.asarray(dataset.image_ids, dtype=object), dtype=_STRING)
         index.create_dataset("image_path", data=np.asarray(dataset.image_paths, dtype=object), dtype=_STRING)
         index.create_dataset("image_split", data=np.asarray(dataset.image_splits, dtype=object), dtype=_STRING)
@@ -87,53 +94,6 @@ def write_index(path: Path, dataset) -> None:
         if dataset.image_labels is not None:
             index.create_dataset("image_label", data=dataset.image_labels)
             index.attrs["classes"] = json.dumps(dataset.classes)
-    os.replace(temporary, path)
-
-
-class CacheLock:
-    """A lock file that stops two extracts writing one cache; a lock left by a dead process is taken over."""
-
-    def __init__(self, folder: Path):
-        self.path = folder / ".lock"
-        self.held = False
-
-    def __enter__(self) -> CacheLock:
-        for _ in range(2):
-            try:
-                handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                owner = self._owner()
-                if owner is not None and _alive(owner):
-                    raise VlmcacheError(f"{self.path.parent}: another extract (pid {owner}) is writing this cache; "
-                                        f"wait for it, or delete {self.path} if that process is gone") from None
-                self.path.unlink(missing_ok=True)  # stale: its process died (e.g. kill -9)
-                continue
-            os.write(handle, str(os.getpid()).encode())
-            os.close(handle)
-            self.held = True
-            return self
-        raise VlmcacheError(f"{self.path}: could not take the cache lock")
-
-    def _owner(self) -> int | None:
-        try:
-            return int(self.path.read_text().strip())
-        except (OSError, ValueError):
-            return None
-
-    def __exit__(self, *exc) -> None:
-        if self.held:  # never remove a lock another process holds
-            self.path.unlink(missing_ok=True)
-            self.held = False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass
@@ -167,21 +127,46 @@ class FeatureCache:
         manifest_path = path / "manifest.json"
         if not manifest_path.exists():
             raise VlmcacheError(f"{path}: not a vlmcache cache (no manifest.json); run vlmcache extract first")
-        self.manifest = json.loads(manifest_path.read_text())
-        if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise VlmcacheError(f"{manifest_path}: cache format {self.manifest.get('format_version')} is not "
-                                f"{FORMAT_VERSION}; re-extract with this vlmcache")
-        if self.manifest.get("status") != "complete":
+        try:
+            self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            version, status = self.manifest.get("format_version"), self.manifest.get("status")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError) as error:
+            raise VlmcacheError(f"{manifest_path}: not a valid manifest ({error}); re-extract with --overwrite") from None
+        if version != FORMAT_VERSION:
+            raise VlmcacheError(f"{manifest_path}: cache format {version} is not {FORMAT_VERSION}; re-extract with this vlmcache")
+        if status != "complete":
             raise VlmcacheError(f"{path}: extraction is incomplete; run the same vlmcache extract again to finish it")
-        for modality in MODALITIES:
-            for entry in self.manifest["shards"][modality]:
-                shard_path = path / modality / entry["file"]
-                if not shard_path.exists():
-                    raise VlmcacheError(f"{shard_path}: shard missing; re-run vlmcache extract on this cache")
-                with h5py.File(shard_path, "r") as shard:
-                    if json.loads(shard.attrs["provenance"]) != self.provenance[modality]:
-                        raise VlmcacheError(f"{shard_path}: made by a different encoder or dataset than the "
-                                            "manifest says (mixed caches); re-extract with --overwrite")
+        try:
+            for modality in MODALITIES:
+                for entry in self.manifest["shards"][modality]:
+                    self._check_shard(modality, entry)
+            self.index  # noqa: B018 -- read now, so a missing or corrupt index.h5 is reported up front
+        except (KeyError, TypeError) as error:
+            raise VlmcacheError(f"{manifest_path}: not a valid manifest (missing {error}); re-extract with --overwrite") from None
+
+    def _check_shard(self, modality: str, entry: dict) -> None:
+        """A shard exists, opens, holds the rows the manifest says and was made by this cache's encoder."""
+        shard_path = self.path / modality / entry["file"]
+        if not shard_path.exists():
+            raise VlmcacheError(f"{shard_path}: shard missing; re-run vlmcache extract on this cache")
+        try:
+            with h5py.File(shard_path, "r") as shard:
+                provenance = json.loads(shard.attrs["provenance"])
+                rows = (int(shard.attrs["row_start"]), int(shard.attrs["rows"]))
+        except (OSError, KeyError, ValueError) as error:
+            raise VlmcacheError(f"{shard_path}: unreadable shard ({error}); run vlmcache verify {self.path} "
+                                "and re-extract") from None
+        if provenance != self.provenance[modality]:
+            raise VlmcacheError(f"{shard_path}: made by a different encoder or dataset than the "
+                                "manifest says (mixed caches); re-extract with --overwrite")
+        if rows != (entry["row_start"], entry["rows"]):
+            raise VlmcacheError(f"{shard_path}: holds rows {rows[0]}+{rows[1]} but the manifest expects "
+                                f"{entry['row_start']}+{entry['rows']} (a shard copied over another?); "
+                                f"run vlmcache verify {self.path}")
+
+    def default_split(self) -> str:
+        """The split evaluated by default: 'test' when the cache has it (the Karpathy protocol), else 'val'."""
+        return "test" if "test" in self.splits else "val"
 
     @property
     def provenance(self) -> dict:
@@ -203,10 +188,14 @@ class FeatureCache:
     @cached_property
     def index(self) -> dict:
         """The dataset metadata from index.h5, read once."""
-        with h5py.File(self.path / "index.h5", "r") as index:
-            data = {key: index[key].asstr()[()].tolist() if index[key].dtype.kind == "O" else index[key][()]
-                    for key in index}
-            data["classes"] = json.loads(index.attrs.get("classes", "[]"))
+        try:
+            with h5py.File(self.path / "index.h5", "r") as index:
+                data = {key: index[key].asstr()[()].tolist() if index[key].dtype.kind == "O" else index[key][()]
+                        for key in index}
+                data["classes"] = json.loads(index.attrs.get("classes", "[]"))
+        except (OSError, ValueError) as error:
+            raise VlmcacheError(f"{self.path / 'index.h5'}: missing or unreadable ({error}); run the same "
+                                "vlmcache extract again to rewrite it") from None
         return data
 
     @property
@@ -234,10 +223,15 @@ class FeatureCache:
             start, stop = entry["row_start"], entry["row_start"] + entry["rows"]
             lo, hi = max(start, rows.start), min(stop, rows.stop)
             if lo < hi:
-                with h5py.File(self.path / modality / entry["file"], "r") as shard:
-                    if field not in shard:
-                        raise VlmcacheError(f"{self.path}: has no {field!r} for {modality}; extract with --tokens")
-                    parts.append(shard[field][lo - start:hi - start])
+                shard_path = self.path / modality / entry["file"]
+                try:
+                    with h5py.File(shard_path, "r") as shard:
+                        if field not in shard:
+                            raise VlmcacheError(f"{self.path}: has no {field!r} for {modality}; extract with --tokens")
+                        parts.append(shard[field][lo - start:hi - start])
+                except OSError as error:  # includes a failed fletcher32 checksum
+                    raise VlmcacheError(f"{shard_path}: corrupt shard ({error}); run vlmcache verify {self.path} "
+                                        "and re-extract") from None
         if not parts:
             return np.zeros((0,), dtype=np.float32)
         return np.concatenate(parts)
@@ -289,6 +283,27 @@ def check_same_dataset(first: FeatureCache, second: FeatureCache) -> None:
                             f"{first.fingerprint[:12]} vs {second.fingerprint[:12]}); extract both from the same data")
 
 
+def load_features(cache: FeatureCache, split: str, text_cache: FeatureCache | None = None) -> Split:
+    """A split of `cache`, its text features taken from `text_cache` when given (same dataset only).
+
+    Non-finite features (a corrupted shard, a broken encoder) are refused here, before any training.
+    """
+    loaded = cache.split(split)
+    if text_cache is not None:
+        check_same_dataset(cache, text_cache)
+        texts = text_cache.split(split)
+        if texts.caption_image.tolist() != loaded.caption_image.tolist():
+            raise VlmcacheError(f"{cache.path} and {text_cache.path}: skipped different items; re-extract both")
+        loaded.text_features = texts.text_features
+    for modality, features in (("image", loaded.image_features), ("text", loaded.text_features)):
+        bad = np.flatnonzero(~np.isfinite(features).all(axis=1)) if features.size else []
+        if len(bad):
+            raise VlmcacheError(f"{(text_cache if modality == 'text' and text_cache else cache).path}: split {split!r} "
+                                f"has NaN or infinite {modality} features (row {bad[0]} of the split, {len(bad)} rows); "
+                                "run vlmcache verify on it and re-extract")
+    return loaded
+
+
 def differences(first: dict, second: dict, prefix: str = "") -> list[str]:
     """Dotted paths of the keys whose values differ between two nested dicts (sorted)."""
     found = []
@@ -308,6 +323,50 @@ def check_same_encoders(first: FeatureCache, second: FeatureCache) -> None:
         if differing:
             raise VlmcacheError(f"{first.path} and {second.path}: {modality} encoders differ in "
                                 f"{', '.join(differing)}; features from different encoders cannot be combined")
+
+
+def verify_cache(path: str | Path) -> list[tuple[str, str]]:
+    """Check everything in a cache: (file, problem) for each bad shard or file; [] when all is well.
+
+    Reads every dataset of every shard in full (HDF5 checks each chunk's fletcher32 checksum), compares
+    each shard's SHA-256 with the manifest's, its rows with the manifest's rows, and looks for
+    non-finite features in rows marked valid.
+    """
+    cache = open_cache_for_verify(Path(path))
+    problems = []
+    for modality in MODALITIES:
+        for entry in cache.manifest["shards"][modality]:
+            shard_path = cache.path / modality / entry["file"]
+            try:
+                cache._check_shard(modality, entry)
+                if entry.get("sha256") and file_sha256(shard_path) != entry["sha256"]:
+                    problems.append((str(shard_path), "content differs from the SHA-256 recorded at extraction"))
+                    continue
+                with h5py.File(shard_path, "r") as shard:
+                    arrays = {name: shard[name][()] for name in shard}
+                valid = arrays["valid"].astype(bool)
+                if not np.isfinite(arrays["features"][valid].astype(np.float32)).all():
+                    problems.append((str(shard_path), "NaN or infinite features in rows marked valid"))
+            except VlmcacheError as error:
+                problems.append((str(shard_path), str(error).split(": ", 1)[-1]))
+            except OSError as error:
+                problems.append((str(shard_path), f"unreadable ({error})"))
+    return problems
+
+
+def open_cache_for_verify(path: Path) -> FeatureCache:
+    """A cache opened without the per-shard checks (verify reports each bad shard instead of the first)."""
+    if not path.is_dir():
+        raise VlmcacheError(f"{path}: no such cache folder")
+    cache = FeatureCache.__new__(FeatureCache)
+    cache.path = path
+    try:
+        cache.manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+        cache.manifest["shards"]["images"], cache.manifest["shards"]["texts"]  # noqa: B018
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        raise VlmcacheError(f"{path / 'manifest.json'}: missing or not a valid manifest ({error}); re-extract") from None
+    cache.index  # noqa: B018 -- a missing index.h5 is an error of its own
+    return cache
 
 
 def now_iso() -> str:

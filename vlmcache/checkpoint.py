@@ -1,0 +1,150 @@
+"""Checkpoints: safetensors tensors plus JSON metadata in the header (and a .json copy beside it).
+
+Saving is atomic (see vlmcache.files). Loading never unpickles and never trusts the metadata alone: the
+model is first built on PyTorch's "meta" device (no memory), its tensor shapes are compared with the
+file's, and only then are the file's tensors put in place — a crafted header asking for a huge model,
+or one that disagrees with its tensors, is refused in one line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vlmcache import encoders
+from vlmcache.config import MAX_WIDTH, TrainConfig
+from vlmcache.errors import VlmcacheError
+from vlmcache.files import atomic_write, write_json_atomic
+from vlmcache.model import AlignmentModel
+from vlmcache.store import FeatureCache, open_cache
+
+
+def save_checkpoint(path: Path, meta: dict, model: nn.Module, optimizer=None, scheduler=None, generator=None) -> None:
+    """Write a checkpoint atomically: tensors in safetensors, everything else as JSON in its metadata.
+
+    With an optimiser (and its scheduler and sampling generator) the file also holds what `restore`
+    needs to continue the run exactly: optimiser moments, scheduler state and both RNG states.
+    """
+    tensors = {f"model.{name}": value.detach().cpu().contiguous() for name, value in model.state_dict().items()}
+    header = {"vlmcache": json.dumps(meta)}
+    if optimizer is not None:
+        optim_state = optimizer.state_dict()
+        for index, values in optim_state["state"].items():
+            for name, value in values.items():
+                tensors[f"optim.{index}.{name}"] = value.detach().cpu().contiguous()
+        header["optimizer_groups"] = json.dumps(optim_state["param_groups"])
+        header["scheduler"] = json.dumps({k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"})
+        tensors["rng.torch"] = torch.get_rng_state()
+        tensors["rng.sampler"] = generator.get_state()
+    with atomic_write(path) as temporary:
+        save_file(tensors, str(temporary), metadata=header)
+    write_json_atomic(path.with_suffix(".json"), meta)
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, header) of a checkpoint file or run folder (its best checkpoint). Never unpickles."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.safetensors"
+    if not path.is_file():
+        raise VlmcacheError(f"{path}: no checkpoint here; pass a run folder written by vlmcache train or a .safetensors file")
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as handle:
+            header = handle.metadata() or {}
+        meta = json.loads(header["vlmcache"]) if "vlmcache" in header else None
+    except (SafetensorError, OSError, ValueError) as error:
+        raise VlmcacheError(f"{path}: not a readable safetensors checkpoint ({error})") from None
+    if not isinstance(meta, dict):
+        raise VlmcacheError(f"{path}: a safetensors file, but not a vlmcache checkpoint")
+    return tensors, {**header, "vlmcache": meta, "path": str(path)}
+
+
+def _model_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name[len("model."):]: value for name, value in tensors.items() if name.startswith("model.")}
+
+
+def build_checked(meta: dict, tensors: dict[str, torch.Tensor], path: str) -> AlignmentModel:
+    """The AlignmentModel the metadata describes, holding the file's tensors, after checking they agree."""
+    try:
+        config = TrainConfig.from_dict(meta["config"])
+        image_dim, text_dim = int(meta["image_dim"]), int(meta["text_dim"])
+    except (KeyError, TypeError, ValueError, VlmcacheError) as error:
+        raise VlmcacheError(f"{path}: checkpoint metadata is not valid ({error}); use a file written by vlmcache train") from None
+    if not (1 <= image_dim <= MAX_WIDTH and 1 <= text_dim <= MAX_WIDTH):
+        raise VlmcacheError(f"{path}: checkpoint metadata asks for {image_dim}/{text_dim}-d features; not a valid checkpoint")
+    with torch.device("meta"):  # shapes only: nothing is allocated however large the header says it is
+        model = AlignmentModel(config, image_dim, text_dim)
+    weights = _model_weights(tensors)
+    expected = {name: tuple(value.shape) for name, value in model.state_dict().items()}
+    found = {name: tuple(value.shape) for name, value in weights.items()}
+    if expected != found:
+        differing = sorted(set(expected.items()) ^ set(found.items()))[:3]
+        raise VlmcacheError(f"{path}: checkpoint metadata disagrees with its tensors ({differing}); the file was "
+                            "altered or not written by vlmcache train")
+    if not all(torch.isfinite(value).all() for value in weights.values()):
+        raise VlmcacheError(f"{path}: checkpoint holds NaN or infinite weights (a diverged run); retrain with a lower --lr")
+    model.load_state_dict(weights, assign=True)
+    return model
+
+
+def load_model(path: str | Path, device: str = "cpu") -> tuple[AlignmentModel, dict]:
+    """Rebuild a trained AlignmentModel from a checkpoint; returns (model in eval mode, its metadata)."""
+    tensors, header = read_checkpoint(path)
+    model = build_checked(header["vlmcache"], tensors, header["path"])
+    return model.to(device).eval(), header["vlmcache"]
+
+
+def restore(path: Path, meta: dict, model: nn.Module, optimizer, scheduler, generator) -> dict:
+    """Load a `last` checkpoint into the live model, optimiser, scheduler and RNGs; returns the loop state."""
+    tensors, header = read_checkpoint(path)
+    saved = header["vlmcache"]
+    for key in ("config", "fingerprint", "image_dim", "text_dim"):
+        if saved.get(key) != meta[key]:
+            raise VlmcacheError(f"{path}: was trained with a different {key} than requested now; resume with the "
+                                "same cache and options, or start a new run with --overwrite or another --out")
+    try:
+        model.load_state_dict(_model_weights(tensors))
+        optim_state: dict = {"state": {}, "param_groups": json.loads(header["optimizer_groups"])}
+        for name, value in tensors.items():
+            if name.startswith("optim."):
+                _, index, key = name.split(".", 2)
+                optim_state["state"].setdefault(int(index), {})[key] = value
+        optimizer.load_state_dict(optim_state)
+        scheduler.load_state_dict({**json.loads(header["scheduler"]), "lr_lambdas": [None]})
+        torch.set_rng_state(tensors["rng.torch"])
+        generator.set_state(tensors["rng.sampler"])
+        return {key: saved[key] for key in ("epoch", "best_epoch", "best_metrics", "bad_epochs", "history", "stopped_early")}
+    except (KeyError, ValueError, RuntimeError) as error:
+        raise VlmcacheError(f"{path}: cannot resume from this checkpoint ({str(error)[:200]}); "
+                            "start again with --overwrite") from None
+
+
+def check_encoders_match(meta: dict, cache: FeatureCache, modalities=("images", "texts")) -> None:
+    """Refuse a cache whose features come from other encoders than the checkpoint was trained on."""
+    for modality, key in (("images", "image_encoder"), ("texts", "text_encoder")):
+        if modality in modalities and cache.provenance[modality]["encoder"] != meta[key]:
+            raise VlmcacheError(f"{cache.path}: its {modality} features come from "
+                                f"{encoders.describe(cache.provenance[modality]['encoder'])}, but the checkpoint was "
+                                f"trained on {encoders.describe(meta[key])}; use a cache made with the same encoders")
+
+
+def checkpoint_caches(meta: dict, cache: str | Path | None = None) -> tuple[FeatureCache, FeatureCache | None]:
+    """(image cache, text cache or None) to use a checkpoint on: the ones it was trained on, or `cache`.
+
+    Text features come from the run's `--text-cache` when it had one (and no other cache is asked for),
+    so the encoder checks compare each modality with the cache it is actually read from.
+    """
+    opened = open_cache(cache or meta["cache"])
+    if cache is None and opened.fingerprint != meta["fingerprint"]:
+        raise VlmcacheError(f"{opened.path}: changed since the checkpoint was trained (dataset fingerprint differs)")
+    text_cache = open_cache(meta["text_cache"]) if meta.get("text_cache") and cache is None else None
+    check_encoders_match(meta, opened, modalities=("images",) if text_cache else ("images", "texts"))
+    if text_cache is not None:
+        check_encoders_match(meta, text_cache, modalities=("texts",))
+    return opened, text_cache

@@ -1,0 +1,135 @@
+"""A training run's configuration: one dataclass, validated once, readable from and written to TOML.
+
+`vlmcache train --config run.toml` reads a file whose keys are TrainConfig fields (dashes or
+underscores); options given on the command line override it. Each run saves its resolved config as
+`<run>/config.toml`, so `vlmcache train CACHE --config runs/x/config.toml` repeats it.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from vlmcache.errors import VlmcacheError
+from vlmcache.losses import LOSSES
+from vlmcache.projectors import PROJECTORS
+
+SCHEDULES = ("cosine", "onecycle", "constant")
+SAMPLINGS = ("image", "caption")
+MAX_WIDTH = 65_536  # no projector here needs wider layers; a larger value is a typo or a crafted file
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved with every checkpoint)."""
+
+    projector: str = "mlp"
+    loss: str = "infonce"
+    dim: int = 256
+    epochs: int = 20
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup: int = 50  # optimiser steps of linear warm-up
+    schedule: str = "cosine"
+    grad_clip: float = 1.0
+    seed: int = 0
+    sampling: str = "image"
+    patience: int | None = None  # stop after this many epochs without a better validation mean recall
+    mlp_hidden: int | None = None
+    mlp_layers: int = 2
+    dropout: float = 0.1
+    residual: bool = False
+    image_grid: tuple[int, int] | None = None  # NdLinear input grids (default: most square factorisation)
+    text_grid: tuple[int, int] | None = None
+    init_scale: float | None = None
+    init_bias: float | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+
+    def __post_init__(self):
+        for name, value, allowed in (("projector", self.projector, PROJECTORS), ("loss", self.loss, LOSSES),
+                                     ("schedule", self.schedule, SCHEDULES), ("sampling", self.sampling, SAMPLINGS)):
+            if value not in allowed:
+                raise VlmcacheError(f"--{name} {value}: use one of {', '.join(allowed)}")
+        _check_range("epochs", self.epochs, 1, 100_000)
+        _check_range("batch-size", self.batch_size, 2, 1 << 20)
+        _check_range("dim", self.dim, 1, MAX_WIDTH)
+        _check_range("mlp-layers", self.mlp_layers, 2, 64)
+        _check_range("warmup", self.warmup, 0, 1 << 30)
+        if self.mlp_hidden is not None:
+            _check_range("mlp-hidden", self.mlp_hidden, 1, MAX_WIDTH)
+        if self.patience is not None:
+            _check_range("patience", self.patience, 1, 100_000)
+        _check_range("lr", self.lr, 0.0, 10.0, open_low=True)
+        _check_range("weight-decay", self.weight_decay, 0.0, 100.0)
+        _check_range("dropout", self.dropout, 0.0, 0.99)
+        _check_range("grad-clip", self.grad_clip, 0.0, 1e6)
+        for name in ("init_scale", "init_bias"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise VlmcacheError(f"{name} {value}: must be a finite number")
+        for name in ("image_grid", "text_grid"):
+            grid = getattr(self, name)
+            if grid is not None:
+                grid = tuple(grid)
+                if len(grid) != 2 or not all(isinstance(v, int) and 1 <= v <= MAX_WIDTH for v in grid):
+                    raise VlmcacheError(f"--{name.replace('_', '-')} {grid}: give two positive integers, e.g. 32x40")
+                setattr(self, name, grid)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        """A config from a dict (checkpoint metadata, a TOML file); unknown keys are ignored."""
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{key: value for key, value in values.items() if key in known})
+        except TypeError as error:
+            raise VlmcacheError(f"training config: {error}") from None
+
+    def to_dict(self) -> dict:
+        """Plain JSON/TOML types (tuples become lists)."""
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
+
+def _check_range(option: str, value, low, high, open_low: bool = False) -> None:
+    """Refuse a value of the wrong type (integer bounds ask for an integer), a non-finite one, or one out of range."""
+    integer = isinstance(low, int) and isinstance(high, int)
+    if isinstance(value, bool) or not isinstance(value, int if integer else int | float):
+        raise VlmcacheError(f"--{option} {value!r}: must be {'an integer' if integer else 'a number'}")
+    if not math.isfinite(value) or value < low or value > high or (open_low and value == low):
+        bound = f"> {low}" if open_low else f"≥ {low}"
+        raise VlmcacheError(f"--{option} {value}: must be a finite number {bound} and ≤ {high}")
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The keys of a TOML config file, dashes turned into underscores."""
+    path = Path(path)
+    try:
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise VlmcacheError(f"--config {path}: file not found") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise VlmcacheError(f"--config {path}: not a readable TOML file ({error})") from None
+    return {key.replace("-", "_"): value for key, value in values.items()}
+
+
+def to_toml(values: dict) -> str:
+    """A flat dict of str/int/float/bool/list values as TOML (None values are left out: TOML has no null)."""
+    lines = []
+    for key, value in values.items():
+        if value is not None:
+            lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'

@@ -1,0 +1,135 @@
+"""A trained checkpoint ready for interactive queries: rank labels for an image, search images by text.
+
+Everything is loaded once and kept for the life of the process — projectors, the frozen text encoder
+(on the first new prompt), the frozen image encoder (on the first uploaded image), the prompt store and
+the searched split's image embeddings — so `serve` answers a new query with one small forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vlmcache import encoders
+from vlmcache.checkpoint import checkpoint_caches, load_model
+from vlmcache.datasets import ImageDecodeError, load_rgb
+from vlmcache.errors import VlmcacheError
+from vlmcache.prompts import PromptStore, prompt_folder
+from vlmcache.store import Split
+
+MAX_LABELS = 100  # labels per request: bounds the work one request can ask for
+MAX_QUERY_CHARS = 1000
+
+
+@dataclass
+class RankedPrompt:
+    """One row of the classify table."""
+
+    rank: int
+    prompt: str
+    cosine: float
+    probability: float
+
+
+@dataclass
+class SearchHit:
+    """One row of a text→image search."""
+
+    rank: int
+    score: float
+    image_id: str
+    path: str
+    row: int  # the image's row in the searched split
+
+
+class Predictor:
+    """A checkpoint loaded once for `classify`, `search` and the web page."""
+
+    def __init__(self, checkpoint: str | Path):
+        self.model, self.meta = load_model(checkpoint)
+        self.prompts = PromptStore(self.meta["text_encoder"], prompt_folder(self.meta))
+        self._image_encoder: encoders.ImageEncoder | None = None
+        self._searched: dict[tuple, tuple[Split, torch.Tensor]] = {}
+
+    @property
+    def image_encoder(self) -> encoders.ImageEncoder:
+        """The frozen image encoder the cache recorded, loaded on first use and kept."""
+        if self._image_encoder is None:
+            self._image_encoder = encoders.image_encoder_from_provenance(self.meta["image_encoder"], "cpu")
+        return self._image_encoder
+
+    @torch.no_grad()
+    def embed_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts → unit vectors in the shared space (frozen text features from the prompt store)."""
+        return self.model.embed_texts(self.prompts.encode(prompts))
+
+    def rank_labels(self, image: str | Path, labels: list[str], template: str = "{}") -> tuple[list[RankedPrompt], float]:
+        """Rank prompts for one image file. Returns the rows and the (learned) softmax scale used."""
+        labels = [label.strip() for label in labels if label.strip()]
+        if len(labels) < 2:
+            raise VlmcacheError("--labels: give at least two labels, comma-separated (or --labels-file, one per line)")
+        if len(labels) > MAX_LABELS:
+            raise VlmcacheError(f"--labels: {len(labels)} labels; give at most {MAX_LABELS}")
+        prompts = [apply_template(template, label) for label in labels]
+        try:
+            pixels = torch.from_numpy(self.image_encoder.preprocess(load_rgb(image)))[None]
+        except ImageDecodeError as error:
+            raise VlmcacheError(f"{image}: {error}") from None
+        with torch.no_grad():
+            image_emb = self.model.embed_images(self.image_encoder.encode(pixels).pooled)
+        cosine = (image_emb @ self.embed_prompts(prompts).T)[0]
+        scale = self.model.loss.scale()
+        probability = torch.softmax(scale * cosine, dim=0)
+        order = torch.argsort(cosine, descending=True, stable=True)
+        rows = [RankedPrompt(rank + 1, prompts[index], float(cosine[index]), float(probability[index]))
+                for rank, index in enumerate(order.tolist())]
+        return rows, scale
+
+    def searchable(self, split: str | None = None, cache: str | Path | None = None) -> tuple[Split, torch.Tensor]:
+        """(split data, unit image embeddings) of the cached split searched; computed once per split."""
+        if (split, cache) not in self._searched:
+            opened, _ = checkpoint_caches(self.meta, cache)
+            chosen = opened.split(split or opened.default_split())
+            with torch.no_grad():
+                embedded = self.model.embed_images(torch.from_numpy(chosen.image_features))
+            self._searched[(split, cache)] = (chosen, embedded)
+        return self._searched[(split, cache)]
+
+    def search(self, query: str, top: int = 5, split: str | None = None,
+               cache: str | Path | None = None) -> list[SearchHit]:
+        """The `top` cached images of a split closest to a text query in the trained shared space."""
+        if not query.strip():
+            raise VlmcacheError("the search query is empty; type what the image should show")
+        if len(query) > MAX_QUERY_CHARS:
+            raise VlmcacheError(f"the search query has {len(query)} characters; keep it under {MAX_QUERY_CHARS}")
+        if top < 1:
+            raise VlmcacheError(f"--top {top}: must be at least 1")
+        chosen, image_emb = self.searchable(split, cache)
+        scores = (self.embed_prompts([query]) @ image_emb.T)[0]
+        best = torch.topk(scores, min(top, len(scores)))
+        return [SearchHit(rank + 1, float(score), chosen.image_ids[index], chosen.image_paths[index], index)
+                for rank, (score, index) in enumerate(zip(best.values.tolist(), best.indices.tolist(), strict=True))]
+
+
+def apply_template(template: str, label: str) -> str:
+    """`template` with {} replaced by the label; a template without exactly one {} is refused."""
+    if template.count("{}") != 1 or template.replace("{}", "").count("{") or template.replace("{}", "").count("}"):
+        raise VlmcacheError(f"--template {template!r}: use exactly one {{}} where the label goes, e.g. 'a photo of {{}}.'")
+    return template.replace("{}", label)
+
+
+def classify_image(checkpoint: str | Path, image: str | Path, labels: list[str],
+                   template: str = "{}") -> tuple[list[RankedPrompt], float]:
+    """Rank prompts for one image file with a checkpoint (runs the frozen image encoder on it).
+
+    Returns the ranked rows and the softmax scale used (the checkpoint's learned logit scale).
+    """
+    return Predictor(checkpoint).rank_labels(image, labels, template)
+
+
+def search_images(checkpoint: str | Path, query: str, top: int = 5, split: str | None = None,
+                  cache: str | Path | None = None) -> list[SearchHit]:
+    """The `top` cached images of a split closest to a text query (see Predictor.search)."""
+    return Predictor(checkpoint).search(query, top, split, cache)

@@ -1,0 +1,77 @@
+"""Frozen text features of prompts and queries that are not in a cache, encoded once and kept.
+
+The text encoder is the one the cache recorded (its weights hash is checked), loaded once per process
+and kept. Encoded prompts are appended to `<cache>/prompt-features-<encoder id>.bin`, a flat file of
+fixed-size records (32-byte key, float32 features): appending never rewrites what is there, a record
+cut short by a kill is ignored on the next read, and the file stops growing at `max_rows` prompts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vlmcache import encoders
+
+MAX_ROWS = 20_000  # ~30 MB for 384-d features; past it, new prompts are encoded but not kept
+
+
+class PromptStore:
+    """Prompt → frozen text features for one text encoder, with an append-only file beside the cache."""
+
+    def __init__(self, provenance: dict, folder: Path | None, max_rows: int = MAX_ROWS):
+        self.provenance, self.max_rows = provenance, max_rows
+        self._identity = (provenance["weights_sha256"] + provenance["pooling"] + str(provenance["max_length"])).encode()
+        encoder_id = hashlib.sha256(self._identity).hexdigest()[:16]
+        self.path = folder / f"prompt-features-{encoder_id}.bin" if folder is not None else None
+        self.record = np.dtype([("key", "S32"), ("features", "<f4", (int(provenance["dim"]),))])
+        self.known: dict[bytes, np.ndarray] = {}
+        self._encoder: encoders.TextEncoder | None = None
+        if self.path is not None and self.path.is_file():
+            raw = self.path.read_bytes()
+            rows = np.frombuffer(raw[:len(raw) - len(raw) % self.record.itemsize], dtype=self.record)
+            self.known = {bytes(row["key"]): row["features"] for row in rows[:max_rows]}
+
+    def key(self, prompt: str) -> bytes:
+        return hashlib.sha256(self._identity + b"\0" + prompt.encode("utf-8", "surrogatepass")).digest()
+
+    @property
+    def encoder(self) -> encoders.TextEncoder:
+        """The frozen text encoder, loaded on first use and kept (PyTorch: it starts faster than an ONNX export)."""
+        if self._encoder is None:
+            self._encoder = encoders.text_encoder_from_provenance(self.provenance, "cpu", backend="torch")
+        return self._encoder
+
+    def encode(self, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """(len(prompts), dim) float32 frozen text features; only unseen prompts run the encoder."""
+        missing = [prompt for prompt in dict.fromkeys(prompts) if self.key(prompt) not in self.known]
+        fresh: dict[bytes, np.ndarray] = {}
+        for start in range(0, len(missing), batch_size):
+            batch = missing[start:start + batch_size]
+            features = self.encoder.encode(batch).pooled.float().numpy()
+            fresh.update({self.key(prompt): row for prompt, row in zip(batch, features, strict=True)})
+        self._keep(fresh)
+        return torch.from_numpy(np.stack([fresh[key] if key in fresh else self.known[key]
+                                          for key in map(self.key, prompts)]))
+
+    def _keep(self, fresh: dict[bytes, np.ndarray]) -> None:
+        room = self.max_rows - len(self.known)
+        kept = dict(list(fresh.items())[:max(0, room)])
+        self.known.update(kept)
+        if not kept or self.path is None or not os.access(self.path.parent, os.W_OK):
+            return
+        rows = np.zeros(len(kept), dtype=self.record)
+        rows["key"], rows["features"] = list(kept), np.stack(list(kept.values()))
+        # One write of whole records in append mode: other readers see whole records or a short tail they skip.
+        with open(self.path, "ab") as handle:
+            handle.write(rows.tobytes())
+
+
+def prompt_folder(meta: dict) -> Path | None:
+    """Where a checkpoint's prompt store lives: the cache its text features came from (None if gone)."""
+    folder = Path(meta.get("text_cache") or meta["cache"])
+    return folder if folder.is_dir() else None
