@@ -235,6 +235,7 @@ def attach_onnxruntime(encoder: ImageEncoder | TextEncoder, example: dict[str, t
     # Idle ORT threads spin by default, stealing the cores the image decoders need between batches.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     encoder.onnx = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+    encoder.onnx_model = buffer.getvalue()  # kept: extract saves the text encoder's export into the cache
     encoder.compute_path = f"onnxruntime-{onnxruntime.__version__}(opset 17, from {encoder.compute_path})"
 
 
@@ -314,7 +315,7 @@ class TextEncoder:
                  weights: str, device: torch.device):
         self.name, self.model, self.tokenizer, self.pooling = name, model, tokenizer, pooling
         self.max_length, self.weights_sha256, self.device = max_length, weights, device
-        self.compute_path, self.onnx = "eager", None
+        self.compute_path, self.onnx, self.onnx_model = "eager", None, None
         self.dim = int(self.encode(["a"]).pooled.shape[-1])
 
     def token_lengths(self, texts: list[str]) -> list[int]:

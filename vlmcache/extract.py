@@ -22,7 +22,7 @@ import torch
 
 from vlmcache import datasets, encoders
 from vlmcache.errors import VlmcacheError
-from vlmcache.files import FolderLock, remove_stale_temporaries, write_json_atomic
+from vlmcache.files import FolderLock, atomic_write, remove_stale_temporaries, write_json_atomic, write_text_atomic
 from vlmcache.progress import make_progress
 from vlmcache.store import (
     FORMAT_VERSION,
@@ -238,11 +238,13 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
                                image_seconds=image_seconds, text_seconds=text_seconds)
         if rank == 0:
             _finalize(out, manifest, plans, result)
+            save_query_encoder(out, text_encoder)
     result.seconds = time.perf_counter() - started
     return result
 
 
-CACHE_ENTRIES = {"images", "texts", "index.h5", "manifest.json", ".lock"}
+CACHE_ENTRIES = {"images", "texts", "index.h5", "manifest.json", ".lock", "text-encoder.onnx", "text-encoder.json",
+                 "text-tokenizer.json"}
 
 
 def _is_cache_file(path: Path) -> bool:
@@ -388,6 +390,22 @@ def _extract_texts(out, dataset, encoder, plan, shards, provenance, config: Extr
         if tokens:
             arrays["tokens"], arrays["token_mask"] = token_array, mask_array
         write_shard(out / "texts" / shard_name(index), start, provenance, arrays, provenance["dtype"])
+
+
+def save_query_encoder(out: Path, encoder: encoders.TextEncoder) -> None:
+    """Keep the text encoder's ONNX export and its tokenizer in the cache, when this extract made one.
+
+    Queries and prompts are then encoded with `tokenizers` + ONNX Runtime (vlmcache.prompts), which
+    starts in a fraction of the time that importing transformers takes.
+    """
+    if encoder.onnx_model is None or not getattr(encoder.tokenizer, "is_fast", False) or (out / "text-encoder.json").exists():
+        return
+    with atomic_write(out / "text-encoder.onnx") as temporary:
+        temporary.write_bytes(encoder.onnx_model)
+    write_text_atomic(out / "text-tokenizer.json", encoder.tokenizer.backend_tokenizer.to_str())
+    write_json_atomic(out / "text-encoder.json", {  # written last: its presence says the other two are whole
+        "weights_sha256": encoder.weights_sha256, "max_length": encoder.max_length, "pooling": encoder.pooling,
+        "pad_id": encoder.tokenizer.pad_token_id, "pad_token": encoder.tokenizer.pad_token})
 
 
 def _finalize(out: Path, manifest: dict, plans: dict, result: ExtractResult) -> None:

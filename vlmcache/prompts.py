@@ -9,8 +9,10 @@ cut short by a kill is ignored on the next read, and the file stops growing at `
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -27,6 +29,7 @@ class PromptStore:
         self.provenance, self.max_rows = provenance, max_rows
         self._identity = (provenance["weights_sha256"] + provenance["pooling"] + str(provenance["max_length"])).encode()
         encoder_id = hashlib.sha256(self._identity).hexdigest()[:16]
+        self.folder = folder
         self.path = folder / f"prompt-features-{encoder_id}.bin" if folder is not None else None
         self.record = np.dtype([("key", "S32"), ("features", "<f4", (int(provenance["dim"]),))])
         self.known: dict[bytes, np.ndarray] = {}
@@ -40,10 +43,13 @@ class PromptStore:
         return hashlib.sha256(self._identity + b"\0" + prompt.encode("utf-8", "surrogatepass")).digest()
 
     @property
-    def encoder(self) -> encoders.TextEncoder:
-        """The frozen text encoder, loaded on first use and kept (PyTorch: it starts faster than an ONNX export)."""
+    def encoder(self) -> encoders.TextEncoder | OnnxTextEncoder:
+        """The frozen text encoder, loaded on first use and kept: the cache's saved ONNX export when it has one
+        (starts in well under a second), else the model itself through transformers and PyTorch (exporting
+        it to ONNX for a few prompts would cost more than it saves)."""
         if self._encoder is None:
-            self._encoder = encoders.text_encoder_from_provenance(self.provenance, "cpu", backend="torch")
+            self._encoder = OnnxTextEncoder.from_cache(self.folder, self.provenance) or \
+                encoders.text_encoder_from_provenance(self.provenance, "cpu", backend="torch")
         return self._encoder
 
     def encode(self, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
@@ -69,6 +75,44 @@ class PromptStore:
         # One write of whole records in append mode: other readers see whole records or a short tail they skip.
         with open(self.path, "ab") as handle:
             handle.write(rows.tobytes())
+
+
+class OnnxTextEncoder:
+    """A cache's saved text encoder: `tokenizers` + ONNX Runtime, pooled features as at extraction."""
+
+    def __init__(self, session, tokenizer):
+        self.session, self.tokenizer = session, tokenizer
+
+    @classmethod
+    def from_cache(cls, folder: Path | None, provenance: dict) -> OnnxTextEncoder | None:
+        """The saved encoder if `folder` holds one made from the same weights and settings, else None."""
+        if folder is None or not (folder / "text-encoder.json").is_file():
+            return None
+        try:
+            import onnxruntime
+            from tokenizers import Tokenizer
+        except ImportError:
+            return None
+        saved = json.loads((folder / "text-encoder.json").read_text())
+        if any(saved.get(key) != provenance.get(key) for key in ("weights_sha256", "max_length", "pooling")):
+            return None
+        tokenizer = Tokenizer.from_file(str(folder / "text-tokenizer.json"))
+        tokenizer.enable_truncation(saved["max_length"])
+        tokenizer.enable_padding(pad_id=saved["pad_id"], pad_token=saved["pad_token"])
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = min(4, os.cpu_count() or 1)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads must not spin
+        session = onnxruntime.InferenceSession(str(folder / "text-encoder.onnx"), options,
+                                               providers=["CPUExecutionProvider"])
+        return cls(session, tokenizer)
+
+    def encode(self, texts: list[str]) -> SimpleNamespace:
+        """Texts -> SimpleNamespace(pooled=(N, dim) float32 tensor), like TextEncoder.encode."""
+        batch = self.tokenizer.encode_batch(texts)
+        ids = np.asarray([item.ids for item in batch], dtype=np.int64)
+        mask = np.asarray([item.attention_mask for item in batch], dtype=np.int64)
+        return SimpleNamespace(pooled=torch.from_numpy(self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0]))
 
 
 def prompt_folder(meta: dict) -> Path | None:
