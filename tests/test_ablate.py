@@ -30,7 +30,11 @@ def test_grid_with_baselines_files_and_resume(tiny_caches, tmp_path):
     assert len(names) == 2 * (4 + 3)  # per cache: 4 trained rows + untrained, CCA, ASIF
     assert {n[1] for n in names} == {"linear", "ndlinear", "untrained linear", "CCA (closed form)", "ASIF (no training)"}
     row = next(r for r in result.rows if r["projector"] == "linear" and r["loss"] == "infonce")
-    assert row["seeds"] == [0, 1] and row["mean_recall_std"] >= 0 and row["parameters"] == (32 + 32) * 256 + 2 * 256
+    assert row["seeds"] == [0, 1] and row["parameters"] == (32 + 32) * 256 + 2 * 256
+    # Two seeds a, b: the row's mean is (a + b) / 2 and its (population) std |a - b| / 2.
+    a, b = (cell["metrics"]["mean_recall"] for cell in result.raw if cell["cache"] == row["cache"]
+            and cell["config"]["projector"] == "linear" and cell["config"]["loss"] == "infonce")
+    assert row["mean_recall"] == pytest.approx((a + b) / 2) and row["mean_recall_std"] == pytest.approx(abs(a - b) / 2)
     saved = json.loads((tmp_path / "ab" / "ablation.json").read_text())
     assert saved["rows"] == result.rows
     with open(tmp_path / "ab" / "ablation.csv") as handle:

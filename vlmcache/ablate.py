@@ -157,8 +157,8 @@ def ablate(
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with make_progress(progress) as bars:
             task = bars.add_task("ablation cells", total=len(cells), completed=reused, unit="cell")
-            if jobs == 1:
-                _worker_init(threads)
+            if jobs == 1:  # in this process: no death signal, which would kill the caller with its parent
+                torch.set_num_threads(threads)
                 for cell, path in pending:
                     raw.append(_keep(run_cell(cell), path))
                     bars.advance(task)

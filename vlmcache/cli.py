@@ -8,9 +8,7 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
-from click.core import ParameterSource
 from rich.console import Console
 from rich.table import Table
 
@@ -144,7 +142,7 @@ def _grid(value) -> tuple[int, int] | None:
     return first, second
 
 
-def _with_config_file(config_file: Path | None, options: dict) -> tuple[dict, dict]:
+def _with_config_file(context: typer.Context, config_file: Path | None, options: dict) -> tuple[dict, dict]:
     """Options with values from a TOML --config file wherever the command line did not set them.
 
     Returns (merged options, the file's remaining keys).
@@ -154,9 +152,9 @@ def _with_config_file(config_file: Path | None, options: dict) -> tuple[dict, di
     from vlmcache.config import read_config_file
 
     values = read_config_file(config_file)
-    context = click.get_current_context()
-    merged = {name: values[name] if name in values and context.get_parameter_source(name) != ParameterSource.COMMANDLINE
-              else value for name, value in options.items()}
+    # Compared by name: typer ≥ 0.2x has its own copy of click, with its own ParameterSource enum.
+    merged = {name: values[name] if name in values and getattr(context.get_parameter_source(name), "name", None)
+              != "COMMANDLINE" else value for name, value in options.items()}
     return merged, {key: value for key, value in values.items() if key not in options}
 
 
@@ -164,6 +162,7 @@ def _with_config_file(config_file: Path | None, options: dict) -> tuple[dict, di
                     "  vlmcache train features/flickr8k --projector ndlinear --loss sigmoid --epochs 30 --out runs/nd\n\n"
                     "  vlmcache train features/flickr8k --out runs/mlp-infonce --resume")
 def train(
+    context: typer.Context,
     cache: Annotated[Path | None, typer.Argument(help="Cache folder written by vlmcache extract [default: the --config file's cache].")] = None,
     out: Annotated[Path, typer.Option(help="Run folder for checkpoints and metrics.jsonl.")] = Path("runs/latest"),
     projector: Annotated[str, typer.Option(help="linear | mlp | ndlinear")] = "mlp",
@@ -201,7 +200,7 @@ def train(
     from vlmcache.evaluate import RETRIEVAL_KEYS, RETRIEVAL_LABELS
     from vlmcache.train import train as run_train
 
-    options, rest = _with_config_file(config_file, {
+    options, rest = _with_config_file(context, config_file, {
         "projector": projector, "loss": loss, "dim": dim, "epochs": epochs, "batch_size": batch_size, "lr": lr,
         "weight_decay": weight_decay, "warmup": warmup, "schedule": schedule, "seed": seed, "sampling": sampling,
         "patience": patience, "dropout": dropout, "mlp_hidden": mlp_hidden, "mlp_layers": mlp_layers,
@@ -379,6 +378,7 @@ def ablation_table(rows: list[dict], split: str) -> Table:
                     "  vlmcache ablate features/vit features/resnet18 --projectors linear,mlp --losses infonce "
                     "--seeds 0,1 --epochs 10")
 def ablate(
+    context: typer.Context,
     caches: Annotated[list[Path] | None, typer.Argument(help="One or more cache folders (several compare encoder pairs).")] = None,
     out: Annotated[Path, typer.Option(help="Folder for cell results, ablation.json and ablation.csv.")] = Path("runs/ablation"),
     projectors: Annotated[str, typer.Option(help="Comma-separated: linear,mlp,ndlinear")] = "linear,mlp,ndlinear",
@@ -395,7 +395,7 @@ def ablate(
     from vlmcache.ablate import ablate as run_ablate
     from vlmcache.config import TrainConfig
 
-    options, rest = _with_config_file(config_file, {
+    options, rest = _with_config_file(context, config_file, {
         "caches": caches, "out": out, "projectors": projectors, "losses": losses, "seeds": seeds, "dims": dims,
         "epochs": epochs, "batch_size": batch_size, "jobs": jobs, "baselines": baselines})
     unknown = sorted(set(rest) - set(TrainConfig.__dataclass_fields__))
@@ -485,11 +485,11 @@ def main() -> None:
     except VlmcacheError as error:
         errors.print(f"[red]error:[/red] {error}", markup=True)
         sys.exit(2)
-    except click.ClickException as error:  # typer's own parsing: unknown option, not an integer, ...
+    except typer.TyperException as error:  # parsing: unknown option, not an integer, ... (typer's own click)
         command = error.ctx.command_path if getattr(error, "ctx", None) else "vlmcache"
         errors.print(f"error: {error.format_message()} (see {command} --help)".replace("\n", " "), markup=False)
         sys.exit(2)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         errors.print("interrupted; re-run the same command to resume", markup=False)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

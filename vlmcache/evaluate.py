@@ -64,17 +64,22 @@ def _finite_or_worst(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(scores), scores, torch.tensor(-torch.inf))
 
 
+SCORE_BUDGET = 1 << 24  # similarity entries per chunk (64 MB of float32): memory stays bounded at any size
+
+
 def retrieval_ranks(image_emb, text_emb, caption_image, chunk_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """1-based ranks: (best rank of each image's captions, rank of each caption's image).
 
     Images with no caption get rank 0 (they cannot be scored and are left out of image→text recall).
-    Embeddings are compared by dot product; pass L2-normalised ones for cosine similarity.
+    Embeddings are compared by dot product; pass L2-normalised ones for cosine similarity. Queries go
+    in chunks of at most `chunk_size` rows, fewer when the other side is large (SCORE_BUDGET).
     """
     images, texts = _as_tensor(image_emb).float(), _as_tensor(text_emb).float()
     owner = _as_tensor(caption_image).long()
     image_ranks = np.zeros(len(images), dtype=np.int64)
-    for start in range(0, len(images), chunk_size):
-        rows = torch.arange(start, min(start + chunk_size, len(images)))
+    image_chunk = max(1, min(chunk_size, SCORE_BUDGET // max(1, len(texts))))
+    for start in range(0, len(images), image_chunk):
+        rows = torch.arange(start, min(start + image_chunk, len(images)))
         scores = _finite_or_worst(images[rows] @ texts.T)  # (chunk, captions)
         correct = owner[None, :] == rows[:, None]
         best_correct = torch.where(correct, scores, torch.tensor(-torch.inf)).max(dim=1).values
@@ -82,8 +87,9 @@ def retrieval_ranks(image_emb, text_emb, caption_image, chunk_size: int = 1024) 
         has_caption = correct.any(dim=1)
         image_ranks[rows.numpy()] = torch.where(has_caption, above + 1, torch.zeros_like(above)).numpy()
     text_ranks = np.zeros(len(texts), dtype=np.int64)
-    for start in range(0, len(texts), chunk_size):
-        rows = torch.arange(start, min(start + chunk_size, len(texts)))
+    text_chunk = max(1, min(chunk_size, SCORE_BUDGET // max(1, len(images))))
+    for start in range(0, len(texts), text_chunk):
+        rows = torch.arange(start, min(start + text_chunk, len(texts)))
         scores = _finite_or_worst(texts[rows] @ images.T)  # (chunk, images)
         correct_score = scores.gather(1, owner[rows, None])
         # (scores >= correct) counts the correct image itself, which makes the count a 1-based rank.

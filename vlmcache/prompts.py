@@ -74,6 +74,9 @@ class PromptStore:
         rows["key"], rows["features"] = list(kept), np.stack(list(kept.values()))
         # One write of whole records in append mode: other readers see whole records or a short tail they skip.
         with open(self.path, "ab") as handle:
+            torn = handle.tell() % self.record.itemsize  # a record cut short by a kill: drop it, else every
+            if torn:                                     # record appended after it would be read misaligned
+                handle.truncate(handle.tell() - torn)
             handle.write(rows.tobytes())
 
 
