@@ -133,6 +133,10 @@ def ablate(
     started = time.perf_counter()
     if not caches:
         raise VlmcacheError("give at least one cache folder")
+    empty = [option for option, values in (("--projectors", projectors), ("--losses", losses), ("--seeds", seeds),
+                                           ("--dims", dims)) if not values]
+    if empty:  # an empty grid would train nothing and validate nothing
+        raise VlmcacheError(f"{empty[0]}: no values; give at least one, comma-separated")
     caches = [str(Path(c).resolve()) for c in caches]
     for cache in caches:
         open_cache(cache)  # fail now, with the cache named, not inside a worker

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from vlmcache.errors import VlmcacheError
@@ -483,7 +484,8 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except VlmcacheError as error:
-        errors.print(f"[red]error:[/red] {error}", markup=True)
+        # Literal (a path may hold "[/x]", which is rich markup) and on one line (a value may hold a newline).
+        errors.print(f"[red]error:[/red] {escape(str(error))}".replace("\r", "\\r").replace("\n", "\\n"), markup=True)
         sys.exit(2)
     except typer.TyperException as error:  # parsing: unknown option, not an integer, ... (typer's own click)
         command = error.ctx.command_path if getattr(error, "ctx", None) else "vlmcache"

@@ -59,6 +59,7 @@ class TrainConfig:
         _check_range("dim", self.dim, 1, MAX_WIDTH)
         _check_range("mlp-layers", self.mlp_layers, 2, 64)
         _check_range("warmup", self.warmup, 0, 1 << 30)
+        _check_range("seed", self.seed, -(1 << 63), (1 << 63) - 1)  # what torch.manual_seed accepts
         if self.mlp_hidden is not None:
             _check_range("mlp-hidden", self.mlp_hidden, 1, MAX_WIDTH)
         if self.patience is not None:

@@ -97,6 +97,9 @@ def load_dataset(
         raise VlmcacheError(f"unknown dataset format {format!r}; use one of {', '.join(FORMATS)}")
     if format == "auto":
         format = _guess_format(path)
+    if path.is_dir() != (format in ("flickr8k", "imagefolder")):
+        raise VlmcacheError(f"{path}: --format {format} reads a {'file' if path.is_dir() else 'folder'}, and this is "
+                            f"a {'folder' if path.is_dir() else 'file'}; pass the dataset's path or another --format")
     readers = {"flickr8k": _read_flickr8k, "karpathy": _read_karpathy, "pairs": _read_pairs,
                "imagefolder": _read_imagefolder}
     records, classes = readers[format](path, None if images_dir is None else Path(images_dir))
@@ -137,6 +140,8 @@ def _read_text(path: Path) -> str:
         raise VlmcacheError(f"{path}: file not found") from None
     except UnicodeDecodeError as error:
         raise VlmcacheError(f"{path}: not valid UTF-8 at byte {error.start}; re-save the file as UTF-8") from None
+    except OSError as error:  # a folder where a file should be, no permission, ...
+        raise VlmcacheError(f"{path}: cannot be read ({error.strerror})") from None
 
 
 def _read_flickr8k(root: Path, images_dir: Path | None) -> tuple[list[_Record], list[str]]:

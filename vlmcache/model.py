@@ -40,7 +40,15 @@ class AlignmentModel(nn.Module):
         return count_parameters(self.image) + count_parameters(self.text)
 
 
+MAX_PARAMETERS = 1 << 28  # 1 GB of fp32 weights (3 GB with AdamW's moments): far beyond any projector here
+
+
 def initial_model(config: TrainConfig, image_dim: int, text_dim: int) -> AlignmentModel:
     """The model a run with this config starts from (seeded), i.e. the 'untrained projector' baseline."""
+    with torch.device("meta"):  # counted before anything is allocated: --mlp-hidden 65536 would ask for 34 GB
+        parameters = AlignmentModel(config, image_dim, text_dim).projector_parameters()
+    if parameters > MAX_PARAMETERS:
+        raise VlmcacheError(f"--dim/--mlp-hidden/--mlp-layers: {parameters:,} projector parameters is more than "
+                            f"{MAX_PARAMETERS:,}; choose smaller widths")
     torch.manual_seed(config.seed)
     return AlignmentModel(config, image_dim, text_dim)
