@@ -143,13 +143,17 @@ def extract(
     overwrite: bool = False,
     backend: str = "auto",
     progress: bool = True,
+    caption_key: str | None = None,
+    split_key: str = "split",
+    val_fraction: float | None = None,
 ) -> ExtractResult:
     """Encode every image and caption of `data` once and write the cache folder `out`.
 
     Re-running on a partly written cache resumes it (complete shards are kept); a complete cache with
     the same settings is left as it is. `overwrite=True` starts afresh. `backend` picks how the encoders
     run (see encoders.load_image_encoder); token features always come from torch. `on_error="skip"`
-    records bad images/captions in the manifest instead of stopping. See the module docstring for torchrun.
+    records bad images/captions in the manifest instead of stopping. `caption_key`, `split_key` and
+    `val_fraction` apply to webdataset shards (see datasets.load_dataset). See the module docstring for torchrun.
     """
     started = time.perf_counter()
     if on_error not in ON_ERROR:
@@ -162,7 +166,8 @@ def extract(
     if out.exists() and not out.is_dir():
         raise VlmcacheError(f"--out {out}: is a file; pass a folder path for the cache")
     rank, world = _distributed()
-    dataset = datasets.load_dataset(data, format, images_dir, splits, limit)
+    dataset = datasets.load_dataset(data, format, images_dir, splits, limit, caption_key=caption_key,
+                                    split_key=split_key, val_fraction=val_fraction, on_error=on_error)
     if dataset.num_images == 0:
         raise VlmcacheError(f"{data}: no images selected")
     torch_device = encoders.pick_device(device)
@@ -186,7 +191,8 @@ def extract(
         "created": now_iso(),
         "dataset": {"format": dataset.format, "root": str(dataset.root), "fingerprint": fingerprint,
                     "images": dataset.num_images, "captions": dataset.num_captions,
-                    "splits": dataset.split_counts(), "limit_per_split": limit},
+                    "splits": dataset.split_counts(), "limit_per_split": limit,
+                    **({"dropped_samples": dataset.dropped} if dataset.dropped else {})},
         "provenance": provenance,
         "libraries": _library_versions(),
     }
