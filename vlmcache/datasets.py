@@ -300,6 +300,11 @@ def _drop(on_error: str, dropped: list[dict], sample: tars.Sample, reason: str) 
     dropped.append({"shard": str(sample.shard), "sample": sample.number, "key": sample.key, "reason": reason})
 
 
+def split_rank(split: str) -> tuple[int, str]:
+    """Sort key of a split in cache row order: train, val, test, then other names alphabetically."""
+    return (SPLIT_ORDER.index(split), "") if split in SPLIT_ORDER else (len(SPLIT_ORDER), split)
+
+
 def _build(fmt: str, root: Path, records: list[_Record], classes: list[str],
            splits: list[str] | None, limit: int | None) -> PairDataset:
     if splits:
@@ -308,9 +313,6 @@ def _build(fmt: str, root: Path, records: list[_Record], classes: list[str],
         if missing:
             raise VlmcacheError(f"{root}: no split named {', '.join(missing)}; it has {', '.join(sorted(known))}")
         records = [record for record in records if record.split in splits]
-
-    def split_rank(split: str) -> tuple[int, str]:
-        return (SPLIT_ORDER.index(split), "") if split in SPLIT_ORDER else (len(SPLIT_ORDER), split)
 
     # A stable sort keeps the source order inside each split.
     records = sorted(records, key=lambda record: split_rank(record.split))

@@ -204,7 +204,7 @@ def extract(
         try:
             out.mkdir(parents=True, exist_ok=True)
             lock.__enter__()
-            _prepare(out, dataset, manifest, overwrite)
+            prepare_cache(out, dataset, manifest, overwrite)
         except VlmcacheError as failure:
             error = str(failure)
     try:
@@ -227,7 +227,7 @@ def extract(
                                sum(len(pending[m]) for m in MODALITIES), reused,
                                image_seconds=image_seconds, text_seconds=text_seconds)
         if rank == 0:
-            _finalize(out, manifest, plans, result)
+            finalize_cache(out, manifest, plans, result)
     finally:
         if lock is not None:
             lock.__exit__()
@@ -235,7 +235,7 @@ def extract(
     return result
 
 
-def _prepare(out: Path, dataset: datasets.PairDataset, manifest: dict, overwrite: bool) -> None:
+def prepare_cache(out: Path, dataset: datasets.PairDataset, manifest: dict, overwrite: bool) -> None:
     """Check an existing cache is the same job (or wipe it with overwrite); write index and manifest."""
     manifest_path = out / "manifest.json"
     if manifest_path.exists() and not overwrite:
@@ -347,7 +347,7 @@ def _extract_texts(out, dataset, encoder, plan, shards, provenance, batch_size, 
         write_shard(out / "texts" / shard_name(index), start, provenance, arrays, provenance["dtype"])
 
 
-def _finalize(out: Path, manifest: dict, plans: dict, result: ExtractResult) -> None:
+def finalize_cache(out: Path, manifest: dict, plans: dict, result: ExtractResult) -> None:
     """Gather skipped items and truncation from the shards; mark the manifest complete."""
     shards, skipped, truncated = {}, [], 0
     with h5py.File(out / "index.h5", "r") as index:
