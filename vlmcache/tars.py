@@ -139,7 +139,9 @@ def scan_shard(path: Path) -> list[Sample]:
                     sample.other.append(extension)
             end = tar.offset
     except tarfile.ReadError as error:
-        raise VlmcacheError(f"{path}: not a readable tar ({error}); re-download or re-create the shard") from None
+        kind = "truncated tar" if "end of data" in str(error) or "truncated" in str(error) else "not a readable tar"
+        after = f" after sample {samples[-1].number} (key {samples[-1].key})" if samples else ""
+        raise VlmcacheError(f"{path}: {kind} ({error}{after}); re-download or re-create the shard") from None
     # tarfile stops quietly at a header cut short; a whole tar ends with a zero block, so check for it.
     with open(path, "rb") as handle:
         handle.seek(end)
