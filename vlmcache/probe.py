@@ -28,7 +28,7 @@ from vlmcache.inference import check_encoders_match
 from vlmcache.store import open_cache
 from vlmcache.train import load_model
 
-C_SWEEP = tuple(float(c) for c in np.logspace(-2, 4, 7))  # 0.01 ... 10,000; features are unit vectors
+C_SWEEP = tuple(float(c) for c in np.logspace(-2, 6, 9))  # 0.01 ... 1,000,000; features are unit vectors
 
 
 @dataclass
