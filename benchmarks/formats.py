@@ -18,6 +18,7 @@ import io
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -69,8 +70,11 @@ def step(name: str, source: str, target: str) -> None:
     else:
         export_cache(source, target, progress=False)
     usage = resource.getrusage(resource.RUSAGE_SELF)
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork + exec, so it would report the parent's peak.
+    peak_kb = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                   if line.startswith("VmHWM:"))
     print(json.dumps({"seconds": time.perf_counter() - started, "cpu_seconds": usage.ru_utime + usage.ru_stime,
-                      "peak_rss_mb": usage.ru_maxrss / 1024}))
+                      "peak_rss_mb": peak_kb / 1024}))
 
 
 def run_step(name: str, source: Path, target: Path) -> dict:
@@ -102,6 +106,8 @@ def extract_comparison(work: Path, count: int, repeats: int) -> dict:
         first_caption.setdefault(key.split("#")[0], caption)
     images = [SHARED / "flickr8k" / "Images" / name for name in names]
     captions = [first_caption[name] for name in names]
+    for old in [work / "shards", *work.glob("cache-*")]:  # a kept --work folder: start both inputs afresh
+        shutil.rmtree(old)
     write_shards(work / "shards", images, captions)
     (work / "pairs.jsonl").write_text("".join(json.dumps({"image": str(i), "caption": c}) + "\n"
                                               for i, c in zip(images, captions, strict=True)))
@@ -124,7 +130,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=300, help="Flickr8k dev images for the extract comparison")
     parser.add_argument("--repeats", type=int, default=2, help="extract runs per input (best is kept)")
     parser.add_argument("--only", default="import,export,extract,probe")
-    parser.add_argument("--work", type=Path, default=None, help="scratch folder [default: a temporary one]")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="scratch folder, kept, its generated source reused by the next run [default: a temporary one]")
     args = parser.parse_args()
     if args.step:
         step(*args.step)
@@ -135,12 +142,15 @@ def main() -> None:
     for column in ("step", "measure", "result", "target"):
         table.add_column(column)
     console.print(f"load average before: {os.getloadavg()}")
-    with tempfile.TemporaryDirectory(dir=args.work) as scratch:
-        work = Path(scratch)
+    with tempfile.TemporaryDirectory() as scratch:
+        work = args.work or Path(scratch)
         if only & {"import", "export"}:
             started = time.perf_counter()
-            make_source(work / "source", args.rows, args.dim)
-            console.print(f"wrote {args.rows:,} x {args.dim}-d fp16 source in {time.perf_counter() - started:.1f} s")
+            if not (work / "source" / "metadata" / "metadata_0.parquet").exists():  # the last file make_source writes
+                make_source(work / "source", args.rows, args.dim)
+            console.print(f"{args.rows:,} x {args.dim}-d fp16 source ready in {time.perf_counter() - started:.1f} s")
+            for leftover in ("cache", "export"):
+                shutil.rmtree(work / leftover, ignore_errors=True)
             done = run_step("import", work / "source", work / "cache")
             table.add_row(f"import {args.rows:,} pairs", "wall / CPU (user+sys, whole process) / peak RSS",
                           f"{done['seconds']:.1f} s / {done['cpu_seconds']:.1f} s / {done['peak_rss_mb']:,.0f} MB",
@@ -164,6 +174,7 @@ def main() -> None:
             from vlmcache.probe import probe
 
             cache = work / "cifar"
+            shutil.rmtree(cache, ignore_errors=True)
             started = time.perf_counter()
             extract(SHARED / "cifar10-sample", cache, progress=False)
             extracted = time.perf_counter() - started
