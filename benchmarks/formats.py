@@ -107,7 +107,7 @@ def extract_comparison(work: Path, count: int, repeats: int) -> dict:
     images = [SHARED / "flickr8k" / "Images" / name for name in names]
     captions = [first_caption[name] for name in names]
     for old in [work / "shards", *work.glob("cache-*")]:  # a kept --work folder: start both inputs afresh
-        shutil.rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)
     write_shards(work / "shards", images, captions)
     (work / "pairs.jsonl").write_text("".join(json.dumps({"image": str(i), "caption": c}) + "\n"
                                               for i, c in zip(images, captions, strict=True)))
