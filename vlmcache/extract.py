@@ -350,25 +350,24 @@ def _extract_texts(out, dataset, encoder, plan, shards, provenance, batch_size, 
 def finalize_cache(out: Path, manifest: dict, plans: dict, result: ExtractResult) -> None:
     """Gather skipped items and truncation from the shards; mark the manifest complete."""
     shards, skipped, truncated = {}, [], 0
-    index = h5py.File(out / "index.h5", "r")
-    ids = {"images": index["image_id"].asstr(), "texts": index["caption"].asstr()}
-    for modality in MODALITIES:
-        shards[modality] = []
-        for number, (start, stop) in enumerate(plans[modality]):
-            path = out / modality / shard_name(number)
-            if not path.exists():
-                raise VlmcacheError(f"{path}: shard missing after extraction; run the same extract again")
-            with h5py.File(path, "r") as shard:
-                # A skipped row is always marked invalid; reading only those rows' strings keeps a
-                # million-row cache from decoding two million strings here.
-                for offset in np.flatnonzero(~shard["valid"][()].astype(bool)).tolist():
-                    skipped.append({"modality": modality, "row": start + offset,
-                                    "item": str(ids[modality][start + offset]),
-                                    "reason": shard["error"].asstr()[offset]})
-                if "truncated" in shard:
-                    truncated += int(shard["truncated"][()].sum())
-            shards[modality].append({"file": shard_name(number), "row_start": start, "rows": stop - start})
-    index.close()
+    with h5py.File(out / "index.h5", "r") as index:
+        ids = {"images": index["image_id"].asstr(), "texts": index["caption"].asstr()}
+        for modality in MODALITIES:
+            shards[modality] = []
+            for number, (start, stop) in enumerate(plans[modality]):
+                path = out / modality / shard_name(number)
+                if not path.exists():
+                    raise VlmcacheError(f"{path}: shard missing after extraction; run the same extract again")
+                with h5py.File(path, "r") as shard:
+                    # A skipped row is always marked invalid; reading only those rows' strings keeps a
+                    # million-row cache from decoding two million strings here.
+                    for offset in np.flatnonzero(~shard["valid"][()].astype(bool)).tolist():
+                        skipped.append({"modality": modality, "row": start + offset,
+                                        "item": str(ids[modality][start + offset]),
+                                        "reason": shard["error"].asstr()[offset]})
+                    if "truncated" in shard:
+                        truncated += int(shard["truncated"][()].sum())
+                shards[modality].append({"file": shard_name(number), "row_start": start, "rows": stop - start})
     manifest.update({"status": "complete", "finished": now_iso(), "shards": shards, "skipped": skipped,
                      "truncated_captions": truncated})
     write_json_atomic(out / "manifest.json", manifest)
