@@ -33,16 +33,18 @@ def _split_list(value) -> list[str] | None:
 @app.command(epilog="Examples:\n\n  vlmcache extract ../shared/data/flickr8k --out features/flickr8k\n\n"
                     "  vlmcache extract data/pairs.csv --image-model google/vit-base-patch16-224-in21k "
                     "--text-model distilbert-base-uncased --out features/vit-distilbert\n\n"
-                    "  torchrun --nproc_per_node=4 -m vlmcache extract data/dataset_coco.json --out features/coco")
+                    "  torchrun --nproc_per_node=4 -m vlmcache extract data/dataset_coco.json --out features/coco\n\n"
+                    "  vlmcache extract 'shards/{00000..00099}.tar' --val-fraction 0.05 --out features/laion-subset")
 def extract(
     data: Annotated[Path, typer.Argument(help="Flickr8k folder, Karpathy dataset_*.json, CSV/JSONL of "
-                                              "image,caption[,split], or a labelled image folder root/<class>/*.jpg.")],
+                                              "image,caption[,split], a labelled image folder root/<class>/*.jpg, or webdataset "
+                                              "tar shards (a folder of .tar, a glob, or shards/{00000..00099}.tar).")],
     out: Annotated[Path, typer.Option(help="Cache folder to write.")] = Path("features/cache"),
     image_model: Annotated[str, typer.Option(help="'efficientnet-lite0' (offline), or any HF image model name or folder.")] = "efficientnet-lite0",
     text_model: Annotated[str, typer.Option(help="'minilm' (offline), or any HF text model name or folder.")] = "minilm",
     image_pooling: Annotated[str | None, typer.Option(help="cls | mean | pooler | avgpool [default: cls for ViT-like, avgpool for CNNs]")] = None,
     text_pooling: Annotated[str | None, typer.Option(help="mean | cls | pooler [default: mean over the attention mask]")] = None,
-    format: Annotated[str, typer.Option(help="auto | flickr8k | karpathy | pairs | imagefolder")] = "auto",
+    format: Annotated[str, typer.Option(help="auto | flickr8k | karpathy | pairs | imagefolder | webdataset")] = "auto",
     images_dir: Annotated[Path | None, typer.Option(help="Where images are, if not beside the dataset file.")] = None,
     splits: Annotated[str | None, typer.Option(help="Comma-separated splits to keep, e.g. train,val [default: all]")] = None,
     limit: Annotated[int | None, typer.Option(help="Keep the first N images of each split (quick runs).")] = None,
@@ -56,6 +58,9 @@ def extract(
     tokens: Annotated[bool, typer.Option("--tokens", help="Also store token-level states with their mask.")] = False,
     on_error: Annotated[str, typer.Option(help="fail: stop at the first bad image/caption, naming it; skip: record it in the manifest and go on.")] = "fail",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing cache instead of resuming it.")] = False,
+    caption_key: Annotated[str | None, typer.Option(help="webdataset: take captions from this field of each sample's .json [default: the .txt member, else the json's 'caption']")] = None,
+    split_key: Annotated[str, typer.Option(help="webdataset: the .json field naming a sample's split (train/val/test).")] = "split",
+    val_fraction: Annotated[float | None, typer.Option(help="webdataset: put this fraction of samples (fixed seed 0) in val, the rest in train, instead of --split-key.")] = None,
     backend: Annotated[str, typer.Option(help="Image encoder backend: auto (onnxruntime on a CPU when installed, else torch) | onnxruntime | torch (CNNs: BatchNorm folded, channels_last) | eager. All give the same features within float rounding.")] = "auto",
 ) -> None:
     """Encode a dataset once with frozen encoders and write a sharded HDF5 feature cache (resumable)."""
@@ -66,7 +71,8 @@ def extract(
                            text_pooling=text_pooling, format=format, images_dir=images_dir, splits=_split_list(splits),
                            limit=limit, shard_size=shard_size, dtype=dtype, batch_size=batch_size,
                            text_batch_size=text_batch_size, max_length=max_length, workers=workers, device=device,
-                           tokens=tokens, on_error=on_error, backend=backend)
+                           tokens=tokens, on_error=on_error, backend=backend, caption_key=caption_key,
+                           split_key=split_key, val_fraction=val_fraction)
     result = run_extract(data, out, config, overwrite=overwrite)
     if int(os.environ.get("RANK", "0")) != 0:
         return
@@ -476,6 +482,89 @@ def serve(
 
     console.print(f"serving {checkpoint} at http://{host}:{port} (Ctrl-C to stop)")
     run_server(checkpoint, host, port, split)
+
+
+@app.command("export", epilog="Examples:\n\n  vlmcache export features/flickr8k --format clip-retrieval --out embeddings/flickr8k\n\n"
+                              "  vlmcache export features/flickr8k --out embeddings/raw --raw --captions all --splits train")
+def export_command(
+    cache: Annotated[Path, typer.Argument(help="Cache folder.")],
+    out: Annotated[Path, typer.Option(help="Folder for img_emb/, text_emb/ and metadata/.")],
+    format: Annotated[str, typer.Option(help="clip-retrieval (npy + parquet, as its back-end and autofaiss read)")] = "clip-retrieval",
+    raw: Annotated[bool, typer.Option("--raw", help="Keep features as stored instead of L2-normalised float16.")] = False,
+    captions: Annotated[str, typer.Option(help="first: one row per image with its first caption; all: one row per caption.")] = "first",
+    splits: Annotated[str | None, typer.Option(help="Comma-separated splits to export [default: all]")] = None,
+    rows_per_file: Annotated[int, typer.Option(help="Rows per img_emb_N.npy / metadata_N.parquet.")] = 1_000_000,
+) -> None:
+    """Write a cache's embeddings and metadata in clip-retrieval's layout (chunked, memory-bounded)."""
+    from vlmcache.formats import export_cache
+
+    result = export_cache(cache, out, format, raw=raw, captions=captions, splits=_split_list(splits),
+                          rows_per_file=rows_per_file)
+    console.print(f"[green]exported[/green] {result.rows:,} rows in {result.files} file(s) per kind to {result.out} "
+                  f"in {result.seconds:.1f} s")
+
+
+@app.command("import", epilog="Examples:\n\n  vlmcache import embeddings/ --format clip-retrieval --out features/imported\n\n"
+                              "  vlmcache import datacomp/shards --format datacomp --features b32 --val-fraction 0.01 --out features/dc\n\n"
+                              "  vlmcache import my-arrays/ --format npy --out features/mine   (img_emb.npy, text_emb.npy, metadata.parquet)")
+def import_command(
+    source: Annotated[Path, typer.Argument(help="Folder of precomputed embeddings and captions.")],
+    out: Annotated[Path, typer.Option(help="Cache folder to write.")],
+    format: Annotated[str, typer.Option(help="clip-retrieval | datacomp | npy")] = "clip-retrieval",
+    features: Annotated[str | None, typer.Option(help="DataComp feature set, e.g. b32 or l14 [default: the only one]")] = None,
+    caption_column: Annotated[str | None, typer.Option(help="Parquet caption column [default: caption; text for DataComp]")] = None,
+    split_column: Annotated[str, typer.Option(help="Parquet column naming each row's split, when present.")] = "split",
+    val_fraction: Annotated[float | None, typer.Option(help="Put this fraction of rows (seed 0) in val, the rest in train.")] = None,
+    shard_size: Annotated[int, typer.Option(help="Rows per HDF5 shard (the unit of resume).")] = 65536,
+    dtype: Annotated[str, typer.Option(help="float16 | float32 storage.")] = "float16",
+    on_error: Annotated[str, typer.Option(help="fail: stop at the first NaN/inf row or empty caption; skip: record it and go on.")] = "fail",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing cache instead of resuming it.")] = False,
+) -> None:
+    """Make a vlmcache cache from precomputed embeddings (no extraction); train, eval and ablate then run on it."""
+    from vlmcache.formats import import_embeddings
+
+    result = import_embeddings(source, out, format, features=features, caption_column=caption_column,
+                               split_column=split_column, val_fraction=val_fraction, shard_size=shard_size,
+                               dtype=dtype, on_error=on_error, overwrite=overwrite)
+    console.print(f"[green]cache ready[/green] {result.path}: {result.images:,} pairs imported ({result.shards_written} "
+                  f"shards written, {result.shards_reused} reused) in {result.seconds:.1f} s")
+    if result.skipped:
+        console.print(f"[yellow]skipped {len(result.skipped)} rows[/yellow] (reasons in {result.path}/manifest.json)")
+
+
+@app.command(epilog="Examples:\n\n  vlmcache probe features/cifar10\n\n"
+                    "  vlmcache probe features/cifar10 --checkpoint runs/mlp-infonce --json probe.json")
+def probe(
+    cache: Annotated[Path, typer.Argument(help="Cache of a labelled image folder (root/<class>/*.jpg).")],
+    checkpoint: Annotated[Path | None, typer.Option(help="Also probe the features after this run's image projector.")] = None,
+    train_split: Annotated[str, typer.Option(help="Split to fit on; if the cache lacks it, a train/test split is carved.")] = "train",
+    test_split: Annotated[str | None, typer.Option(help="Split to score on [default: test, else val]")] = None,
+    test_fraction: Annotated[float, typer.Option(help="When carving: fraction of each class held out as test.")] = 0.5,
+    val_fraction: Annotated[float, typer.Option(help="Fraction of each class of the training images used to choose C.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed of the carved splits.")] = 0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the numbers to this JSON file.")] = None,
+) -> None:
+    """Linear-probe accuracy (scikit-learn LogisticRegression, C swept on a validation split) of cached image features."""
+    from dataclasses import asdict
+
+    from vlmcache.probe import probe as run_probe
+
+    result = run_probe(cache, checkpoint, train_split=train_split, test_split=test_split, test_fraction=test_fraction,
+                       val_fraction=val_fraction, seed=seed)
+    table = Table(title=f"linear probe on {cache}: {result.classes} classes, {result.train_images} train "
+                        f"({result.val_images} of them for choosing C) / {result.test_images} test images",
+                  caption=result.split_note, title_justify="left")
+    for column in ("features", "top-1 %", "mean per-class %", "C", "val top-1 %"):
+        table.add_column(column, justify="left" if column == "features" else "right")
+    for name, row in result.rows.items():
+        table.add_row(name, f"{row['top1']:.1f}", f"{row['mean_per_class']:.1f}",
+                      "—" if row["C"] is None else f"{row['C']:g}",
+                      "—" if row["val_top1"] is None else f"{row['val_top1']:.1f}")
+    console.print(table)
+    console.print(f"{result.seconds:.1f} s")
+    if json_out is not None:
+        json_out.write_text(json.dumps({**asdict(result), "cache": str(result.cache)}, indent=2))
+        console.print(f"wrote {json_out}")
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
 """Image–caption datasets: Flickr8k (official layout), Karpathy JSON (Flickr8k/30k, COCO), CSV/JSONL
-pairs and labelled image folders, all read into one `PairDataset` in a documented row order.
+pairs, labelled image folders and webdataset tar shards, all read into one `PairDataset` in a documented
+row order.
 
 Row order (the cache keeps it): images are grouped by split in the order train, val, test, then any
 other split name alphabetically; inside a split they keep the order of the source file. Captions follow
@@ -12,6 +13,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -20,11 +22,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from vlmcache import tars
 from vlmcache.errors import VlmcacheError
 
 SPLIT_ORDER = ("train", "val", "test")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-FORMATS = ("auto", "flickr8k", "karpathy", "pairs", "imagefolder")
+FORMATS = ("auto", "flickr8k", "karpathy", "pairs", "imagefolder", "webdataset")
+log = logging.getLogger("vlmcache")
 
 
 @dataclass
@@ -40,6 +44,7 @@ class PairDataset:
     caption_image: np.ndarray  # int64, caption row -> image row
     classes: list[str] = field(default_factory=list)  # image folders only
     image_labels: np.ndarray | None = None  # int64 class index per image, image folders only
+    dropped: list[dict] = field(default_factory=list)  # samples left out under on_error="skip", with reasons
 
     @property
     def num_images(self) -> int:
@@ -82,13 +87,25 @@ def load_dataset(
     images_dir: str | Path | None = None,
     splits: list[str] | None = None,
     limit: int | None = None,
+    *,
+    caption_key: str | None = None,
+    split_key: str = "split",
+    val_fraction: float | None = None,
+    seed: int = 0,
+    on_error: str = "fail",
 ) -> PairDataset:
     """Read a dataset from `path`.
 
     `format` is one of FORMATS ("auto" guesses from the path). `images_dir` overrides where images are
     looked up (Karpathy JSON, pairs). `splits` keeps only those splits; `limit` keeps the first N images
-    of each split (with all their captions), for quick runs and tests.
+    of each split (with all their captions), for quick runs and tests. The keyword options are for
+    webdataset shards (see `_read_webdataset`).
     """
+    if format == "webdataset" or (format == "auto" and tars.looks_like_shards(path)):
+        records, dropped = _read_webdataset(path, caption_key, split_key, val_fraction, seed, on_error)
+        dataset = _build("webdataset", Path(str(path)), records, [], splits, limit)
+        dataset.dropped = dropped
+        return dataset
     path = Path(path)
     if not path.exists():
         raise VlmcacheError(f"{path}: no such file or folder; pass a Flickr8k folder, a Karpathy JSON, "
@@ -252,6 +269,66 @@ def _check_records(root: Path, records: list[_Record]) -> None:
                 raise VlmcacheError(f"{root}: a caption of image {record.image_id} contains a NUL byte; remove it")
 
 
+def _read_webdataset(source, caption_key: str | None, split_key: str, val_fraction: float | None, seed: int,
+                     on_error: str) -> tuple[list[_Record], list[dict]]:
+    """Samples of img2dataset-style shards, one caption each.
+
+    The caption is the `.txt` member, or `caption_key` of the `.json` member (default "caption" when there
+    is no .txt; an explicit `caption_key` always reads the JSON). The split is `split_key` of the JSON when
+    present, else "train"; `val_fraction` instead makes that fraction of samples (drawn with `seed`) "val"
+    and the rest "train". A sample with no image or no caption fails, or under
+    on_error="skip" is left out, logged and returned in the dropped list.
+    """
+    if val_fraction is not None and not 0 < val_fraction < 1:
+        raise VlmcacheError(f"--val-fraction {val_fraction}: use a number between 0 and 1")
+    records, dropped = [], []
+    for sample in tars.scan_shards(source):
+        meta = {}
+        if sample.json_text is not None:
+            try:
+                meta = json.loads(sample.json_text)
+            except json.JSONDecodeError:
+                meta = None
+            if not isinstance(meta, dict):
+                reason = "its .json member is not a JSON object"
+                _drop(on_error, dropped, sample, reason)
+                continue
+        if sample.image_member is None:
+            found = f"; it has .{', .'.join(sample.other)}" if sample.other else ""
+            _drop(on_error, dropped, sample, f"no image member (.jpg/.jpeg/.png/.webp){found}")
+            continue
+        if caption_key is None and sample.text is not None:
+            caption = sample.text.strip()
+        else:
+            key = caption_key or "caption"
+            caption = meta.get(key)
+            if not isinstance(caption, str):
+                where = f"no {key!r} in its .json" if sample.json_text is not None else "no .txt or .json member"
+                _drop(on_error, dropped, sample, f"no caption ({where}; --caption-key names the JSON field)")
+                continue
+        split = str(meta.get(split_key, "train"))
+        records.append(_Record(sample.key, Path(sample.image_ref), split, [caption]))
+    if not records:
+        raise VlmcacheError(f"{source}: no usable samples in the shards")
+    if val_fraction is not None:  # replaces any split in the JSON
+        chosen = set(np.random.default_rng(seed).permutation(len(records))[:round(len(records) * val_fraction)].tolist())
+        for index, record in enumerate(records):
+            record.split = "val" if index in chosen else "train"
+    return records, dropped
+
+
+def _drop(on_error: str, dropped: list[dict], sample: tars.Sample, reason: str) -> None:
+    if on_error != "skip":
+        raise VlmcacheError(f"{sample.where()}: {reason}; fix the shard, or pass --on-error skip to leave it out")
+    log.warning("skipped %s: %s", sample.where(), reason)
+    dropped.append({"shard": str(sample.shard), "sample": sample.number, "key": sample.key, "reason": reason})
+
+
+def split_rank(split: str) -> tuple[int, str]:
+    """Sort key of a split in cache row order: train, val, test, then other names alphabetically."""
+    return (SPLIT_ORDER.index(split), "") if split in SPLIT_ORDER else (len(SPLIT_ORDER), split)
+
+
 def _build(fmt: str, root: Path, records: list[_Record], classes: list[str],
            splits: list[str] | None, limit: int | None) -> PairDataset:
     _check_records(root, records)
@@ -261,9 +338,6 @@ def _build(fmt: str, root: Path, records: list[_Record], classes: list[str],
         if missing:
             raise VlmcacheError(f"{root}: no split named {', '.join(missing)}; it has {', '.join(sorted(known))}")
         records = [record for record in records if record.split in splits]
-
-    def split_rank(split: str) -> tuple[int, str]:
-        return (SPLIT_ORDER.index(split), "") if split in SPLIT_ORDER else (len(SPLIT_ORDER), split)
 
     # A stable sort keeps the source order inside each split.
     records = sorted(records, key=lambda record: split_rank(record.split))
@@ -302,17 +376,27 @@ def load_rgb(path: str | Path) -> Image.Image:
     composited on white rather than having their alpha dropped (which turns transparent areas into
     arbitrary colours); 16-bit images are scaled to 8 bits rather than clipped; EXIF rotation is applied.
     Raises ImageDecodeError for missing, empty, truncated, non-image and decompression-bomb files.
+    `path` may also name an image inside a webdataset shard, `<tar>#<member>` (read in place).
     """
-    path = Path(path)
-    if not path.exists():
-        raise ImageDecodeError("file not found")
-    if path.stat().st_size == 0:
+    source = path
+    if tars.is_member_ref(path):
+        try:
+            source = tars.read_member(path)
+        except FileNotFoundError as error:
+            raise ImageDecodeError(str(error)) from None
+        empty = source.getbuffer().nbytes == 0
+    else:
+        path = Path(path)
+        if not path.exists():
+            raise ImageDecodeError("file not found")
+        empty = path.stat().st_size == 0
+    if empty:
         raise ImageDecodeError("file is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
             # Pillow only warns between 1x and 2x its pixel limit; treat both as the bomb they may be.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 image.load()
                 image = ImageOps.exif_transpose(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

@@ -63,6 +63,9 @@ class ExtractConfig:
     tokens: bool = False
     on_error: str = "fail"
     backend: str = "auto"
+    caption_key: str | None = None  # webdataset shards: the caption field of each sample's .json
+    split_key: str = "split"  # webdataset shards: the split field of each sample's .json
+    val_fraction: float | None = None  # webdataset shards: carve this fraction as val (fixed seed) instead
 
     def __post_init__(self):
         if self.on_error not in ON_ERROR:
@@ -177,7 +180,9 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
     if out.exists() and not out.is_dir():
         raise VlmcacheError(f"--out {out}: is a file; pass a folder path for the cache")
     rank, world = _distributed()
-    dataset = datasets.load_dataset(data, config.format, config.images_dir, config.splits, config.limit)
+    dataset = datasets.load_dataset(data, config.format, config.images_dir, config.splits, config.limit,
+                                    caption_key=config.caption_key, split_key=config.split_key,
+                                    val_fraction=config.val_fraction, on_error=config.on_error)
     if dataset.num_images == 0:
         raise VlmcacheError(f"{data}: no images selected")
     _check_out_folder(out, dataset)
@@ -201,7 +206,8 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
         "created": now_iso(),
         "dataset": {"format": dataset.format, "root": str(dataset.root), "fingerprint": fingerprint,
                     "images": dataset.num_images, "captions": dataset.num_captions,
-                    "splits": dataset.split_counts(), "limit_per_split": config.limit},
+                    "splits": dataset.split_counts(), "limit_per_split": config.limit,
+                    **({"dropped_samples": dataset.dropped} if dataset.dropped else {})},
         "provenance": provenance,
         "extract_config": asdict(config),
         "libraries": _library_versions(),
@@ -214,7 +220,7 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
             try:
                 out.mkdir(parents=True, exist_ok=True)
                 stack.enter_context(FolderLock(out, "extract"))
-                _prepare(out, dataset, manifest, overwrite)
+                prepare_cache(out, dataset, manifest, overwrite)
             except VlmcacheError as failure:
                 error = str(failure)
             except OSError as failure:
@@ -237,7 +243,7 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
                                sum(len(pending[m]) for m in MODALITIES), reused,
                                image_seconds=image_seconds, text_seconds=text_seconds)
         if rank == 0:
-            _finalize(out, manifest, plans, result)
+            finalize_cache(out, manifest, plans, result)
             save_query_encoder(out, text_encoder)
     result.seconds = time.perf_counter() - started
     return result
@@ -273,7 +279,7 @@ def _check_out_folder(out: Path, dataset: datasets.PairDataset) -> None:
                                 "choose an empty or new folder")
 
 
-def _prepare(out: Path, dataset: datasets.PairDataset, manifest: dict, overwrite: bool) -> None:
+def prepare_cache(out: Path, dataset: datasets.PairDataset, manifest: dict, overwrite: bool) -> None:
     """Check an existing cache is the same job (or wipe it with overwrite); write index and manifest."""
     manifest_path = out / "manifest.json"
     if manifest_path.exists() and not overwrite:
@@ -408,26 +414,28 @@ def save_query_encoder(out: Path, encoder: encoders.TextEncoder) -> None:
         "pad_id": encoder.tokenizer.pad_token_id, "pad_token": encoder.tokenizer.pad_token})
 
 
-def _finalize(out: Path, manifest: dict, plans: dict, result: ExtractResult) -> None:
+def finalize_cache(out: Path, manifest: dict, plans: dict, result: ExtractResult) -> None:
     """Gather skipped items and truncation from the shards; mark the manifest complete."""
     shards, skipped, truncated = {}, [], 0
     with h5py.File(out / "index.h5", "r") as index:
-        ids = {"images": index["image_id"].asstr()[()], "texts": index["caption"].asstr()[()]}
-    for modality in MODALITIES:
-        shards[modality] = []
-        for number, (start, stop) in enumerate(plans[modality]):
-            path = out / modality / shard_name(number)
-            if not path.exists():
-                raise VlmcacheError(f"{path}: shard missing after extraction; run the same extract again")
-            with h5py.File(path, "r") as shard:
-                for offset, reason in enumerate(shard["error"].asstr()[()]):
-                    if reason:
+        ids = {"images": index["image_id"].asstr(), "texts": index["caption"].asstr()}
+        for modality in MODALITIES:
+            shards[modality] = []
+            for number, (start, stop) in enumerate(plans[modality]):
+                path = out / modality / shard_name(number)
+                if not path.exists():
+                    raise VlmcacheError(f"{path}: shard missing after extraction; run the same extract again")
+                with h5py.File(path, "r") as shard:
+                    # A skipped row is always marked invalid; reading only those rows' strings keeps a
+                    # million-row cache from decoding two million strings here.
+                    for offset in np.flatnonzero(~shard["valid"][()].astype(bool)).tolist():
                         skipped.append({"modality": modality, "row": start + offset,
-                                        "item": str(ids[modality][start + offset]), "reason": reason})
-                if "truncated" in shard:
-                    truncated += int(shard["truncated"][()].sum())
-            shards[modality].append({"file": shard_name(number), "row_start": start, "rows": stop - start,
-                                     "sha256": file_sha256(path)})
+                                        "item": str(ids[modality][start + offset]),
+                                        "reason": shard["error"].asstr()[offset]})
+                    if "truncated" in shard:
+                        truncated += int(shard["truncated"][()].sum())
+                shards[modality].append({"file": shard_name(number), "row_start": start, "rows": stop - start,
+                                         "sha256": file_sha256(path)})
     manifest.update({"status": "complete", "finished": now_iso(), "shards": shards, "skipped": skipped,
                      "truncated_captions": truncated})
     write_json_atomic(out / "manifest.json", manifest)
