@@ -286,7 +286,8 @@ def _batches(config: TrainConfig, n_images: int, n_texts: int, owner, starts, co
 
 def _save(path: Path, meta: dict, model: nn.Module, optimizer=None, scheduler=None, generator=None) -> None:
     """Write a checkpoint atomically: tensors in safetensors, everything else as JSON in its metadata."""
-    tensors = {f"model.{name}": value.detach().cpu().contiguous() for name, value in model.state_dict().items()}
+    # clone: tied weights (e.g. a tuned GPT-2's embedding and output layer) share memory, which safetensors refuses
+    tensors = {f"model.{name}": value.detach().cpu().clone() for name, value in model.state_dict().items()}
     header = {"vlmcache": json.dumps(meta)}
     if optimizer is not None:
         optim_state = optimizer.state_dict()
