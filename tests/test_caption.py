@@ -148,6 +148,28 @@ def caption_cache(tmp_path_factory, tiny_models):
     return root / "cache"
 
 
+@pytest.fixture(scope="module")
+def caption_run(caption_cache, tmp_path_factory):
+    run = tmp_path_factory.mktemp("caption-run") / "run"
+    train_captioner(caption_cache, run, CaptionConfig(epochs=1, **TINY))
+    return run
+
+
+def test_web_page_captions_an_uploaded_image(caption_run, caption_cache):
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+
+    from vlmcache.serve import create_app
+
+    client = TestClient(create_app(caption_run))
+    assert "captioner" in client.get("/").text
+    image = sorted((caption_cache.parent / "flickr" / "Images").iterdir())[0]
+    reply = client.post("/caption", files={"image": ("photo.jpg", image.read_bytes(), "image/jpeg")})
+    assert reply.status_code == 200 and isinstance(reply.json()["caption"], str)
+    reply = client.post("/caption", files={"image": ("notes.txt", b"not an image", "text/plain")})
+    assert reply.status_code == 400 and "notes.txt" in reply.json()["error"]
+
+
 def test_cli_train_eval_predict_and_plot(caption_cache, tmp_path, capsys):
     run = tmp_path / "run"
     code, out, err = run_cli(["caption", "train", caption_cache, "--out", run, "--epochs", "2", "--width", "32",
@@ -234,14 +256,13 @@ def test_hf_causal_lm_frozen_by_default_and_tuned_on_request(caption_cache, tiny
 
 # --- bad input ------------------------------------------------------------------------------------------
 
-def test_bad_input_is_one_line_and_exit_2(caption_cache, tiny_models, tmp_path, capsys):
+def test_bad_input_is_one_line_and_exit_2(caption_cache, caption_run, tiny_models, tmp_path, capsys):
     cifar = tmp_path / "cifar"
     extract(CIFAR, cifar, image_model=str(tiny_models["vit"]), text_model=str(tiny_models["distilbert"]), limit=4,
             progress=False)
     pooled = tmp_path / "pooled"
     extract(caption_cache.parent / "flickr", pooled, image_model=str(tiny_models["vit"]),
             text_model=str(tiny_models["distilbert"]), progress=False)
-    train_captioner(caption_cache, tmp_path / "run", CaptionConfig(epochs=1, **TINY))
     from vlmcache.train import TrainConfig, train
 
     train(caption_cache, tmp_path / "retrieval", TrainConfig(epochs=1, batch_size=4))
@@ -249,11 +270,11 @@ def test_bad_input_is_one_line_and_exit_2(caption_cache, tiny_models, tmp_path, 
         (["caption", "train", cifar, "--out", tmp_path / "a"], "labelled image folder"),
         (["caption", "train", caption_cache, "--out", tmp_path / "b", "--decoder", tiny_models["vit"]],
          "not a causal language model"),
-        (["caption", tmp_path / "missing.jpg", "--checkpoint", tmp_path / "run"], "image file not found"),
+        (["caption", tmp_path / "missing.jpg", "--checkpoint", caption_run], "image file not found"),
         (["caption", "eval", tmp_path / "retrieval"], "not a captioner checkpoint"),
         (["caption", "train", pooled, "--out", tmp_path / "c", "--projector", "resampler"], "extract ... --tokens"),
         (["caption", "train", caption_cache, "--out", tmp_path / "d", "--freeze-lm"], "--freeze-lm"),
-        (["caption", "train", caption_cache, "--out", tmp_path / "run"], "already holds a run"),
+        (["caption", "train", caption_cache, "--out", caption_run], "already holds a run"),
     ]
     for args, message in cases:
         code, out, err = run_cli(args, capsys)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from vlmcache.errors import VlmcacheError
 from vlmcache.inference import Predictor
+from vlmcache.train import read_checkpoint
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 
@@ -62,14 +63,83 @@ document.getElementById('search-form').onsubmit = async e => {
 </script></body></html>"""
 
 
+CAPTION_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>vlmcache captioner</title>
+<style> body { font-family: system-ui, sans-serif; max-width: 960px; margin: 2em auto; color: #222; }
+ .error { color: #b00020; } #caption { font-size: 1.3em; } img { max-width: 480px; display: block; margin: 1em 0; }
+</style></head><body>
+<h1>vlmcache captioner</h1><p>Checkpoint <code>{checkpoint}</code> ({projector} → {decoder}).</p>
+<form id="caption-form"><input type="file" id="image" name="image" accept="image/*" required>
+<button id="caption-button" type="submit">Caption</button></form><img id="preview" alt=""><div id="caption-result"></div>
+<script>
+const esc = s => s.replace(/[&<>"]/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]));
+document.getElementById('caption-form').onsubmit = async e => {
+  e.preventDefault();
+  const file = document.getElementById('image').files[0], out = document.getElementById('caption-result');
+  document.getElementById('preview').src = URL.createObjectURL(file); out.textContent = 'captioning…';
+  const body = new FormData(); body.append('image', file);
+  const reply = await fetch('caption', {method: 'POST', body}); const data = await reply.json();
+  out.innerHTML = reply.ok ? '<p id="caption">' + esc(data.caption) + '</p>'
+                           : '<p class="error" id="error">' + esc(data.error) + '</p>';
+};
+</script></body></html>"""
+
+
+async def _with_upload(request, use):
+    """Run `use(path)` on the uploaded image (saved to a temporary file); JSON error replies for bad uploads."""
+    from starlette.responses import JSONResponse
+
+    if int(request.headers.get("content-length") or 0) > MAX_UPLOAD_BYTES + 64 * 1024:
+        return JSONResponse({"error": f"upload larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MB"}, status_code=413)
+    form = await request.form()
+    upload = form.get("image")
+    if upload is None or not hasattr(upload, "read"):
+        return JSONResponse({"error": "choose an image file to upload"}, status_code=400)
+    data = await upload.read()
+    if len(data) > MAX_UPLOAD_BYTES:
+        return JSONResponse({"error": f"upload larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MB"}, status_code=413)
+    with tempfile.NamedTemporaryFile(suffix=Path(upload.filename or "upload").suffix) as handle:
+        handle.write(data)
+        handle.flush()
+        try:
+            return JSONResponse(use(handle.name, form))
+        except VlmcacheError as error:
+            return JSONResponse({"error": str(error).replace(handle.name, upload.filename or "upload")}, status_code=400)
+
+
+def create_caption_app(checkpoint: str | Path):
+    """The page for a captioner checkpoint: upload an image, read its caption."""
+    from starlette.applications import Starlette
+    from starlette.responses import HTMLResponse
+    from starlette.routing import Route
+
+    from vlmcache.caption import CaptionPredictor
+
+    predictor = CaptionPredictor(checkpoint)
+    config = predictor.model.config
+    page = (CAPTION_PAGE.replace("{checkpoint}", str(checkpoint)).replace("{projector}", config.projector)
+            .replace("{decoder}", config.decoder))
+
+    async def index(request):
+        return HTMLResponse(page)
+
+    async def caption(request):
+        return await _with_upload(request, lambda path, form: {"caption": predictor.caption([path])[0]})
+
+    return Starlette(routes=[Route("/", index), Route("/caption", caption, methods=["POST"])])
+
+
 def create_app(checkpoint: str | Path, split: str | None = None):
-    """The Starlette app for a checkpoint (the tests drive it directly and through a real browser)."""
+    """The Starlette app for a checkpoint (the tests drive it directly and through a real browser); a
+    captioner checkpoint gets the caption page instead."""
     try:
         from starlette.applications import Starlette
         from starlette.responses import FileResponse, HTMLResponse, JSONResponse
         from starlette.routing import Route
     except ImportError:
         raise VlmcacheError("the web page needs starlette, uvicorn and python-multipart: pip install 'vlmcache[serve]'") from None
+    if read_checkpoint(checkpoint)[1]["vlmcache"].get("kind") == "captioner":
+        return create_caption_app(checkpoint)
     predictor = Predictor(checkpoint)
     config = predictor.meta["config"]
     page = (PAGE.replace("{checkpoint}", str(checkpoint)).replace("{projector}", config["projector"])
@@ -79,24 +149,11 @@ def create_app(checkpoint: str | Path, split: str | None = None):
         return HTMLResponse(page)
 
     async def classify(request):
-        if int(request.headers.get("content-length") or 0) > MAX_UPLOAD_BYTES + 64 * 1024:
-            return JSONResponse({"error": f"upload larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MB"}, status_code=413)
-        form = await request.form()
-        upload, labels = form.get("image"), str(form.get("labels") or "")
-        if upload is None or not hasattr(upload, "read"):
-            return JSONResponse({"error": "choose an image file to upload"}, status_code=400)
-        data = await upload.read()
-        if len(data) > MAX_UPLOAD_BYTES:
-            return JSONResponse({"error": f"upload larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MB"}, status_code=413)
-        with tempfile.NamedTemporaryFile(suffix=Path(upload.filename or "upload").suffix) as handle:
-            handle.write(data)
-            handle.flush()
-            try:
-                rows, scale = predictor.rank_labels(handle.name, labels.split(","))
-            except VlmcacheError as error:
-                message = str(error).replace(handle.name, upload.filename or "upload")
-                return JSONResponse({"error": message}, status_code=400)
-        return JSONResponse({"rows": [row.__dict__ for row in rows], "scale": scale})
+        def rank(path, form):
+            rows, scale = predictor.rank_labels(path, str(form.get("labels") or "").split(","))
+            return {"rows": [row.__dict__ for row in rows], "scale": scale}
+
+        return await _with_upload(request, rank)
 
     async def search(request):
         try:
