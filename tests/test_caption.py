@@ -55,6 +55,14 @@ def test_identical_candidates_and_references_score_the_maximum():
         assert scores["meteor"] is None
 
 
+def test_without_java_meteor_is_skipped_with_a_warning_not_a_crash(monkeypatch):
+    monkeypatch.setattr("vlmcache.caption_metrics.java_available", lambda: False)
+    with pytest.warns(UserWarning, match="METEOR is skipped"):
+        scores = score_captions(["A dog runs ."], [["a dog runs fast"]])
+    assert scores["meteor"] is None
+    assert scores["bleu1"] == pytest.approx(100 * math.exp(-1 / 3), abs=1e-4)  # same words as the PTB tokenizer gives
+
+
 def test_nearest_neighbour_picks_the_consensus_caption_of_the_closest_image():
     train_images = np.array([[1.0, 0.0], [0.0, 1.0]])
     captions = ["cat one", "cat two", "cat three", "dog one", "dog two", "dog three"]
