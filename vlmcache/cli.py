@@ -407,7 +407,8 @@ class _CaptionGroup(typer.core.TyperGroup):
 
 caption_app = typer.Typer(cls=_CaptionGroup, no_args_is_help=True, rich_markup_mode="rich",
                           help="Captioning on cached image features: train a projector (+ decoder), score it with "
-                               "BLEU/METEOR/ROUGE-L/CIDEr beside baselines, caption image files.")
+                               "BLEU/METEOR/ROUGE-L/CIDEr beside baselines, caption image files "
+                               "(vlmcache caption IMAGE... --checkpoint RUN is caption predict).")
 app.add_typer(caption_app, name="caption")
 
 
