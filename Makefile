@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/python -m pip install -q -e '.[offline,fast,plots,serve,formats,dev]'
+	$(BIN)/python -m pip install -q -e '.[offline,fast,plots,serve,formats,caption,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)

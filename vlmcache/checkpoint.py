@@ -19,7 +19,7 @@ from torch import nn
 from vlmcache import encoders
 from vlmcache.config import MAX_WIDTH, TrainConfig
 from vlmcache.errors import VlmcacheError
-from vlmcache.files import atomic_write, write_json_atomic
+from vlmcache.files import atomic_write, write_json_atomic, write_text_atomic
 from vlmcache.model import AlignmentModel
 from vlmcache.store import FeatureCache, open_cache
 
@@ -30,7 +30,8 @@ def save_checkpoint(path: Path, meta: dict, model: nn.Module, optimizer=None, sc
     With an optimiser (and its scheduler and sampling generator) the file also holds what `restore`
     needs to continue the run exactly: optimiser moments, scheduler state and both RNG states.
     """
-    tensors = {f"model.{name}": value.detach().cpu().contiguous() for name, value in model.state_dict().items()}
+    # clone: tied weights (e.g. a tuned GPT-2's embedding and output layer) share memory, which safetensors refuses
+    tensors = {f"model.{name}": value.detach().cpu().clone() for name, value in model.state_dict().items()}
     header = {"vlmcache": json.dumps(meta)}
     if optimizer is not None:
         optim_state = optimizer.state_dict()
@@ -65,7 +66,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {**header, "vlmcache": meta, "path": str(path)}
 
 
-def _model_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def model_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name[len("model."):]: value for name, value in tensors.items() if name.startswith("model.")}
 
 
@@ -80,7 +81,7 @@ def build_checked(meta: dict, tensors: dict[str, torch.Tensor], path: str) -> Al
         raise VlmcacheError(f"{path}: checkpoint metadata asks for {image_dim}/{text_dim}-d features; not a valid checkpoint")
     with torch.device("meta"):  # shapes only: nothing is allocated however large the header says it is
         model = AlignmentModel(config, image_dim, text_dim)
-    weights = _model_weights(tensors)
+    weights = model_weights(tensors)
     expected = {name: tuple(value.shape) for name, value in model.state_dict().items()}
     found = {name: tuple(value.shape) for name, value in weights.items()}
     if expected != found:
@@ -100,6 +101,11 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[AlignmentModel, d
     return model.to(device).eval(), header["vlmcache"]
 
 
+def write_metrics_log(out: Path, history: list[dict]) -> None:
+    """A run's metrics.jsonl rewritten whole from its checkpoint's history (atomic), so no kill loses a line."""
+    write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(record) + "\n" for record in history))
+
+
 def restore(path: Path, meta: dict, model: nn.Module, optimizer, scheduler, generator) -> dict:
     """Load a `last` checkpoint into the live model, optimiser, scheduler and RNGs; returns the loop state."""
     tensors, header = read_checkpoint(path)
@@ -109,7 +115,7 @@ def restore(path: Path, meta: dict, model: nn.Module, optimizer, scheduler, gene
             raise VlmcacheError(f"{path}: was trained with a different {key} than requested now; resume with the "
                                 "same cache and options, or start a new run with --overwrite or another --out")
     try:
-        model.load_state_dict(_model_weights(tensors))
+        model.load_state_dict(model_weights(tensors))
         optim_state: dict = {"state": {}, "param_groups": json.loads(header["optimizer_groups"])}
         for name, value in tensors.items():
             if name.startswith("optim."):

@@ -567,6 +567,113 @@ def probe(
         console.print(f"wrote {json_out}")
 
 
+
+
+class _CaptionGroup(typer.core.TyperGroup):
+    """`vlmcache caption IMAGE... --checkpoint RUN` is `vlmcache caption predict IMAGE...`: anything that is not
+    a subcommand name or --help goes to `predict`, so the issue's interface and `caption train/eval` coexist."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["predict", *args]
+        return super().parse_args(ctx, args)
+
+
+caption_app = typer.Typer(cls=_CaptionGroup, no_args_is_help=True, rich_markup_mode="rich",
+                          help="Captioning on cached image features: train a projector (+ decoder), score it with "
+                               "BLEU/METEOR/ROUGE-L/CIDEr beside baselines, caption image files "
+                               "(vlmcache caption IMAGE... --checkpoint RUN is caption predict).")
+app.add_typer(caption_app, name="caption")
+
+
+def _caption_table(title: str, rows: dict[str, dict]) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("captioner", no_wrap=True)
+    for column in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"):
+        table.add_column(column, justify="right")
+    for name, m in rows.items():
+        table.add_row(name, *("-" if m[key] is None else f"{m[key]:.1f}" for key in
+                              ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider")))
+    return table
+
+
+@caption_app.command("train", epilog="Examples:\n\n  vlmcache caption train features/flickr8k --out runs/caption\n\n"
+                                     "  vlmcache caption train features/flickr8k-tokens --projector resampler --out runs/caption-resampler\n\n"
+                                     "  vlmcache caption train features/flickr8k --decoder gpt2 --prefix-tokens 10 --out runs/clipcap")
+def caption_train(
+    cache: Annotated[Path, typer.Argument(help="Cache folder of an image–caption dataset.")],
+    out: Annotated[Path, typer.Option(help="Run folder for checkpoints and metrics.jsonl.")] = Path("runs/caption"),
+    decoder: Annotated[str, typer.Option(help="'small' (trained from scratch) or a Hugging Face causal LM name or folder.")] = "small",
+    projector: Annotated[str, typer.Option(help="linear | mlp (pooled features) | resampler (the cache's tokens; extract --tokens)")] = "mlp",
+    prefix_tokens: Annotated[int, typer.Option(help="K: image prefix vectors fed to the decoder.")] = 4,
+    tune_lm: Annotated[bool | None, typer.Option("--tune-lm/--freeze-lm", help="Train the language model too [default: small decoder trained, a pretrained LM frozen]")] = None,
+    layers: Annotated[int, typer.Option(help="Small decoder: transformer blocks.")] = 3,
+    width: Annotated[int, typer.Option(help="Small decoder: model width.")] = 256,
+    epochs: Annotated[int, typer.Option(help="Passes over all training captions.")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Captions per step (batches are length-bucketed).")] = 64,
+    lr: Annotated[float, typer.Option(help="AdamW peak learning rate (warm-up, then cosine).")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Seed for initialisation, batch order and dropout.")] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out exactly.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the run in --out again.")] = False,
+) -> None:
+    """Train a captioner on cached image features; the best epoch by validation CIDEr (greedy) is kept."""
+    from vlmcache.caption import CaptionConfig, train_captioner
+
+    config = CaptionConfig(decoder=decoder, projector=projector, prefix_tokens=prefix_tokens, tune_lm=tune_lm,
+                           layers=layers, width=width, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+
+    def show(record: dict) -> None:
+        console.print(f"epoch {record['epoch']:>3}  loss {record['train_loss']:.3f}  val BLEU-4 {record['val_bleu4']:.1f}  "
+                      f"CIDEr {record['val_cider']:.1f}  ({record['train_seconds']:.0f} s train, {record['seconds']:.0f} s total)")
+
+    result = train_captioner(cache, out, config, resume=resume, overwrite=overwrite, device=device, on_epoch=show)
+    best = result.best_metrics
+    console.print(f"best epoch {result.best_epoch}: val BLEU-4 {best['bleu4']:.1f}, CIDEr {best['cider']:.1f} (greedy); "
+                  f"{result.parameters:,} trained parameters; {result.seconds:.1f} s; checkpoints in {result.out}")
+
+
+@caption_app.command("eval", epilog="Examples:\n\n  vlmcache caption eval runs/caption\n\n"
+                                    "  vlmcache caption eval runs/caption --beam 1 --split val --json caption.json")
+def caption_eval(
+    run: Annotated[Path, typer.Argument(help="Captioning run folder (its best checkpoint) or .safetensors file.")],
+    cache: Annotated[Path | None, typer.Option(help="Cache to caption [default: the training cache]")] = None,
+    split: Annotated[str | None, typer.Option(help="Split [default: test if the cache has it, else val]")] = None,
+    beam: Annotated[int, typer.Option(help="Beam width; 1 is greedy decoding.")] = 3,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics to this JSON file.")] = None,
+) -> None:
+    """BLEU-1..4, METEOR, ROUGE-L, CIDEr (×100, all references) of a captioner beside the nearest-neighbour
+    and most-frequent-caption baselines."""
+    from vlmcache.caption import evaluate_captioner
+    from vlmcache.caption_metrics import java_available
+    from vlmcache.store import write_json_atomic
+
+    report = evaluate_captioner(run, cache, split, beam)
+    if not java_available():
+        console.print("[yellow]no java: METEOR skipped, captions tokenised in Python instead of the PTB tokenizer[/yellow]")
+    console.print(_caption_table(f"captioning on split {report.split!r} of {report.cache} (×100)", report.rows))
+    for image_id, generated, reference in report.examples:
+        console.print(f"{image_id}: {generated!r}  (a reference: {reference!r})")
+    if json_out is not None:
+        write_json_atomic(json_out, {"split": report.split, "cache": str(report.cache), "beam": report.beam,
+                                     "captioning": report.rows})
+        console.print(f"wrote {json_out}")
+
+
+@caption_app.command("predict", epilog="Examples:\n\n  vlmcache caption photo.jpg --checkpoint runs/caption\n\n"
+                                       "  vlmcache caption predict a.jpg b.jpg --checkpoint runs/caption --beam 5")
+def caption_predict(
+    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    checkpoint: Annotated[Path, typer.Option(help="Captioning run folder or .safetensors file.")] = Path("runs/caption"),
+    beam: Annotated[int, typer.Option(help="Beam width; 1 is greedy decoding.")] = 3,
+) -> None:
+    """Caption image files (also: vlmcache caption IMAGE... --checkpoint RUN)."""
+    from vlmcache.caption import caption_images
+
+    for image, text in zip(images, caption_images(checkpoint, images, beam), strict=True):
+        console.print(f"{image}: {text}", highlight=False)
+
+
 def main() -> None:
     """Entry point: runs the app; user mistakes (bad options, bad files) print one line on stderr, exit 2."""
     errors = Console(stderr=True, soft_wrap=True, highlight=False)

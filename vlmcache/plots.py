@@ -11,9 +11,6 @@ from pathlib import Path
 from vlmcache.errors import VlmcacheError
 from vlmcache.files import check_writable
 
-PLOTTED = ("epoch", "train_loss", "logit_scale", "val_i2t_r1", "val_t2i_r1", "val_i2t_r10", "val_t2i_r10",
-           "val_mean_recall")
-
 
 def _pyplot():
     try:
@@ -34,7 +31,7 @@ def read_metrics_log(log: Path) -> list[dict]:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and all(key in record for key in PLOTTED):
+        if isinstance(record, dict) and "epoch" in record and "train_loss" in record:
             records.append(record)
     return records
 
@@ -48,6 +45,8 @@ def plot_training(run_dir: str | Path, out: str | Path | None = None) -> Path:
     records = read_metrics_log(log)
     if not records:
         raise VlmcacheError(f"{log}: holds no complete epoch; train at least one epoch")
+    if "val_cider" in records[0]:
+        return plot_caption_training(run_dir, records, out)
     epochs = [r["epoch"] for r in records]
     plt = _pyplot()
     figure, (loss_ax, scale_ax, recall_ax) = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -67,6 +66,29 @@ def plot_training(run_dir: str | Path, out: str | Path | None = None) -> Path:
     figure.suptitle(f"vlmcache run {run_dir}")
     figure.tight_layout()
     out = check_writable(Path(out) if out else run_dir / "training.png", "--out")
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+    return out
+
+
+def plot_caption_training(run_dir: Path, records: list[dict], out: str | Path | None = None) -> Path:
+    """A captioning run: training loss and validation BLEU-1..4 / ROUGE-L / CIDEr per epoch."""
+    epochs = [r["epoch"] for r in records]
+    plt = _pyplot()
+    figure, (loss_ax, score_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    loss_ax.plot(epochs, [r["train_loss"] for r in records], marker="o")
+    loss_ax.set(title="training loss", xlabel="epoch", ylabel="cross-entropy per token")
+    for key, label in (("val_bleu1", "BLEU-1"), ("val_bleu4", "BLEU-4"), ("val_rouge_l", "ROUGE-L"),
+                       ("val_cider", "CIDEr")):
+        score_ax.plot(epochs, [r[key] for r in records], marker=".", label=label,
+                      linewidth=2.5 if key == "val_cider" else 1.2)
+    score_ax.set(title="validation captions (greedy; best epoch by CIDEr)", xlabel="epoch", ylabel="score ×100")
+    score_ax.legend(fontsize=8)
+    for axis in (loss_ax, score_ax):
+        axis.grid(alpha=0.3)
+    figure.suptitle(f"vlmcache captioning run {run_dir}")
+    figure.tight_layout()
+    out = Path(out) if out else run_dir / "training.png"
     figure.savefig(out, dpi=110)
     plt.close(figure)
     return out

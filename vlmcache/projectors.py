@@ -88,3 +88,45 @@ def build_projector(kind: str, in_dim: int, out_dim: int, **options) -> nn.Modul
 
 def count_parameters(module: nn.Module) -> int:
     return sum(parameter.numel() for parameter in module.parameters() if parameter.requires_grad)
+
+
+class Resampler(nn.Module):
+    """A Perceiver resampler (Flamingo, Alayrac et al. 2022): `latents` learned queries read a variable
+    number of tokens through `depth` blocks of cross-attention + feed-forward and come out as `latents`
+    tokens of width `dim`, whatever the number of input tokens.
+
+    As in Flamingo the keys and values are the input tokens and the latents together; `mask` (B, T),
+    True where a token is real, keeps padding (e.g. of text tokens) out of the attention. Input tokens
+    get a learned position embedding (up to `max_tokens`) so a spatial grid keeps where things are.
+    """
+
+    def __init__(self, in_dim: int, dim: int, latents: int = 8, depth: int = 2, heads: int = 4,
+                 max_tokens: int = 256, ff_mult: int = 4):
+        super().__init__()
+        self.input = nn.Linear(in_dim, dim)
+        self.positions = nn.Parameter(torch.zeros(max_tokens, dim))
+        self.latents = nn.Parameter(torch.randn(latents, dim) * 0.02)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"norm_tokens": nn.LayerNorm(dim), "norm_latents": nn.LayerNorm(dim),
+                           "attention": nn.MultiheadAttention(dim, heads, batch_first=True),
+                           "ff": nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, ff_mult * dim), nn.GELU(),
+                                               nn.Linear(ff_mult * dim, dim))})
+            for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, in_dim) tokens, optional (B, T) bool mask -> (B, latents, dim)."""
+        if tokens.shape[1] > len(self.positions):
+            raise ValueError(f"{tokens.shape[1]} tokens, but this resampler has positions for {len(self.positions)}")
+        x = self.input(tokens) + self.positions[:tokens.shape[1]]
+        latents = self.latents.expand(len(tokens), -1, -1)
+        # The latents are always valid keys, so a row whose tokens are all masked still attends somewhere.
+        padding = None if mask is None else torch.cat([~mask.bool(), mask.new_zeros(len(tokens), latents.shape[1],
+                                                                                     dtype=torch.bool)], dim=1)
+        for block in self.blocks:
+            queries = block["norm_latents"](latents)
+            keys = torch.cat([block["norm_tokens"](x), queries], dim=1)
+            attended, _ = block["attention"](queries, keys, keys, key_padding_mask=padding, need_weights=False)
+            latents = latents + attended
+            latents = latents + block["ff"](latents)
+        return self.norm(latents)

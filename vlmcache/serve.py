@@ -13,6 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from vlmcache.checkpoint import read_checkpoint
 from vlmcache.datasets import ImageDecodeError, load_rgb
 from vlmcache.errors import VlmcacheError
 from vlmcache.predictor import Predictor
@@ -65,48 +66,119 @@ document.getElementById('search-form').onsubmit = async e => {
 </script></body></html>"""
 
 
+CAPTION_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>vlmcache captioner</title>
+<style> body { font-family: system-ui, sans-serif; max-width: 960px; margin: 2em auto; color: #222; }
+ .error { color: #b00020; } #caption { font-size: 1.3em; } img { max-width: 480px; display: block; margin: 1em 0; }
+</style></head><body>
+<h1>vlmcache captioner</h1><p>Checkpoint <code>{checkpoint}</code> ({projector} → {decoder}).</p>
+<form id="caption-form"><input type="file" id="image" name="image" accept="image/*" required>
+<button id="caption-button" type="submit">Caption</button></form><img id="preview" alt=""><div id="caption-result"></div>
+<script>
+const esc = s => s.replace(/[&<>"]/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]));
+document.getElementById('caption-form').onsubmit = async e => {
+  e.preventDefault();
+  const file = document.getElementById('image').files[0], out = document.getElementById('caption-result');
+  document.getElementById('preview').src = URL.createObjectURL(file); out.textContent = 'captioning…';
+  const body = new FormData(); body.append('image', file);
+  const reply = await fetch('caption', {method: 'POST', body}); const data = await reply.json();
+  out.innerHTML = reply.ok ? '<p id="caption">' + esc(data.caption) + '</p>'
+                           : '<p class="error" id="error">' + esc(data.error) + '</p>';
+};
+</script></body></html>"""
+
+
+async def _with_upload(request, use):
+    """Run `use(path, form)` on the uploaded image (a temporary file) in a worker thread; JSON error replies.
+
+    The body is counted as it arrives, so a chunked upload cannot get past the limit; the model work runs
+    in a thread, so one slow request does not stall the others."""
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import JSONResponse
+
+    too_large = {"error": f"upload larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MB"}
+    if int(request.headers.get("content-length") or 0) > MAX_UPLOAD_BYTES + 64 * 1024:
+        return JSONResponse(too_large, status_code=413)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_UPLOAD_BYTES + 64 * 1024:
+            return JSONResponse(too_large, status_code=413)
+    request._body = bytes(body)  # starlette parses the form from the body already read
+    form = await request.form()
+    upload = form.get("image")
+    if upload is None or not hasattr(upload, "read"):
+        return JSONResponse({"error": "choose an image file to upload"}, status_code=400)
+    data = await upload.read()
+    if len(data) > MAX_UPLOAD_BYTES:
+        return JSONResponse(too_large, status_code=413)
+
+    def run() -> dict:
+        with tempfile.NamedTemporaryFile(suffix=Path(upload.filename or "upload").suffix) as handle:
+            handle.write(data)
+            handle.flush()
+            try:
+                return use(handle.name, form)
+            except VlmcacheError as error:
+                raise VlmcacheError(str(error).replace(handle.name, upload.filename or "upload")) from None
+
+    try:
+        return JSONResponse(await run_in_threadpool(run))
+    except VlmcacheError as error:
+        return JSONResponse({"error": str(error)}, status_code=400)
+
+
+def create_caption_app(checkpoint: str | Path):
+    """The page for a captioner checkpoint: upload an image, read its caption."""
+    from starlette.applications import Starlette
+    from starlette.responses import HTMLResponse
+    from starlette.routing import Route
+
+    from vlmcache.caption import CaptionPredictor
+
+    predictor = CaptionPredictor(checkpoint)
+    config = predictor.model.config
+    page = (CAPTION_PAGE.replace("{checkpoint}", html.escape(str(checkpoint)))
+            .replace("{projector}", html.escape(config.projector)).replace("{decoder}", html.escape(config.decoder)))
+
+    async def index(request):
+        return HTMLResponse(page)
+
+    async def caption(request):
+        return await _with_upload(request, lambda path, form: {"caption": predictor.caption([path])[0]})
+
+    return Starlette(routes=[Route("/", index), Route("/caption", caption, methods=["POST"])])
+
+
 def create_app(checkpoint: str | Path, split: str | None = None):
-    """The Starlette app for a checkpoint (the tests drive it directly and through a real browser)."""
+    """The Starlette app for a checkpoint (the tests drive it directly and through a real browser); a
+    captioner checkpoint gets the caption page instead."""
     try:
         from starlette.applications import Starlette
         from starlette.responses import FileResponse, HTMLResponse, JSONResponse
         from starlette.routing import Route
     except ImportError:
         raise VlmcacheError("the web page needs starlette, uvicorn and python-multipart: pip install 'vlmcache[serve]'") from None
-    from starlette.concurrency import run_in_threadpool
-
+    if read_checkpoint(checkpoint)[1]["vlmcache"].get("kind") == "captioner":
+        return create_caption_app(checkpoint)
     predictor = Predictor(checkpoint)
     predictor.searchable(split)  # load everything a query needs now, so the first query is as fast as the rest
     predictor.prompts.encoder  # noqa: B018
+    from starlette.concurrency import run_in_threadpool
+
     config = predictor.meta["config"]
     page = (PAGE.replace("{checkpoint}", html.escape(str(checkpoint))).replace("{projector}", html.escape(config["projector"]))
             .replace("{loss}", html.escape(config["loss"])))
-    too_large = {"error": f"upload larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MB"}
 
     async def index(request):
         return HTMLResponse(page)
 
     async def classify(request):
-        if int(request.headers.get("content-length") or 0) > MAX_UPLOAD_BYTES + 64 * 1024:
-            return JSONResponse(too_large, status_code=413)
-        body = bytearray()
-        async for chunk in request.stream():  # counted as it arrives: a chunked upload cannot exceed the limit
-            body += chunk
-            if len(body) > MAX_UPLOAD_BYTES + 64 * 1024:
-                return JSONResponse(too_large, status_code=413)
-        request._body = bytes(body)  # starlette parses the form from the body already read
-        form = await request.form()
-        upload, labels = form.get("image"), str(form.get("labels") or "")
-        if upload is None or not hasattr(upload, "read"):
-            return JSONResponse({"error": "choose an image file to upload"}, status_code=400)
-        data = await upload.read()
-        if len(data) > MAX_UPLOAD_BYTES:
-            return JSONResponse(too_large, status_code=413)
-        try:
-            rows, scale = await run_in_threadpool(_rank_upload, predictor, data, upload.filename, labels)
-        except VlmcacheError as error:
-            return JSONResponse({"error": str(error)}, status_code=400)
-        return JSONResponse({"rows": [row.__dict__ for row in rows], "scale": scale})
+        def rank(path, form):
+            rows, scale = predictor.rank_labels(path, str(form.get("labels") or "").split(","))
+            return {"rows": [row.__dict__ for row in rows], "scale": scale}
+
+        return await _with_upload(request, rank)
 
     async def search(request):
         try:
@@ -131,17 +203,6 @@ def create_app(checkpoint: str | Path, split: str | None = None):
 
     return Starlette(routes=[Route("/", index), Route("/classify", classify, methods=["POST"]),
                              Route("/search", search), Route("/image/{number:int}", image)])
-
-
-def _rank_upload(predictor: Predictor, data: bytes, filename: str | None, labels: str):
-    """Rank labels for uploaded bytes (in a worker thread: the event loop stays free for other requests)."""
-    with tempfile.NamedTemporaryFile(suffix=Path(filename or "upload").suffix) as handle:
-        handle.write(data)
-        handle.flush()
-        try:
-            return predictor.rank_labels(handle.name, labels.split(","))
-        except VlmcacheError as error:
-            raise VlmcacheError(str(error).replace(handle.name, filename or "upload")) from None
 
 
 def servable_image(recorded: str, root: Path) -> Path | None:

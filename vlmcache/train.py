@@ -9,7 +9,6 @@ continues exactly) and `best` by validation mean recall. A run folder is locked 
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 from vlmcache import __version__
-from vlmcache.checkpoint import restore, save_checkpoint
+from vlmcache.checkpoint import restore, save_checkpoint, write_metrics_log
 from vlmcache.config import TrainConfig, to_toml
 from vlmcache.encoders import pick_device
 from vlmcache.errors import VlmcacheError
@@ -110,7 +109,7 @@ def train(
             state = restore(out / "last.safetensors", meta, model, optimizer, scheduler, generator)
         write_text_atomic(out / "config.toml", to_toml({"cache": meta["cache"], "text_cache": meta["text_cache"],
                                                         **config.to_dict()}))
-        _write_metrics(out, state["history"])  # the log always matches the checkpoint, even after a kill
+        write_metrics_log(out, state["history"])  # the log always matches the checkpoint, even after a kill
 
         images, texts, owner = train_split.torch(torch_device)
         starts, counts = _caption_ranges(train_split, torch_device)
@@ -147,16 +146,11 @@ def train(
                 state["bad_epochs"] += 1
                 state["stopped_early"] = config.patience is not None and state["bad_epochs"] >= config.patience
             save_checkpoint(out / "last.safetensors", {**meta, **state}, model, optimizer, scheduler, generator)
-            _write_metrics(out, state["history"])
+            write_metrics_log(out, state["history"])
             if on_epoch is not None:
                 on_epoch(record)
     return TrainResult(out, config, state["best_epoch"], state["best_metrics"], state["history"],
                        meta["parameters"], time.perf_counter() - started)
-
-
-def _write_metrics(out: Path, history: list[dict]) -> None:
-    """metrics.jsonl rewritten whole from the checkpoint's history (atomic), so no kill loses a line."""
-    write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(record) + "\n" for record in history))
 
 
 def _public(state: dict) -> dict:

@@ -1,0 +1,290 @@
+"""Captioning: metrics and baselines on hand-checked cases, decoding on a decoder with a known answer,
+training / resume / eval / predict through the CLI, the HF causal-LM path, the resampler, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import CIFAR, run_cli
+from safetensors.torch import load_file
+
+from vlmcache import extract
+from vlmcache.caption import (
+    CaptionConfig,
+    SmallDecoder,
+    beam_search,
+    build_vocabulary,
+    evaluate_captioner,
+    greedy,
+    length_batches,
+    load_captioner,
+    train_captioner,
+)
+from vlmcache.caption_metrics import java_available, most_frequent_caption, nearest_neighbour_captions, score_captions
+from vlmcache.projectors import Resampler
+
+TINY = {"width": 32, "layers": 1, "heads": 2, "min_count": 1, "batch_size": 8, "max_length": 8}
+
+
+# --- metrics and baselines ------------------------------------------------------------------------------
+
+def test_bleu_of_a_short_exact_prefix_is_its_brevity_penalty():
+    # every n-gram of "a dog runs" is in the reference: precision 1 for n ≤ 3, times BP = exp(1 - 4/3)
+    scores = score_captions(["a dog runs"], [["a dog runs fast"]], meteor=False)
+    for n in (1, 2, 3):
+        assert scores[f"bleu{n}"] == pytest.approx(100 * math.exp(-1 / 3), abs=1e-4)
+    # no 4-gram at all: the COCO code smooths 0/0 to 1e-15/1e-9, so BLEU-4 = BP · (1e-6)^(1/4)
+    assert scores["bleu4"] == pytest.approx(100 * math.exp(-1 / 3) * 1e-6 ** 0.25, abs=1e-4)
+
+
+def test_identical_candidates_and_references_score_the_maximum():
+    references = [["a black dog runs on the grass"], ["two children play in a fountain"], ["a man rides a red bicycle"]]
+    scores = score_captions([r[0] for r in references], references)
+    assert scores["bleu1"] == pytest.approx(100) and scores["bleu4"] == pytest.approx(100, abs=1e-4)
+    assert scores["rouge_l"] == pytest.approx(100)
+    # CIDEr-D: cosine 1 for every n, no length penalty, ×10 in its definition, ×100 here
+    assert scores["cider"] == pytest.approx(1000, abs=1e-3)
+    if java_available():
+        assert scores["meteor"] > 95
+    else:
+        assert scores["meteor"] is None
+
+
+def test_without_java_meteor_is_skipped_with_a_warning_not_a_crash(monkeypatch):
+    monkeypatch.setattr("vlmcache.caption_metrics.java_available", lambda: False)
+    with pytest.warns(UserWarning, match="METEOR is skipped"):
+        scores = score_captions(["A dog runs ."], [["a dog runs fast"]])
+    assert scores["meteor"] is None
+    assert scores["bleu1"] == pytest.approx(100 * math.exp(-1 / 3), abs=1e-4)  # same words as the PTB tokenizer gives
+
+
+def test_nearest_neighbour_picks_the_consensus_caption_of_the_closest_image():
+    train_images = np.array([[1.0, 0.0], [0.0, 1.0]])
+    captions = ["cat one", "cat two", "cat three", "dog one", "dog two", "dog three"]
+    owner = np.array([0, 0, 0, 1, 1, 1])
+    # "dog two" is closest to the other two dog captions: the consensus for image 1
+    texts = np.array([[1, 0, 0], [1, 0.1, 0], [1, 0, 0.1], [0, 1, 0], [0.1, 1, 0.2], [0.1, 1, 0.4]], dtype=float)
+    queries = np.array([[0.1, 0.9], [0.8, 0.3]])
+    chosen = nearest_neighbour_captions(train_images, texts, captions, owner, queries, k=1)
+    assert chosen == ["dog two", "cat one"]
+
+
+def test_most_frequent_caption_ignores_case_and_punctuation():
+    assert most_frequent_caption(["A dog .", "a cat", "a dog", "a cat ."]) == "a dog"
+
+
+# --- decoding -------------------------------------------------------------------------------------------
+
+class TableDecoder(torch.nn.Module):
+    """Next-token probabilities depend only on the current token: start -> A .6 / B .4; A -> end .34,
+    A .33, B .33; B -> end 1. Greedy takes A then end (0.204); the best caption is B (0.4)."""
+
+    start_id, end_id, vocabulary = 1, 2, 5
+    table = {1: {3: 0.6, 4: 0.4}, 3: {2: 0.34, 3: 0.33, 4: 0.33}, 4: {2: 1.0}, 2: {2: 1.0}}
+
+    def embed(self, ids):
+        return F.one_hot(ids, self.vocabulary).float()
+
+    def logits(self, embeds):
+        current = embeds.argmax(-1)
+        out = torch.full((*current.shape, self.vocabulary), -1e9)
+        for token, row in self.table.items():
+            for following, p in row.items():
+                out[..., following] = torch.where(current == token, math.log(p), out[..., following])
+        return out
+
+
+def test_greedy_and_beam_search_on_a_decoder_with_a_known_best_caption():
+    prefix = torch.zeros(2, 1, 5)
+    assert greedy(TableDecoder(), prefix, max_length=5) == [[3], [3]]
+    assert beam_search(TableDecoder(), prefix, beam=2, max_length=5) == [[4], [4]]
+    assert beam_search(TableDecoder(), prefix, beam=1, max_length=5) == [[3], [3]]
+
+
+def test_length_limit_and_beam_one_equals_greedy_on_a_random_decoder():
+    torch.manual_seed(0)
+    decoder = SmallDecoder(["<pad>", "<bos>", "<eos>", "<unk>", *"abcdefgh"], 32, 2, 2, 0.0, positions=40).eval()
+    decoder.end_id = 99  # an end token that is never produced: every caption runs to the length limit
+    prefix = torch.randn(6, 3, 32)
+    assert [len(ids) for ids in greedy(decoder, prefix, max_length=7)] == [7] * 6
+    decoder.end_id = 2
+    assert greedy(decoder, prefix, 12) == beam_search(decoder, prefix, 1, 12)
+    assert beam_search(decoder, prefix, 4, 12) == beam_search(decoder, prefix, 4, 12)  # deterministic
+
+
+def test_length_batches_cover_every_caption_once_with_equal_lengths():
+    lengths = np.array([3, 5, 3, 5, 3, 7, 5, 3])
+    batches = length_batches(lengths, 2, torch.Generator().manual_seed(0))
+    assert sorted(np.concatenate(batches).tolist()) == list(range(8))
+    assert all(len(set(lengths[b].tolist())) == 1 for b in batches if not (set(b.tolist()) & {5}))
+    assert sum(len(set(lengths[b].tolist())) > 1 for b in batches) <= 1  # one mixed batch at most (5 + 7)
+
+
+def test_vocabulary_keeps_frequent_words_most_frequent_first():
+    vocabulary = build_vocabulary(["A dog runs .", "a dog sits", "a cat"], min_count=2)
+    assert vocabulary == ["<pad>", "<bos>", "<eos>", "<unk>", "a", "dog"]
+
+
+# --- the resampler ----------------------------------------------------------------------------------------
+
+def test_resampler_shape_and_masked_tokens_change_nothing():
+    torch.manual_seed(0)
+    resampler = Resampler(12, 16, latents=3, depth=2, heads=2, max_tokens=10).eval()
+    tokens = torch.randn(2, 6, 12)
+    padded = torch.cat([tokens, 100 * torch.randn(2, 4, 12)], dim=1)
+    mask = torch.tensor([[True] * 6 + [False] * 4] * 2)
+    assert resampler(tokens).shape == (2, 3, 16)
+    assert torch.allclose(resampler(tokens), resampler(padded, mask), atol=1e-5)
+    assert not torch.allclose(resampler(tokens), resampler(padded), atol=1e-3)
+
+
+# --- training, resume, eval, predict ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def caption_cache(tmp_path_factory, tiny_models):
+    from conftest import make_flickr_slice
+
+    root = tmp_path_factory.mktemp("caption")
+    data = make_flickr_slice(root / "flickr", 6, 4)
+    extract(data, root / "cache", image_model=str(tiny_models["vit"]), text_model=str(tiny_models["distilbert"]),
+            tokens=True, progress=False)
+    return root / "cache"
+
+
+@pytest.fixture(scope="module")
+def caption_run(caption_cache, tmp_path_factory):
+    run = tmp_path_factory.mktemp("caption-run") / "run"
+    train_captioner(caption_cache, run, CaptionConfig(epochs=1, **TINY))
+    return run
+
+
+def test_web_page_captions_an_uploaded_image(caption_run, caption_cache):
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+
+    from vlmcache.serve import create_app
+
+    client = TestClient(create_app(caption_run))
+    assert "captioner" in client.get("/").text
+    image = sorted((caption_cache.parent / "flickr" / "Images").iterdir())[0]
+    reply = client.post("/caption", files={"image": ("photo.jpg", image.read_bytes(), "image/jpeg")})
+    assert reply.status_code == 200 and isinstance(reply.json()["caption"], str)
+    reply = client.post("/caption", files={"image": ("notes.txt", b"not an image", "text/plain")})
+    assert reply.status_code == 400 and "notes.txt" in reply.json()["error"]
+
+
+def test_cli_train_eval_predict_and_plot(caption_cache, tmp_path, capsys):
+    run = tmp_path / "run"
+    code, out, err = run_cli(["caption", "train", caption_cache, "--out", run, "--epochs", "2", "--width", "32",
+                              "--layers", "1", "--batch-size", "8"], capsys)
+    assert code == 0, err
+    assert "best epoch" in out and (run / "best.safetensors").exists() and (run / "last.safetensors").exists()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2] and {"train_loss", "val_bleu4", "val_cider"} <= set(records[0])
+    code, out, err = run_cli(["caption", "eval", run, "--beam", "2", "--json", tmp_path / "c.json"], capsys)
+    assert code == 0, err
+    rows = json.loads((tmp_path / "c.json").read_text())["captioning"]
+    names = list(rows)
+    assert names[0].startswith("trained") and "nearest neighbour" in names[1] and "constant" in names[2]
+    assert set(rows[names[0]]) == {"bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider"}
+    image = sorted((caption_cache.parent / "flickr" / "Images").iterdir())[0]
+    code, out, err = run_cli(["caption", image, "--checkpoint", run, "--beam", "1"], capsys)
+    assert code == 0, err
+    assert out.startswith(str(image) + ":")
+    code, out, err = run_cli(["plot", run], capsys)
+    assert code == 0, err
+    assert (run / "training.png").exists()
+
+
+def test_interrupted_then_resumed_run_ends_with_the_same_weights(caption_cache, tmp_path):
+    config = CaptionConfig(epochs=3, **TINY)
+    train_captioner(caption_cache, tmp_path / "straight", config)
+
+    def interrupt(record):
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_captioner(caption_cache, tmp_path / "resumed", config, on_epoch=interrupt)
+    torch.manual_seed(99)
+    result = train_captioner(caption_cache, tmp_path / "resumed", config, resume=True)
+    assert [r["epoch"] for r in result.history] == [1, 2, 3]
+    straight, resumed = (load_file(str(tmp_path / name / "last.safetensors")) for name in ("straight", "resumed"))
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+
+
+def test_resampler_over_cached_tokens_trains_and_evaluates(caption_cache, tmp_path):
+    result = train_captioner(caption_cache, tmp_path / "run", CaptionConfig(projector="resampler", epochs=1, **TINY))
+    model, meta = load_captioner(tmp_path / "run")
+    assert meta["token_count"] == 17 and isinstance(model.projector, Resampler)  # 4x4 patches + CLS of the tiny ViT
+    report = evaluate_captioner(tmp_path / "run", beam=1, with_baselines=False)
+    assert list(report.rows) == [next(iter(report.rows))] and result.best_epoch == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory, tiny_models):
+    import shutil
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("gpt2") / "tiny-gpt2"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=30522, n_embd=32, n_layer=2, n_head=2, n_positions=64)).save_pretrained(folder)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tiny_models["distilbert"] / name, folder / name)  # a WordPiece tokenizer: [CLS] starts, [SEP] ends
+    return folder
+
+
+def test_hf_causal_lm_frozen_by_default_and_tuned_on_request(caption_cache, tiny_gpt2, tmp_path):
+    options = {k: v for k, v in TINY.items() if k not in ("width", "layers", "heads", "min_count")}
+    train_captioner(caption_cache, tmp_path / "frozen", CaptionConfig(decoder=str(tiny_gpt2), projector="linear",
+                                                                      epochs=1, **options), device="cpu")
+    saved = load_file(str(tmp_path / "frozen" / "last.safetensors"))
+    assert not any(name.startswith("model.decoder") for name in saved)  # the frozen LM is not copied
+    model, _ = load_captioner(tmp_path / "frozen")
+    from transformers import GPT2LMHeadModel
+
+    original = GPT2LMHeadModel.from_pretrained(tiny_gpt2)
+    assert all(torch.equal(a, b) for a, b in zip(model.decoder.lm.parameters(), original.parameters(), strict=True))
+    assert model.prefix(torch.zeros(2, 32)).shape == (2, 4, 32)
+
+    train_captioner(caption_cache, tmp_path / "tuned", CaptionConfig(decoder=str(tiny_gpt2), projector="linear",
+                                                                     tune_lm=True, epochs=1, **options), device="cpu")
+    tuned, _ = load_captioner(tmp_path / "tuned")
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.decoder.lm.parameters(), original.parameters(), strict=True))
+    report = evaluate_captioner(tmp_path / "tuned", beam=2, with_baselines=False)
+    assert next(iter(report.rows.values()))["cider"] >= 0
+
+
+# --- bad input ------------------------------------------------------------------------------------------
+
+def test_bad_input_is_one_line_and_exit_2(caption_cache, caption_run, tiny_models, tmp_path, capsys):
+    cifar = tmp_path / "cifar"
+    extract(CIFAR, cifar, image_model=str(tiny_models["vit"]), text_model=str(tiny_models["distilbert"]), limit=4,
+            progress=False)
+    pooled = tmp_path / "pooled"
+    extract(caption_cache.parent / "flickr", pooled, image_model=str(tiny_models["vit"]),
+            text_model=str(tiny_models["distilbert"]), progress=False)
+    from vlmcache.train import TrainConfig, train
+
+    train(caption_cache, tmp_path / "retrieval", TrainConfig(epochs=1, batch_size=4))
+    cases = [
+        (["caption", "train", cifar, "--out", tmp_path / "a"], "labelled image folder"),
+        (["caption", "train", caption_cache, "--out", tmp_path / "b", "--decoder", tiny_models["vit"]],
+         "not a causal language model"),
+        (["caption", tmp_path / "missing.jpg", "--checkpoint", caption_run], "image file not found"),
+        (["caption", "eval", tmp_path / "retrieval"], "not a captioner checkpoint"),
+        (["caption", "train", pooled, "--out", tmp_path / "c", "--projector", "resampler"], "extract ... --tokens"),
+        (["caption", "train", caption_cache, "--out", tmp_path / "d", "--freeze-lm"], "--freeze-lm"),
+        (["caption", "train", caption_cache, "--out", caption_run], "already holds a run"),
+    ]
+    for args, message in cases:
+        code, out, err = run_cli(args, capsys)
+        assert code == 2, (args, out, err)
+        assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (args, err)

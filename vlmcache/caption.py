@@ -1,0 +1,585 @@
+"""Captioning on cached image features: a projector turns an image into K prefix vectors, a language
+model continues them into a caption (ClipCap, Mokady et al. 2021; LLaVA stage 1).
+
+Two decoders:
+- `small`: a compact GPT-style transformer trained from scratch on the cache's training captions, with a
+  word vocabulary built from those captions (words seen at least `min_count` times). Words, not the
+  MiniLM WordPiece vocabulary, because the output softmax is the dominant cost on a CPU: ~2.5k words
+  instead of 30k word pieces, and sequences are shorter; the metrics are computed on words anyway.
+- any Hugging Face causal LM (`AutoModelForCausalLM`, a hub name or a local folder): the projected prefix
+  goes in as `inputs_embeds`; frozen by default (only the projector trains), `tune_lm` trains it too.
+
+Projectors: `linear` and `mlp` map the pooled feature to K·width numbers; `resampler` (a Perceiver
+resampler over the cache's token states, `extract --tokens`) reads the image's tokens into K latents.
+
+Training visits every training caption once per epoch in length-bucketed batches (captions of one
+length together, so almost no position is padding), with teacher forcing and cross-entropy on the
+caption words and end token. Checkpoints are safetensors: `last` every epoch with optimiser, scheduler
+and RNG state (so `resume` ends with the same weights), `best` by validation CIDEr (greedy decoding).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmcache.caption_metrics import words
+from vlmcache.checkpoint import check_encoders_match, model_weights, read_checkpoint, restore, save_checkpoint, write_metrics_log
+from vlmcache.errors import VlmcacheError
+from vlmcache.files import FolderLock, remove_stale_temporaries
+from vlmcache.projectors import Resampler, build_projector, count_parameters
+from vlmcache.store import FeatureCache, open_cache
+from vlmcache.train import lr_factor
+
+CAPTION_PROJECTORS = ("linear", "mlp", "resampler")
+SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
+PAD, BOS, EOS, UNK = range(4)
+
+
+@dataclass
+class CaptionConfig:
+    """Everything that defines a captioning run (saved with every checkpoint)."""
+
+    decoder: str = "small"  # "small", or a Hugging Face causal LM name or folder
+    projector: str = "mlp"
+    prefix_tokens: int = 4
+    tune_lm: bool | None = None  # None: train the small decoder, freeze a pretrained one
+    layers: int = 3  # small decoder
+    width: int = 256
+    heads: int = 4
+    dropout: float = 0.1
+    min_count: int = 5  # words seen fewer times in the training captions become <unk>
+    max_words: int = 32  # longer training captions are cut (Flickr8k: 99.9% are shorter)
+    resampler_depth: int = 2
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: int = 200
+    schedule: str = "cosine"
+    grad_clip: float = 1.0
+    seed: int = 0
+    patience: int | None = None
+    max_length: int = 20  # decoding: most tokens generated per caption
+    train_split: str = "train"
+    val_split: str = "val"
+
+    def __post_init__(self):
+        if self.projector not in CAPTION_PROJECTORS:
+            raise VlmcacheError(f"--projector {self.projector}: use one of {', '.join(CAPTION_PROJECTORS)}")
+        if self.decoder == "small" and self.tune_lm is False:
+            raise VlmcacheError("--freeze-lm: the small decoder is trained from scratch; freeze only a pretrained "
+                                "--decoder (a Hugging Face causal LM)")
+        if min(self.epochs, self.prefix_tokens, self.layers, self.width, self.max_length) < 1 or self.batch_size < 1 \
+                or self.lr <= 0:
+            raise VlmcacheError("--epochs, --prefix-tokens, --batch-size and the decoder sizes must be ≥ 1, --lr > 0")
+        if self.width % self.heads:
+            raise VlmcacheError(f"width {self.width} is not divisible by {self.heads} heads")
+
+    @property
+    def trains_lm(self) -> bool:
+        return self.decoder == "small" or bool(self.tune_lm)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> CaptionConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known})
+
+
+# --- tokenisation --------------------------------------------------------------------------------------
+
+def build_vocabulary(captions: list[str], min_count: int) -> list[str]:
+    """Special tokens, then the words seen at least `min_count` times, most frequent first."""
+    counts = Counter(word for caption in captions for word in words(caption))
+    kept = sorted((word for word, count in counts.items() if count >= min_count), key=lambda w: (-counts[w], w))
+    return [*SPECIALS, *kept]
+
+
+# --- decoders ------------------------------------------------------------------------------------------
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block with causal self-attention (nanoGPT)."""
+
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        # No dropout on the attention weights: on a CPU it makes this call ~10x slower (measured); the residual
+        # branches keep theirs.
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + F.dropout(self.out(attended.transpose(1, 2).reshape(b, t, c)), self.dropout, self.training)
+        return x + self.mlp(self.norm2(x))
+
+
+class SmallDecoder(nn.Module):
+    """A compact GPT over a word vocabulary; the output layer shares the input embedding's weights."""
+
+    def __init__(self, vocabulary: list[str], width: int, layers: int, heads: int, dropout: float, positions: int):
+        super().__init__()
+        self.vocabulary = vocabulary
+        self.index = {word: i for i, word in enumerate(vocabulary)}
+        self.width = width
+        self.start_id, self.end_id, self.pad_id = BOS, EOS, PAD
+        self.token = nn.Embedding(len(vocabulary), width)
+        self.position = nn.Embedding(positions, width)
+        self.blocks = nn.ModuleList(Block(width, heads, dropout) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+        self.drop = nn.Dropout(dropout)
+        nn.init.normal_(self.token.weight, std=0.02)
+        nn.init.normal_(self.position.weight, std=0.02)
+
+    def encode(self, captions: list[str]) -> list[list[int]]:
+        """Word ids of each caption (no start or end token)."""
+        return [[self.index.get(word, UNK) for word in words(caption)] for caption in captions]
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(self.vocabulary[i] for i in ids if i >= len(SPECIALS) or i == UNK)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.token(ids)
+
+    def logits(self, embeds: torch.Tensor) -> torch.Tensor:
+        """(B, T, width) input vectors -> (B, T, vocabulary) next-token logits."""
+        if embeds.shape[1] > len(self.position.weight):
+            raise ValueError(f"sequence of {embeds.shape[1]} exceeds the decoder's {len(self.position.weight)} positions")
+        x = self.drop(embeds + self.position.weight[:embeds.shape[1]])
+        for block in self.blocks:
+            x = block(x)
+        return F.linear(self.norm(x), self.token.weight)
+
+
+class HFDecoder(nn.Module):
+    """A Hugging Face causal LM fed the image prefix through `inputs_embeds` (ClipCap)."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            self.lm = AutoModelForCausalLM.from_pretrained(name)
+            self.tokenizer = AutoTokenizer.from_pretrained(name)
+        except (ValueError, KeyError) as error:  # transformers says "Unrecognized configuration class ..."
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise VlmcacheError(f"--decoder {name}: not a causal language model AutoModelForCausalLM can load "
+                                f"({first[:160]}); use 'small' or e.g. gpt2, distilgpt2, a SmolLM") from None
+        except OSError as error:
+            raise VlmcacheError(f"--decoder {name}: cannot load it ({str(error).splitlines()[0][:160]}); give a local "
+                                "folder, or a hub name with network access or in the local HF cache") from None
+        tok = self.tokenizer
+        self.end_id = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+        self.start_id = next((i for i in (tok.bos_token_id, tok.cls_token_id, self.end_id) if i is not None), None)
+        if self.end_id is None:
+            raise VlmcacheError(f"--decoder {name}: its tokenizer has no end-of-sequence or [SEP] token to stop captions")
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.end_id
+        self.width = self.lm.get_input_embeddings().embedding_dim
+
+    def encode(self, captions: list[str]) -> list[list[int]]:
+        return self.tokenizer([" " + caption.strip() for caption in captions], add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_input_embeddings()(ids)
+
+    def logits(self, embeds: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=embeds.is_cuda):
+            return self.lm(inputs_embeds=embeds).logits.float()
+
+
+# --- the captioner ---------------------------------------------------------------------------------------
+
+class Captioner(nn.Module):
+    """Projector (image → K prefix vectors) + decoder."""
+
+    def __init__(self, config: CaptionConfig, image_dim: int, vocabulary: list[str] | None, token_count: int = 0):
+        super().__init__()
+        self.config = config
+        if config.decoder == "small":
+            self.decoder: SmallDecoder | HFDecoder = SmallDecoder(
+                vocabulary, config.width, config.layers, config.heads, config.dropout,
+                positions=config.prefix_tokens + config.max_words + 2)
+        else:
+            self.decoder = HFDecoder(config.decoder)
+            self.decoder.lm.requires_grad_(config.trains_lm)
+        width, k = self.decoder.width, config.prefix_tokens
+        if config.projector == "resampler":
+            self.projector = Resampler(image_dim, width, latents=k, depth=config.resampler_depth,
+                                       heads=_heads(width, config.heads), max_tokens=max(token_count, 1))
+        else:
+            self.projector = build_projector(config.projector, image_dim, k * width, hidden=k * width // 2)
+
+    def prefix(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled features (B, D) or tokens (B, T, C) -> (B, K, width) prefix vectors."""
+        if self.config.projector == "resampler":
+            return self.projector(images)
+        return self.projector(images).view(len(images), self.config.prefix_tokens, self.decoder.width)
+
+    def trainable(self) -> nn.ModuleDict:
+        """The parts whose weights a checkpoint holds: the projector, and the decoder unless frozen."""
+        parts = {"projector": self.projector}
+        if self.config.trains_lm:
+            parts["decoder"] = self.decoder
+        return nn.ModuleDict(parts)
+
+    def loss(self, images: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced cross-entropy. `ids` (B, L): start, caption, end, then padding; `lengths` (B,) counts
+        the real tokens of each row (by length, since a model's padding id may equal its end id)."""
+        prefix = self.prefix(images)
+        logits = self.decoder.logits(torch.cat([prefix, self.decoder.embed(ids[:, :-1])], dim=1))
+        positions = torch.arange(1, ids.shape[1], device=ids.device)
+        targets = ids[:, 1:].masked_fill(positions[None] >= lengths[:, None], -100)
+        return F.cross_entropy(logits[:, prefix.shape[1]:].reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def _heads(width: int, wanted: int) -> int:
+    """The largest head count ≤ wanted that divides width (an HF model's width is not ours to choose)."""
+    return max(h for h in range(1, wanted + 1) if width % h == 0)
+
+
+# --- data ----------------------------------------------------------------------------------------------
+
+@dataclass
+class CaptionData:
+    """One split for captioning: each image's input (pooled feature or tokens) and its captions."""
+
+    images: torch.Tensor  # (N, D) pooled features, or (N, T, C) token states (kept in the cache dtype)
+    pooled: np.ndarray  # (N, D) pooled features, float32 (for the nearest-neighbour baseline)
+    texts: np.ndarray  # (captions, text_dim) cached caption features (for its consensus)
+    captions: list[str]
+    caption_image: np.ndarray  # (captions,) image row of each caption
+    image_ids: list[str]
+
+    def references(self) -> list[list[str]]:
+        """All captions of each image, in image order."""
+        found: list[list[str]] = [[] for _ in range(len(self.image_ids))]
+        for caption, image in zip(self.captions, self.caption_image.tolist(), strict=True):
+            found[image].append(caption)
+        return found
+
+
+def load_split(cache: FeatureCache, split: str, tokens: bool) -> CaptionData:
+    """A split of a cache for captioning; `tokens` reads the image token states (extract --tokens)."""
+    if cache.classes:
+        raise VlmcacheError(f"{cache.path}: a labelled image folder (classes, no captions) cannot train or score a "
+                            "captioner; extract an image–caption dataset (Flickr8k, Karpathy JSON, CSV/JSONL pairs)")
+    loaded = cache.split(split)
+    if len(loaded.captions) == 0:
+        raise VlmcacheError(f"{cache.path}: split {split!r} has no captions; a captioner needs image–caption pairs")
+    images = torch.from_numpy(loaded.image_features)
+    if tokens:
+        if not cache.provenance["images"].get("tokens"):
+            raise VlmcacheError(f"{cache.path}: has no image tokens for --projector resampler; re-extract with "
+                                "vlmcache extract ... --tokens (or use --projector linear or mlp)")
+        rows, _ = cache.split_rows(split)
+        valid = cache.read("images", rows, "valid").astype(bool)
+        images = torch.from_numpy(cache.read("images", rows, "tokens")[valid])
+    return CaptionData(images, loaded.image_features, loaded.text_features, loaded.captions,
+                       loaded.caption_image, loaded.image_ids)
+
+
+def _sequences(decoder, captions: list[str], max_words: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, max_words + 2) token ids (start, caption, end, padding) and each row's real length."""
+    encoded = [ids[:max_words] for ids in decoder.encode(captions)]
+    lengths = np.array([len(ids) + 2 for ids in encoded], dtype=np.int64)
+    table = np.full((len(encoded), max_words + 2), decoder.pad_id, dtype=np.int64)
+    for row, ids in enumerate(encoded):
+        table[row, :len(ids) + 2] = [decoder.start_id, *ids, decoder.end_id]
+    return table, lengths
+
+
+def length_batches(lengths: np.ndarray, batch_size: int, generator: torch.Generator) -> list[np.ndarray]:
+    """One epoch of caption rows in batches of equal (or nearly equal) length, in a seeded random order:
+    shuffle, stable-sort by length, cut into batches, shuffle the batches. Little padding, no bias in order."""
+    order = torch.randperm(len(lengths), generator=generator).numpy()
+    order = order[np.argsort(lengths[order], kind="stable")]
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+# --- decoding ------------------------------------------------------------------------------------------
+
+def _strip(ids: list[int], end_id: int) -> list[int]:
+    """Generated ids up to (not including) the first end token."""
+    return ids[:ids.index(end_id)] if end_id in ids else ids
+
+
+@torch.no_grad()
+def greedy(decoder, prefix: torch.Tensor, max_length: int) -> list[list[int]]:
+    """Most likely next token at every step, for a batch of prefixes (B, K, width); ids without start/end."""
+    ids = torch.full((len(prefix), 1), decoder.start_id, dtype=torch.long, device=prefix.device)
+    done = torch.zeros(len(prefix), dtype=torch.bool, device=prefix.device)
+    for _ in range(max_length):
+        logits = decoder.logits(torch.cat([prefix, decoder.embed(ids)], dim=1))[:, -1]
+        chosen = torch.where(done, decoder.end_id, logits.argmax(-1))
+        ids = torch.cat([ids, chosen[:, None]], dim=1)
+        done |= chosen == decoder.end_id
+        if done.all():
+            break
+    return [_strip(row[1:], decoder.end_id) for row in ids.tolist()]
+
+
+@torch.no_grad()
+def beam_search(decoder, prefix: torch.Tensor, beam: int, max_length: int) -> list[list[int]]:
+    """The highest total log-probability caption found keeping `beam` partial captions per image."""
+    batch, device = len(prefix), prefix.device
+    prefix = prefix.repeat_interleave(beam, 0)
+    ids = torch.full((batch * beam, 1), decoder.start_id, dtype=torch.long, device=device)
+    scores = torch.full((batch, beam), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # all beams start identical: keep one, or the top-k would be k copies of one caption
+    done = torch.zeros(batch * beam, dtype=torch.bool, device=device)
+    for _ in range(max_length):
+        log_probs = torch.log_softmax(decoder.logits(torch.cat([prefix, decoder.embed(ids)], dim=1))[:, -1].float(), -1)
+        vocabulary = log_probs.shape[-1]
+        # A finished caption can only be continued by the end token, at no cost: its score stays fixed.
+        log_probs[done] = float("-inf")
+        log_probs[done, decoder.end_id] = 0.0
+        total = (scores.view(-1, 1) + log_probs).view(batch, beam * vocabulary)
+        scores, index = total.topk(beam, dim=1)
+        rows = (torch.arange(batch, device=device)[:, None] * beam + index // vocabulary).view(-1)
+        tokens = (index % vocabulary).view(-1)
+        ids = torch.cat([ids[rows], tokens[:, None]], dim=1)
+        done = done[rows] | (tokens == decoder.end_id)
+        if done.all():
+            break
+    best = torch.arange(batch, device=device) * beam + scores.argmax(1)
+    return [_strip(row[1:], decoder.end_id) for row in ids[best].tolist()]
+
+
+@torch.no_grad()
+def generate(model: Captioner, images: torch.Tensor, beam: int = 1, max_length: int | None = None,
+             batch_size: int = 250) -> list[str]:
+    """Captions for a batch of image inputs: greedy when beam is 1, else beam search; deterministic."""
+    model.eval()
+    device = next(model.parameters()).device
+    max_length = max_length or model.config.max_length
+    captions = []
+    for start in range(0, len(images), batch_size):
+        prefix = model.prefix(images[start:start + batch_size].to(device).float())
+        found = greedy(model.decoder, prefix, max_length) if beam == 1 else beam_search(model.decoder, prefix, beam, max_length)
+        captions += [model.decoder.decode(ids) for ids in found]
+    return captions
+
+
+# --- training ------------------------------------------------------------------------------------------
+
+@dataclass
+class CaptionResult:
+    """A finished captioning run: where it is, its best epoch and validation metrics, its history."""
+
+    out: Path
+    config: CaptionConfig
+    best_epoch: int
+    best_metrics: dict
+    history: list[dict] = field(default_factory=list)
+    parameters: int = 0
+    seconds: float = 0.0
+
+
+def validate(model: Captioner, data: CaptionData, beam: int = 1, meteor: bool = False) -> dict:
+    """Caption metrics of a model's captions for every image of a split."""
+    from vlmcache.caption_metrics import score_captions
+
+    return score_captions(generate(model, data.images, beam), data.references(), meteor=meteor)
+
+
+def initial_captioner(config: CaptionConfig, image_dim: int, vocabulary: list[str] | None, token_count: int) -> Captioner:
+    """The seeded model a run with this config starts from."""
+    torch.manual_seed(config.seed)
+    return Captioner(config, image_dim, vocabulary, token_count)
+
+
+def train_captioner(
+    cache: str | Path | FeatureCache,
+    out: str | Path,
+    config: CaptionConfig | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str = "auto",
+    on_epoch: Callable[[dict], None] | None = None,
+) -> CaptionResult:
+    """Train a captioner on a cache's training captions; checkpoints and metrics.jsonl go to `out`."""
+    started = time.perf_counter()
+    config = config or CaptionConfig()
+    cache = cache if isinstance(cache, FeatureCache) else open_cache(cache)
+    tokens = config.projector == "resampler"
+    train_data = load_split(cache, config.train_split, tokens)
+    val_data = load_split(cache, config.val_split, tokens)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise VlmcacheError(f"--out {out}: is a file; pass a folder for the run")
+    if (out / "last.safetensors").exists() and not (resume or overwrite):
+        raise VlmcacheError(f"{out}: already holds a run; pass --resume to continue it or --overwrite to start again")
+    torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                "cpu" if device == "auto" else device)
+    vocabulary = build_vocabulary(train_data.captions, config.min_count) if config.decoder == "small" else None
+    image_dim = train_data.images.shape[-1]
+    token_count = train_data.images.shape[1] if tokens else 0
+    model = initial_captioner(config, image_dim, vocabulary, token_count).to(torch_device)
+    trainable = model.trainable()
+    optimizer = torch.optim.AdamW([p for p in trainable.parameters() if p.requires_grad], lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    sequences, lengths = _sequences(model.decoder, train_data.captions, config.max_words)
+    steps_per_epoch = math.ceil(len(lengths) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step, total_steps))
+    generator = torch.Generator().manual_seed(config.seed)
+    meta = {"kind": "captioner", "config": json.loads(json.dumps(asdict(config))), "cache": str(cache.path.resolve()),
+            "fingerprint": cache.fingerprint, "image_dim": image_dim, "text_dim": None, "token_count": token_count,
+            "vocabulary": vocabulary, "image_encoder": cache.provenance["images"]["encoder"],
+            "parameters": count_parameters(trainable)}
+    state = {"epoch": 0, "best_epoch": 0, "best_metrics": {}, "bad_epochs": 0, "history": [], "stopped_early": False}
+    out.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out, "caption run"):
+        remove_stale_temporaries(out)
+        if resume and (out / "last.safetensors").exists():
+            state = restore(out / "last.safetensors", meta, trainable, optimizer, scheduler, generator)
+        write_metrics_log(out, state["history"])  # the log always matches the checkpoint, even after a kill
+
+        sequences_t, lengths_t = torch.from_numpy(sequences), torch.from_numpy(lengths)
+        owner = torch.from_numpy(train_data.caption_image)
+        while state["epoch"] < config.epochs and not state["stopped_early"]:
+            epoch_started = time.perf_counter()
+            model.train()
+            if not config.trains_lm:
+                model.decoder.eval()  # a frozen LM runs as at inference (no dropout)
+            total, batches = 0.0, 0
+            for rows in length_batches(lengths, config.batch_size, generator):
+                rows_t = torch.from_numpy(rows)
+                longest = int(lengths_t[rows_t].max())
+                loss = model.loss(train_data.images[owner[rows_t]].to(torch_device).float(),
+                                  sequences_t[rows_t, :longest].to(torch_device), lengths_t[rows_t].to(torch_device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(trainable.parameters(), config.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                total, batches = total + float(loss.detach()), batches + 1
+            state["epoch"] += 1
+            train_seconds = time.perf_counter() - epoch_started
+            metrics = validate(model, val_data)
+            record = {"epoch": state["epoch"], "train_loss": total / max(1, batches), "lr": optimizer.param_groups[0]["lr"],
+                      **{f"val_{name}": value for name, value in metrics.items() if value is not None},
+                      "train_seconds": train_seconds, "seconds": time.perf_counter() - epoch_started}
+            state["history"].append(record)
+            if metrics["cider"] > state["best_metrics"].get("cider", -1.0):
+                state.update(best_epoch=state["epoch"], best_metrics=metrics, bad_epochs=0)
+                save_checkpoint(out / "best.safetensors", {**meta, **{k: state[k] for k in ("epoch", "best_epoch", "best_metrics",
+                                                                                 "history")}}, trainable)
+            else:
+                state["bad_epochs"] += 1
+                state["stopped_early"] = config.patience is not None and state["bad_epochs"] >= config.patience
+            save_checkpoint(out / "last.safetensors", {**meta, **state}, trainable, optimizer, scheduler, generator)
+            write_metrics_log(out, state["history"])
+            if on_epoch is not None:
+                on_epoch(record)
+    return CaptionResult(out, config, state["best_epoch"], state["best_metrics"], state["history"],
+                         meta["parameters"], time.perf_counter() - started)
+
+
+# --- using a trained captioner -----------------------------------------------------------------------------
+
+def load_captioner(path: str | Path, device: str = "cpu") -> tuple[Captioner, dict]:
+    """Rebuild a trained captioner from a checkpoint file or run folder (its best checkpoint)."""
+    tensors, header = read_checkpoint(path)
+    meta = header["vlmcache"]
+    if meta.get("kind") != "captioner":
+        raise VlmcacheError(f"{path}: not a captioner checkpoint (it was written by vlmcache train); train one with "
+                            "vlmcache caption train CACHE --out RUN")
+    model = Captioner(CaptionConfig.from_dict(meta["config"]), meta["image_dim"], meta["vocabulary"], meta["token_count"])
+    model.trainable().load_state_dict(model_weights(tensors))
+    return model.to(device).eval(), meta
+
+
+@dataclass
+class CaptionReport:
+    """Caption metrics per row (trained, baselines) on one split of one cache, and some example captions."""
+
+    cache: Path
+    split: str
+    beam: int
+    rows: dict[str, dict]
+    examples: list[tuple[str, str, str]]  # (image id, generated caption, first reference)
+
+
+def evaluate_captioner(checkpoint: str | Path, cache: str | Path | None = None, split: str | None = None,
+                       beam: int = 3, nn_k: int = 5, with_baselines: bool = True) -> CaptionReport:
+    """The trained captioner beside the nearest-neighbour and constant baselines on one split (default: test
+    when the cache has it, else val), all scored against every reference caption of each image."""
+    from vlmcache.caption_metrics import most_frequent_caption, nearest_neighbour_captions, score_captions
+
+    if beam < 1:
+        raise VlmcacheError(f"--beam {beam}: give 1 (greedy) or more")
+    model, meta = load_captioner(checkpoint)
+    opened = open_cache(cache or meta["cache"])
+    check_encoders_match(meta, opened, modalities=("images",))
+    config = model.config
+    split = split or opened.default_split()
+    data = load_split(opened, split, config.projector == "resampler")
+    if data.images.shape[-1] != meta["image_dim"]:
+        raise VlmcacheError(f"{opened.path}: image inputs are {data.images.shape[-1]}-d, the checkpoint expects "
+                            f"{meta['image_dim']}-d")
+    references = data.references()
+    generated = generate(model, data.images, beam)
+    name = "small decoder" if config.decoder == "small" else Path(config.decoder).name
+    rows = {f"trained ({config.projector} → {name}, {'greedy' if beam == 1 else f'beam {beam}'})":
+            score_captions(generated, references)}
+    if with_baselines:
+        train_data = load_split(open_cache(meta["cache"]), config.train_split, tokens=False)
+        rows[f"nearest neighbour (consensus of {nn_k} images)"] = score_captions(nearest_neighbour_captions(
+            train_data.pooled, train_data.texts, train_data.captions, train_data.caption_image, data.pooled, nn_k),
+            references)
+        rows["constant (most frequent caption)"] = score_captions([most_frequent_caption(train_data.captions)] *
+                                                                  len(references), references)
+    examples = [(data.image_ids[i], generated[i], references[i][0]) for i in range(min(5, len(generated)))]
+    return CaptionReport(opened.path, split, beam, rows, examples)
+
+
+class CaptionPredictor:
+    """A captioner with its frozen image encoder, loaded once: captions for image files."""
+
+    def __init__(self, checkpoint: str | Path):
+        from vlmcache import encoders
+
+        self.model, self.meta = load_captioner(checkpoint)
+        self.encoder = encoders.image_encoder_from_provenance(self.meta["image_encoder"], "cpu")
+
+    def caption(self, images: list[str | Path], beam: int = 3) -> list[str]:
+        """One caption per image file (the image encoder runs on each, as `extract` would)."""
+        from vlmcache.datasets import ImageDecodeError, load_rgb
+
+        tokens = self.model.config.projector == "resampler"
+        inputs = []
+        for image in images:
+            if not Path(image).is_file():
+                raise VlmcacheError(f"{image}: image file not found")
+            try:
+                pixels = torch.from_numpy(self.encoder.preprocess(load_rgb(image)))[None]
+            except ImageDecodeError as error:
+                raise VlmcacheError(f"{image}: {error}") from None
+            encoded = self.encoder.encode(pixels, tokens)
+            inputs.append(encoded.tokens if tokens else encoded.pooled)
+        return generate(self.model, torch.cat(inputs), beam)
+
+
+def caption_images(checkpoint: str | Path, images: list[str | Path], beam: int = 3) -> list[str]:
+    """Captions for image files with a trained captioner (see CaptionPredictor)."""
+    return CaptionPredictor(checkpoint).caption(images, beam)
