@@ -271,7 +271,8 @@ def test_bad_input_is_one_line_and_exit_2(caption_cache, caption_run, tiny_model
     pooled = tmp_path / "pooled"
     extract(caption_cache.parent / "flickr", pooled, image_model=str(tiny_models["vit"]),
             text_model=str(tiny_models["distilbert"]), progress=False)
-    from vlmcache.train import TrainConfig, train
+    from vlmcache.config import TrainConfig
+    from vlmcache.train import train
 
     train(caption_cache, tmp_path / "retrieval", TrainConfig(epochs=1, batch_size=4))
     cases = [

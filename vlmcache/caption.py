@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmcache.caption_metrics import words
-from vlmcache.checkpoint import check_encoders_match, model_weights, read_checkpoint, restore, save_checkpoint, write_metrics_log
+from vlmcache.checkpoint import check_encoders_match, finish_epoch, model_weights, read_checkpoint, restore, write_metrics_log
 from vlmcache.errors import VlmcacheError
 from vlmcache.files import FolderLock, remove_stale_temporaries
 from vlmcache.projectors import Resampler, build_projector, count_parameters
@@ -479,16 +479,8 @@ def train_captioner(
             record = {"epoch": state["epoch"], "train_loss": total / max(1, batches), "lr": optimizer.param_groups[0]["lr"],
                       **{f"val_{name}": value for name, value in metrics.items() if value is not None},
                       "train_seconds": train_seconds, "seconds": time.perf_counter() - epoch_started}
-            state["history"].append(record)
-            if metrics["cider"] > state["best_metrics"].get("cider", -1.0):
-                state.update(best_epoch=state["epoch"], best_metrics=metrics, bad_epochs=0)
-                save_checkpoint(out / "best.safetensors", {**meta, **{k: state[k] for k in ("epoch", "best_epoch", "best_metrics",
-                                                                                 "history")}}, trainable)
-            else:
-                state["bad_epochs"] += 1
-                state["stopped_early"] = config.patience is not None and state["bad_epochs"] >= config.patience
-            save_checkpoint(out / "last.safetensors", {**meta, **state}, trainable, optimizer, scheduler, generator)
-            write_metrics_log(out, state["history"])
+            finish_epoch(out, meta, state, record, metrics, "cider", config.patience, trainable, optimizer, scheduler,
+                         generator)
             if on_epoch is not None:
                 on_epoch(record)
     return CaptionResult(out, config, state["best_epoch"], state["best_metrics"], state["history"],

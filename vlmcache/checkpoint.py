@@ -106,6 +106,22 @@ def write_metrics_log(out: Path, history: list[dict]) -> None:
     write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(record) + "\n" for record in history))
 
 
+def finish_epoch(out: Path, meta: dict, state: dict, record: dict, metrics: dict, score_key: str,
+                 patience: int | None, model: nn.Module, optimizer, scheduler, generator) -> None:
+    """Book a finished epoch: its record in the history, `best` when `metrics[score_key]` improved (else one
+    more epoch towards `patience`), then `last` with everything needed to resume, then metrics.jsonl."""
+    state["history"].append(record)
+    if metrics[score_key] > state["best_metrics"].get(score_key, -1.0):
+        state.update(best_epoch=state["epoch"], best_metrics=metrics, bad_epochs=0)
+        public = {key: state[key] for key in ("epoch", "best_epoch", "best_metrics", "history")}
+        save_checkpoint(out / "best.safetensors", {**meta, **public}, model)
+    else:
+        state["bad_epochs"] += 1
+        state["stopped_early"] = patience is not None and state["bad_epochs"] >= patience
+    save_checkpoint(out / "last.safetensors", {**meta, **state}, model, optimizer, scheduler, generator)
+    write_metrics_log(out, state["history"])
+
+
 def restore(path: Path, meta: dict, model: nn.Module, optimizer, scheduler, generator) -> dict:
     """Load a `last` checkpoint into the live model, optimiser, scheduler and RNGs; returns the loop state."""
     tensors, header = read_checkpoint(path)

@@ -646,7 +646,7 @@ def caption_eval(
     and most-frequent-caption baselines."""
     from vlmcache.caption import evaluate_captioner
     from vlmcache.caption_metrics import java_available
-    from vlmcache.store import write_json_atomic
+    from vlmcache.files import write_json_atomic
 
     report = evaluate_captioner(run, cache, split, beam)
     if not java_available():

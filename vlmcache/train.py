@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from vlmcache import __version__
-from vlmcache.checkpoint import restore, save_checkpoint, write_metrics_log
+from vlmcache.checkpoint import finish_epoch, restore, write_metrics_log
 from vlmcache.config import TrainConfig, to_toml
 from vlmcache.encoders import pick_device
 from vlmcache.errors import VlmcacheError
@@ -138,23 +138,12 @@ def train(
             record = {"epoch": state["epoch"], "train_loss": total / max(1, batches), "logit_scale": model.loss.scale(),
                       "lr": optimizer.param_groups[0]["lr"], **{f"val_{k}": v for k, v in metrics.items()},
                       "train_seconds": train_seconds, "seconds": time.perf_counter() - epoch_started}
-            state["history"].append(record)
-            if metrics["mean_recall"] > state["best_metrics"].get("mean_recall", -1.0):
-                state.update(best_epoch=state["epoch"], best_metrics=metrics, bad_epochs=0)
-                save_checkpoint(out / "best.safetensors", {**meta, **_public(state)}, model)
-            else:
-                state["bad_epochs"] += 1
-                state["stopped_early"] = config.patience is not None and state["bad_epochs"] >= config.patience
-            save_checkpoint(out / "last.safetensors", {**meta, **state}, model, optimizer, scheduler, generator)
-            write_metrics_log(out, state["history"])
+            finish_epoch(out, meta, state, record, metrics, "mean_recall", config.patience, model, optimizer, scheduler,
+                         generator)
             if on_epoch is not None:
                 on_epoch(record)
     return TrainResult(out, config, state["best_epoch"], state["best_metrics"], state["history"],
                        meta["parameters"], time.perf_counter() - started)
-
-
-def _public(state: dict) -> dict:
-    return {key: state[key] for key in ("epoch", "best_epoch", "best_metrics", "history")}
 
 
 def _caption_ranges(split: Split, device) -> tuple[torch.Tensor, torch.Tensor]:
