@@ -32,6 +32,8 @@ def _split_list(value) -> list[str] | None:
 
 
 @app.command(epilog="Examples:\n\n  vlmcache extract ../shared/data/flickr8k --out features/flickr8k\n\n"
+                    "  vlmcache extract ../shared/data/flickr8k --out features/flickr8k-multi --image-model efficientnet-lite0 "
+                    "--image-model efficientnet-lite2\n\n"
                     "  vlmcache extract data/pairs.csv --image-model google/vit-base-patch16-224-in21k "
                     "--text-model distilbert-base-uncased --out features/vit-distilbert\n\n"
                     "  torchrun --nproc_per_node=4 -m vlmcache extract data/dataset_coco.json --out features/coco")
@@ -39,8 +41,8 @@ def extract(
     data: Annotated[Path, typer.Argument(help="Flickr8k folder, Karpathy dataset_*.json, CSV/JSONL of "
                                               "image,caption[,split], or a labelled image folder root/<class>/*.jpg.")],
     out: Annotated[Path, typer.Option(help="Cache folder to write.")] = Path("features/cache"),
-    image_model: Annotated[str, typer.Option(help="'efficientnet-lite0' (offline), or any HF image model name or folder.")] = "efficientnet-lite0",
-    text_model: Annotated[str, typer.Option(help="'minilm' (offline), or any HF text model name or folder.")] = "minilm",
+    image_model: Annotated[list[str] | None, typer.Option(help="'efficientnet-lite0' / '-lite1' / '-lite2' (offline), or any HF image model name or folder. Repeat for several feature sets in one cache (the first is the default set) [default: efficientnet-lite0]")] = None,
+    text_model: Annotated[list[str] | None, typer.Option(help="'minilm' (offline), or any HF text model name or folder. Repeat for several feature sets [default: minilm]")] = None,
     image_pooling: Annotated[str | None, typer.Option(help="cls | mean | pooler | avgpool [default: cls for ViT-like, avgpool for CNNs]")] = None,
     text_pooling: Annotated[str | None, typer.Option(help="mean | cls | pooler [default: mean over the attention mask]")] = None,
     format: Annotated[str, typer.Option(help="auto | flickr8k | karpathy | pairs | imagefolder")] = "auto",
@@ -63,7 +65,9 @@ def extract(
     from vlmcache.extract import ExtractConfig
     from vlmcache.extract import extract as run_extract
 
-    config = ExtractConfig(image_model=image_model, text_model=text_model, image_pooling=image_pooling,
+    image_models, text_models = image_model or ["efficientnet-lite0"], text_model or ["minilm"]
+    config = ExtractConfig(image_model=image_models[0], text_model=text_models[0], extra_image_models=tuple(image_models[1:]),
+                           extra_text_models=tuple(text_models[1:]), image_pooling=image_pooling,
                            text_pooling=text_pooling, format=format, images_dir=images_dir, splits=_split_list(splits),
                            limit=limit, shard_size=shard_size, dtype=dtype, batch_size=batch_size,
                            text_batch_size=text_batch_size, max_length=max_length, workers=workers, device=device,
@@ -95,16 +99,20 @@ def info(cache: Annotated[Path, typer.Argument(help="Cache folder.")]) -> None:
     table.add_row("splits", ", ".join(f"{name}: {c['images']:,} images / {c['captions']:,} captions"
                                       for name, c in dataset["splits"].items()))
     for modality in ("images", "texts"):
-        prov = manifest["provenance"][modality]
-        encoder = prov["encoder"]
-        table.add_row(f"{modality} encoder", f"{encoder['name']}  pooling={encoder['pooling']}  dim={encoder['dim']}  "
+        sets = opened.feature_sets(modality)
+        table.add_row(f"{modality} feature sets", ", ".join(f"{name} ({s.dim}-d, {s.folder}/)" for name, s in sets.items())
+                      + ("  [first = default]" if len(sets) > 1 else ""))
+        for name, feature_set in sets.items():
+            prov, what = feature_set.provenance, f"{modality} {name}" if len(sets) > 1 else modality
+            encoder = prov["encoder"]
+            table.add_row(f"{what} encoder", f"{encoder['name']}  pooling={encoder['pooling']}  dim={encoder['dim']}  "
                                              f"precision={encoder['precision']}")
-        table.add_row(f"{modality} weights sha256", encoder["weights_sha256"])
-        extra = encoder.get("preprocess") or {"max_length": encoder.get("max_length"), "tokenizer": encoder.get("tokenizer")}
-        table.add_row(f"{modality} preprocessing", json.dumps(extra))
-        table.add_row(f"{modality} storage", f"{prov['dtype']}, {len(manifest['shards'][modality])} shards of "
+            table.add_row(f"{what} weights sha256", encoder["weights_sha256"])
+            extra = encoder.get("preprocess") or {"max_length": encoder.get("max_length"), "tokenizer": encoder.get("tokenizer")}
+            table.add_row(f"{what} preprocessing", json.dumps(extra))
+            table.add_row(f"{what} storage", f"{prov['dtype']}, {len(feature_set.shards)} shards of "
                                              f"{prov['shard_size']} rows, tokens={prov['tokens']}")
-        table.add_row(f"{modality} compute path", prov.get("compute_path", "eager"))
+            table.add_row(f"{what} compute path", prov.get("compute_path", "eager"))
     table.add_row("libraries", ", ".join(f"{k} {v}" for k, v in manifest["libraries"].items()))
     table.add_row("created / finished", f"{manifest['created']} / {manifest.get('finished')}")
     table.add_row("skipped", f"{len(manifest['skipped'])} items" + "".join(
