@@ -195,6 +195,9 @@ def train(
     image_grid: Annotated[str | None, typer.Option(help="NdLinear grid for image features, e.g. 32x40 [default: most square]")] = None,
     text_grid: Annotated[str | None, typer.Option(help="NdLinear grid for text features, e.g. 16x24.")] = None,
     text_cache: Annotated[Path | None, typer.Option(help="Take text features from this cache (same dataset).")] = None,
+    image_features: Annotated[str | None, typer.Option(help="Image feature sets of the cache to train on, joined by '+' (concatenated), e.g. efficientnet-lite0+efficientnet-lite2 [default: the default set; vlmcache info lists them]")] = None,
+    text_features: Annotated[str | None, typer.Option(help="Text feature sets, joined by '+' [default: the default set]")] = None,
+    standardize: Annotated[bool, typer.Option(help="Centre each feature set and scale it to unit RMS (training-split statistics, kept in the checkpoint).")] = False,
     train_split: Annotated[str, typer.Option(help="Split to train on.")] = "train",
     val_split: Annotated[str, typer.Option(help="Split to validate on each epoch.")] = "val",
     device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "cpu",
@@ -214,7 +217,8 @@ def train(
         "weight_decay": weight_decay, "warmup": warmup, "schedule": schedule, "seed": seed, "sampling": sampling,
         "patience": patience, "dropout": dropout, "mlp_hidden": mlp_hidden, "mlp_layers": mlp_layers,
         "residual": residual, "image_grid": image_grid, "text_grid": text_grid, "train_split": train_split,
-        "val_split": val_split, "cache": cache, "text_cache": text_cache})
+        "val_split": val_split, "cache": cache, "text_cache": text_cache, "image_features": image_features,
+        "text_features": text_features, "standardize": standardize})
     cache, text_cache = options.pop("cache"), options.pop("text_cache")
     unknown = sorted(set(rest) - {f for f in TrainConfig.__dataclass_fields__})
     if unknown:
@@ -262,6 +266,8 @@ def eval_command(
     ensemble: Annotated[bool, typer.Option("--ensemble", help="Zero-shot with an 8-template prompt ensemble.")] = False,
     class_names: Annotated[Path | None, typer.Option(help='Zero-shot: JSON {"folder_name": "words for the prompt"} [default: folder names cleaned into words]')] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the numbers to this JSON file.")] = None,
+    qbnorm: Annotated[bool, typer.Option(help="Also the trained model and CCA with querybank normalisation (QB-Norm: bank of training queries, beta chosen on val).")] = True,
+    qbnorm_bank: Annotated[str | None, typer.Option(help="Split whose queries form the QB-Norm bank [default: the run's train split]; never the evaluated split.")] = None,
 ) -> None:
     """Image↔text Recall@1/5/10 (5 captions per image) of a checkpoint beside untrained and training-free baselines."""
     from vlmcache.evaluate import ZERO_SHOT_KEYS, ZERO_SHOT_LABELS, evaluate_checkpoint, read_class_names
@@ -271,7 +277,7 @@ def eval_command(
     if json_out is not None:
         check_writable(json_out, "--json")  # before the work, not after it
     names = read_class_names(class_names)
-    report = evaluate_checkpoint(checkpoint, split, cache, with_baselines=baselines)
+    report = evaluate_checkpoint(checkpoint, split, cache, with_baselines=baselines, qbnorm=qbnorm, qbnorm_bank=qbnorm_bank)
     console.print(_metrics_table(f"retrieval on split {report.split!r} of {report.cache} (%)", report.rows))
     results: dict = {"split": report.split, "cache": str(report.cache), "retrieval": report.rows}
     if zero_shot is not None:
@@ -335,6 +341,7 @@ def search(
     top: Annotated[int, typer.Option(help="How many images.", min=1, max=10_000)] = 5,
     split: Annotated[str | None, typer.Option(help="Cached split to search [default: test, else val]")] = None,
     cache: Annotated[Path | None, typer.Option(help="Cache to search [default: the training cache]")] = None,
+    qbnorm: Annotated[bool, typer.Option("--qbnorm", help="Rescore with querybank normalisation (bank: the run's training captions; beta chosen on val).")] = False,
 ) -> None:
     """Find the cached images that best match a text query (cross-modal retrieval)."""
     from vlmcache.predictor import search_images
@@ -342,7 +349,7 @@ def search(
     table = Table(title=f"top {top} images for {query!r}", title_justify="left")
     for column, justify in (("rank", "right"), ("score", "right"), ("image", "left"), ("path", "left")):
         table.add_column(column, justify=justify)
-    for hit in search_images(checkpoint, query, top, split, cache):
+    for hit in search_images(checkpoint, query, top, split, cache, qbnorm):
         table.add_row(str(hit.rank), f"{hit.score:.4f}", hit.image_id, hit.path)
     console.print(table)
 
@@ -477,12 +484,13 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
     split: Annotated[str | None, typer.Option(help="Cached split to search [default: test, else val]")] = None,
+    qbnorm: Annotated[bool, typer.Option("--qbnorm", help="Search with querybank normalisation (bank: the run's training captions).")] = False,
 ) -> None:
     """A local web page: upload an image and rank labels, or search the cached images by text."""
     from vlmcache.serve import serve as run_server
 
     console.print(f"serving {checkpoint} at http://{host}:{port} (Ctrl-C to stop)")
-    run_server(checkpoint, host, port, split)
+    run_server(checkpoint, host, port, split, qbnorm)
 
 
 def main() -> None:

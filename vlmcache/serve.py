@@ -65,7 +65,7 @@ document.getElementById('search-form').onsubmit = async e => {
 </script></body></html>"""
 
 
-def create_app(checkpoint: str | Path, split: str | None = None):
+def create_app(checkpoint: str | Path, split: str | None = None, qbnorm: bool = False):
     """The Starlette app for a checkpoint (the tests drive it directly and through a real browser)."""
     try:
         from starlette.applications import Starlette
@@ -77,6 +77,8 @@ def create_app(checkpoint: str | Path, split: str | None = None):
 
     predictor = Predictor(checkpoint)
     predictor.searchable(split)  # load everything a query needs now, so the first query is as fast as the rest
+    if qbnorm:
+        predictor.image_bank(split)
     predictor.prompts.encoder  # noqa: B018
     config = predictor.meta["config"]
     page = (PAGE.replace("{checkpoint}", html.escape(str(checkpoint))).replace("{projector}", html.escape(config["projector"]))
@@ -111,7 +113,7 @@ def create_app(checkpoint: str | Path, split: str | None = None):
     async def search(request):
         try:
             top = max(1, min(50, int(request.query_params.get("top", "8"))))
-            hits = await run_in_threadpool(predictor.search, request.query_params.get("q", ""), top, split)
+            hits = await run_in_threadpool(predictor.search, request.query_params.get("q", ""), top, split, None, qbnorm)
         except (VlmcacheError, ValueError) as error:
             return JSONResponse({"error": str(error)}, status_code=400)
         # Only what the page shows: no server paths leave the machine.
@@ -158,8 +160,9 @@ def servable_image(recorded: str, root: Path) -> Path | None:
     return path
 
 
-def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, split: str | None = None) -> None:
+def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, split: str | None = None,
+          qbnorm: bool = False) -> None:
     """Run the page with uvicorn until interrupted."""
     import uvicorn
 
-    uvicorn.run(create_app(checkpoint, split), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(checkpoint, split, qbnorm), host=host, port=port, log_level="warning")
