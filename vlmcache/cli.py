@@ -366,7 +366,7 @@ def _int_list(value, name: str) -> tuple[int, ...]:
 def ablation_table(rows: list[dict], split: str) -> Table:
     """The ablation as a rich table: mean ± std over seeds, best value per column in bold green."""
     table = Table(title=f"ablation on split {split!r}: recall in %, mean ± std over seeds", title_justify="left")
-    several_caches = len({row["cache"] for row in rows}) > 1
+    several_caches = len({row["encoders"] for row in rows}) > 1
     if several_caches:
         table.add_column("encoders")
     from vlmcache.evaluate import RETRIEVAL_KEYS as metric_names
@@ -400,6 +400,8 @@ def ablate(
     losses: Annotated[str, typer.Option(help="Comma-separated: infonce,sigmoid")] = "infonce,sigmoid",
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds; each cell runs once per seed.")] = "0,1,2",
     dims: Annotated[str, typer.Option(help="Comma-separated shared-space sizes.")] = "256",
+    image_features: Annotated[str | None, typer.Option(help="Comma-separated image feature-set combinations to compare, e.g. efficientnet-lite0,efficientnet-lite0+efficientnet-lite2 [default: the default set]")] = None,
+    text_features: Annotated[str | None, typer.Option(help="Comma-separated text feature-set combinations [default: the default set]")] = None,
     epochs: Annotated[int, typer.Option(help="Epochs per run (best epoch on val is kept).")] = 20,
     batch_size: Annotated[int, typer.Option(help="Pairs per step.")] = 256,
     jobs: Annotated[int | None, typer.Option(help="Cells trained in parallel [default: CPU cores]")] = None,
@@ -412,7 +414,8 @@ def ablate(
 
     options, rest = _with_config_file(config_file, {
         "caches": caches, "out": out, "projectors": projectors, "losses": losses, "seeds": seeds, "dims": dims,
-        "epochs": epochs, "batch_size": batch_size, "jobs": jobs, "baselines": baselines})
+        "epochs": epochs, "batch_size": batch_size, "jobs": jobs, "baselines": baselines,
+        "image_features": image_features, "text_features": text_features})
     unknown = sorted(set(rest) - set(TrainConfig.__dataclass_fields__))
     if unknown:
         raise VlmcacheError(f"--config {config_file}: unknown key {unknown[0]!r}; use ablate or train option names")
@@ -421,6 +424,8 @@ def ablate(
     result = run_ablate(options["caches"], options["out"], projectors=tuple(_split_list(options["projectors"]) or ()),
                         losses=tuple(_split_list(options["losses"]) or ()), seeds=_int_list(options["seeds"], "seeds"),
                         dims=_int_list(options["dims"], "dims"), epochs=options["epochs"], jobs=options["jobs"],
+                        image_features=tuple(_split_list(options["image_features"]) or (None,)),
+                        text_features=tuple(_split_list(options["text_features"]) or (None,)),
                         with_baselines=options["baselines"], base_config={**rest, "batch_size": options["batch_size"]})
     console.print(ablation_table(result.rows, result.split))
     console.print(f"{result.cells_trained} runs trained, {result.cells_reused} reused from {result.out}/cells; "
