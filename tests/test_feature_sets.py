@@ -63,7 +63,8 @@ def test_verify_and_open_check_every_set(flickr_slice, tmp_path, tiny_models, ca
     code, _, err = run_cli(["verify", tmp_path / "c"], capsys)
     assert code == 2 and "1 bad shard(s)" in err
     # A set's shard copied over another is caught on open, naming the shard.
-    (tmp_path / "c" / "images@vit" / "shard-00000.h5").write_bytes((tmp_path / "c" / "images@vit" / "shard-00002.h5").read_bytes())
+    folder = tmp_path / "c" / "images@vit"
+    (folder / "shard-00000.h5").write_bytes((folder / "shard-00002.h5").read_bytes())
     with pytest.raises(VlmcacheError, match=r"images@vit/shard-00000.h5: holds rows 8\+2"):
         open_cache(tmp_path / "c")
 
