@@ -28,7 +28,8 @@ def test_eval_shows_trained_untrained_and_baselines(tiny_run, tmp_path, capsys):
     report = evaluate_checkpoint(tiny_run)
     rows = report.rows
     assert report.split == "val"  # no test split in this cache
-    assert list(rows) == ["trained (linear + infonce)", "untrained (same init)", "CCA (closed form)", "ASIF (no training)"]
+    assert list(rows) == ["trained (linear + infonce)", "untrained (same init)", "CCA (closed form)", "ASIF (no training)",
+                          "trained (linear + infonce) + QB-Norm", "CCA (closed form) + QB-Norm"]
     model, meta = load_model(tiny_run)
     assert rows["trained (linear + infonce)"] == evaluate_model(model, open_cache(meta["cache"]).split("val"))
     code, out, err = run_cli(["eval", tiny_run, "--json", tmp_path / "numbers.json"], capsys)
