@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlmcache import encoders
-from vlmcache.config import MAX_WIDTH, TrainConfig
+from vlmcache.config import MAX_WIDTH, TrainConfig, parse_sets
 from vlmcache.errors import VlmcacheError
 from vlmcache.files import atomic_write, write_json_atomic, write_text_atomic
 from vlmcache.model import AlignmentModel
@@ -158,9 +158,10 @@ def feature_set_meta(cache: FeatureCache, text_cache: FeatureCache, config: Trai
 
 
 def checkpoint_sets(meta: dict) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:
-    """(image feature sets, text feature sets) a checkpoint was trained on (None: the default set)."""
-    config = TrainConfig.from_dict(meta["config"])
-    return config.image_sets, config.text_sets
+    """(image feature sets, text feature sets) a checkpoint was trained on (None: the default set).
+
+    Read from the config dict itself: a captioner's config is not a TrainConfig."""
+    return parse_sets(meta["config"].get("image_features")), parse_sets(meta["config"].get("text_features"))
 
 
 def check_encoders_match(meta: dict, cache: FeatureCache, modalities=("images", "texts")) -> None:
