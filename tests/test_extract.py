@@ -149,11 +149,12 @@ def test_a_complete_cache_is_kept_whatever_the_backend_but_a_partial_one_resumes
 
 def test_resume_with_other_settings_is_refused(flickr_slice, tmp_path, tiny_models):
     extract(flickr_slice, tmp_path / "c", **tiny(tiny_models))
-    refusal = r"made differently \(provenance.images.encoder.dim.*--overwrite"
+    refusal = r"image feature set 'vit' made differently \(encoder.pooling\).*--overwrite"
     with pytest.raises(VlmcacheError, match=refusal):
-        extract(flickr_slice, tmp_path / "c", **tiny(tiny_models, image="resnet"))
+        extract(flickr_slice, tmp_path / "c", image_pooling="mean", **tiny(tiny_models))
     assert not (tmp_path / "c" / ".lock").exists()  # a refused run releases the lock
-    extract(flickr_slice, tmp_path / "c", overwrite=True, **tiny(tiny_models, image="resnet"))
+    extract(flickr_slice, tmp_path / "c", overwrite=True, image_pooling="mean", **tiny(tiny_models))
+    # Another encoder is not another setting: it is added as a feature set of its own (test_feature_sets.py).
 
 
 def test_lock_stops_a_second_writer(flickr_slice, tmp_path, tiny_models):

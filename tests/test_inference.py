@@ -30,7 +30,8 @@ def test_eval_shows_trained_untrained_and_baselines(tiny_run, tmp_path, capsys):
     report = evaluate_checkpoint(tiny_run)
     rows = report.rows
     assert report.split == "val"  # no test split in this cache
-    assert list(rows) == ["trained (linear + infonce)", "untrained (same init)", "CCA (closed form)", "ASIF (no training)"]
+    assert list(rows) == ["trained (linear + infonce)", "untrained (same init)", "CCA (closed form)", "ASIF (no training)",
+                          "trained (linear + infonce) + QB-Norm", "CCA (closed form) + QB-Norm"]
     model, meta = load_model(tiny_run)
     val = open_cache(meta["cache"]).split("val")
     with torch.no_grad():  # recall recomputed by brute force: sort every row, look for a correct item in the top K

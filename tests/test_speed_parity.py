@@ -6,12 +6,13 @@ Tolerance: max |difference| ≤ 1e-4 and cosine ≥ 0.9999 per row, in fp32, on 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import FLICKR, require_shared_data
 
 from vlmcache.datasets import load_rgb
-from vlmcache.encoders import fold_batchnorm, load_image_encoder, load_text_encoder
+from vlmcache.encoders import fold_batchnorm, lite_preprocess, load_image_encoder, load_text_encoder
 
 
 def real_pixels(preprocess, count: int = 8) -> torch.Tensor:
@@ -36,6 +37,20 @@ def test_efficientnet_fast_paths_match_eager_on_real_images():
     assert onnx.compute_path.startswith("onnxruntime-") and "bn-fold(49)" in onnx.compute_path
     assert_parity(onnx.encode(pixels).pooled, reference)
     assert load_image_encoder("efficientnet-lite0", device="cpu").compute_path == onnx.compute_path  # auto
+
+
+@pytest.mark.parametrize(("name", "size"), [("efficientnet-lite1", 240), ("efficientnet-lite2", 260)])
+def test_larger_lite_models_use_their_input_size_and_match_eager(name, size):
+    eager = load_image_encoder(name, device="cpu", backend="eager")
+    # The Lite builder's evaluation crop: size/(size + 32) of the shorter side, then size × size.
+    assert eager.preprocess.size == size and eager.preprocess.crop_pct == size / (size + 32) == lite_preprocess(size).crop_pct
+    assert lite_preprocess(224).crop_pct == 0.875  # Lite0's 224/256, as before
+    pixels = real_pixels(eager.preprocess, count=2)
+    assert pixels.shape == (2, 3, size, size)
+    reference = eager.encode(pixels).pooled
+    onnx = load_image_encoder(name, device="cpu", backend="onnxruntime")
+    assert "bn-fold(" in onnx.compute_path and reference.shape == (2, 1280)
+    assert_parity(onnx.encode(pixels).pooled, reference)
 
 
 def test_resnet_and_vit_fast_paths_match_eager(tiny_models):

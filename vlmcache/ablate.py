@@ -1,4 +1,4 @@
-"""The ablation grid: caches × projectors × losses × dims × seeds, plus training-free baseline rows.
+"""The ablation grid: caches × feature sets × projectors × losses × dims × seeds, plus baseline rows.
 
 Each cell is one `train` run. Its result is saved as `<out>/cells/<config hash>.json` the moment it
 finishes, so re-running an interrupted ablation only trains the missing cells. Cells are independent
@@ -33,7 +33,7 @@ from vlmcache.evaluate import ASIF_ROW, CCA_ROW, RETRIEVAL_KEYS, baseline_metric
 from vlmcache.files import FolderLock, write_json_atomic, write_text_atomic
 from vlmcache.model import initial_model
 from vlmcache.progress import make_progress
-from vlmcache.store import load_features, open_cache
+from vlmcache.store import load_features, open_cache, parse_sets
 from vlmcache.train import train
 
 UNTRAINED_LINEAR = "untrained linear"
@@ -51,6 +51,9 @@ class Cell:
         opened = open_cache(self.cache)
         identity = {"fingerprint": opened.fingerprint, "provenance": opened.provenance, "config": self.config,
                     "vlmcache": __version__}
+        if "feature_sets" in opened.manifest:  # only caches with more sets: older cells keep their keys
+            identity["feature_sets"] = {m: {n: s.provenance for n, s in opened.feature_sets(m).items()}
+                                        for m in ("images", "texts")}
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -88,29 +91,32 @@ def run_cell(cell: Cell) -> dict:
             metrics = result.best_metrics  # selected and reported on dev, as in the README's protocol
         else:
             model, _ = load_model(Path(folder) / "best.safetensors")
-            metrics = evaluate_model(model, opened.split(split))
+            metrics = evaluate_model(model, load_features(opened, split, None, config.image_sets, config.text_sets))
     return {"cache": cell.cache, "config": cell.config, "metrics": metrics, "parameters": result.parameters,
             "best_epoch": result.best_epoch, "seconds": training_seconds, "split": split}
 
 
-def baseline_rows(cache: str, dim: int, seeds: list[int]) -> list[dict]:
-    """Untrained linear projectors (per seed), CCA and ASIF on one cache, as raw cells."""
+def baseline_rows(cache: str, dim: int, seeds: list[int], features: tuple[str | None, str | None] = (None, None)) -> list[dict]:
+    """Untrained linear projectors (per seed), CCA and ASIF on one cache's (image, text) feature sets, as raw cells."""
     opened = open_cache(cache)
     split = opened.default_split()
-    train_split, evaluated = load_features(opened, "train"), load_features(opened, split)
+    sets = {"image_sets": parse_sets(features[0]), "text_sets": parse_sets(features[1])}
+    train_split, evaluated = load_features(opened, "train", **sets), load_features(opened, split, **sets)
+    chosen = {"image_features": features[0], "text_features": features[1]}
     image_dim, text_dim = train_split.image_features.shape[1], train_split.text_features.shape[1]
     raw = []
     for seed in seeds:
         started = time.perf_counter()
         model = initial_model(TrainConfig(projector="linear", dim=dim, seed=seed), image_dim, text_dim)
-        raw.append({"cache": cache, "config": {"projector": UNTRAINED_LINEAR, "loss": "—", "dim": dim, "seed": seed},
+        raw.append({"cache": cache, "config": {"projector": UNTRAINED_LINEAR, "loss": "—", "dim": dim, "seed": seed,
+                                               **chosen},
                     "metrics": evaluate_model(model, evaluated), "parameters": model.projector_parameters(),
                     "seconds": time.perf_counter() - started, "split": split})
     started = time.perf_counter()
     fitted = baseline_metrics(train_split, evaluated, dim)
     seconds = (time.perf_counter() - started) / len(fitted)
     for name, parameters in ((CCA_ROW, (image_dim + text_dim) * dim), (ASIF_ROW, 0)):
-        raw.append({"cache": cache, "config": {"projector": name, "loss": "—", "dim": dim, "seed": 0},
+        raw.append({"cache": cache, "config": {"projector": name, "loss": "—", "dim": dim, "seed": 0, **chosen},
                     "metrics": fitted[name], "parameters": parameters, "seconds": seconds, "split": split})
     return raw
 
@@ -123,13 +129,19 @@ def ablate(
     losses: tuple[str, ...] = ("infonce", "sigmoid"),
     seeds: tuple[int, ...] = (0, 1, 2),
     dims: tuple[int, ...] = (256,),
+    image_features: tuple[str | None, ...] = (None,),
+    text_features: tuple[str | None, ...] = (None,),
     epochs: int = 20,
     jobs: int | None = None,
     with_baselines: bool = True,
     base_config: dict | None = None,
     progress: bool = True,
 ) -> AblationResult:
-    """Run the grid (skipping cells already in `out/cells`), then write ablation.json and ablation.csv."""
+    """Run the grid (skipping cells already in `out/cells`), then write ablation.json and ablation.csv.
+
+    `image_features`/`text_features`: feature-set combinations of each cache to compare ('a+b'; None is
+    the default set), so "which encoders?" is an axis of the table.
+    """
     started = time.perf_counter()
     if not caches:
         raise VlmcacheError("give at least one cache folder")
@@ -138,8 +150,11 @@ def ablate(
     if empty:  # an empty grid would train nothing and validate nothing
         raise VlmcacheError(f"{empty[0]}: no values; give at least one, comma-separated")
     caches = [str(Path(c).resolve()) for c in caches]
-    for cache in caches:
-        open_cache(cache)  # fail now, with the cache named, not inside a worker
+    for cache in caches:  # fail now, with the cache and set named, not inside a worker
+        opened = open_cache(cache)
+        for modality, combos in (("images", image_features), ("texts", text_features)):
+            for name in {n for combo in combos for n in parse_sets(combo) or ()}:
+                opened.feature_set(modality, name)
     if jobs is not None and not 1 <= jobs <= 64:
         raise VlmcacheError(f"--jobs {jobs}: must be between 1 and 64")
     out = Path(out)
@@ -148,8 +163,10 @@ def ablate(
     except OSError as error:
         raise VlmcacheError(f"--out {out}: cannot create it ({error.strerror})") from None
     cells = [Cell(cache, asdict(TrainConfig(**{**(base_config or {}), "projector": projector, "loss": loss,
-                                               "dim": dim, "seed": seed, "epochs": epochs})))
-             for cache in caches for projector in projectors for loss in losses for dim in dims for seed in seeds]
+                                               "dim": dim, "seed": seed, "epochs": epochs,
+                                               "image_features": image, "text_features": text})))
+             for cache in caches for image in image_features for text in text_features
+             for projector in projectors for loss in losses for dim in dims for seed in seeds]
     with FolderLock(out, "ablation"):
         raw, pending = [], []
         for cell in cells:
@@ -175,8 +192,10 @@ def ablate(
                         bars.advance(task)
         if with_baselines:
             for cache in caches:
-                for dim in dims:
-                    raw += baseline_rows(cache, dim, list(seeds))
+                for image in image_features:
+                    for text in text_features:
+                        for dim in dims:
+                            raw += baseline_rows(cache, dim, list(seeds), (image, text))
         rows = aggregate(raw, caches)
         result = AblationResult(rows, out, len(pending), reused, time.perf_counter() - started,
                                 raw[0]["split"] if raw else "val", raw)
@@ -197,10 +216,14 @@ def _keep(cell_result: dict, path: Path) -> dict:
     return cell_result
 
 
-def encoder_pair(cache: str) -> str:
-    """'image encoder + text encoder' of a cache, for table rows."""
-    provenance = open_cache(cache).provenance
-    return f"{encoders.describe(provenance['images']['encoder'])} + {encoders.describe(provenance['texts']['encoder'])}"
+def encoder_pair(cache: str, image_features: str | None = None, text_features: str | None = None) -> str:
+    """'image encoder(s) + text encoder(s)' of a cache's feature sets, for table rows."""
+    opened = open_cache(cache)
+    sides = []
+    for modality, combo in (("images", image_features), ("texts", text_features)):
+        chosen = [opened.feature_set(modality, name).provenance["encoder"] for name in parse_sets(combo) or (None,)]
+        sides.append(" & ".join(encoders.describe(encoder) for encoder in chosen))
+    return " + ".join(sides)
 
 
 def aggregate(raw: list[dict], caches: list[str]) -> list[dict]:
@@ -208,10 +231,12 @@ def aggregate(raw: list[dict], caches: list[str]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for item in raw:
         config = item["config"]
-        groups.setdefault((item["cache"], config["projector"], config["loss"], config["dim"]), []).append(item)
+        features = (config.get("image_features"), config.get("text_features"))
+        groups.setdefault((item["cache"], features, config["projector"], config["loss"], config["dim"]), []).append(item)
     rows = []
-    for (cache, projector, loss, dim), items in groups.items():
-        row = {"cache": cache, "encoders": encoder_pair(cache), "projector": projector, "loss": loss, "dim": dim,
+    for (cache, features, projector, loss, dim), items in groups.items():
+        row = {"cache": cache, "image_features": features[0], "text_features": features[1],
+               "encoders": encoder_pair(cache, *features), "projector": projector, "loss": loss, "dim": dim,
                "seeds": sorted(item["config"]["seed"] for item in items), "parameters": items[0]["parameters"],
                "seconds": float(np.mean([item["seconds"] for item in items]))}
         for metric in RETRIEVAL_KEYS:
@@ -221,7 +246,8 @@ def aggregate(raw: list[dict], caches: list[str]) -> list[dict]:
         rows.append(row)
     order = {cache: index for index, cache in enumerate(caches)}
     trained_first = {UNTRAINED_LINEAR: 2, CCA_ROW: 3, ASIF_ROW: 4}
-    return sorted(rows, key=lambda r: (order[r["cache"]], trained_first.get(r["projector"], 1), -r["mean_recall"]))
+    return sorted(rows, key=lambda r: (order[r["cache"]], r["encoders"], trained_first.get(r["projector"], 1),
+                                       -r["mean_recall"]))
 
 
 def _write(result: AblationResult) -> None:

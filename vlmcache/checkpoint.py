@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlmcache import encoders
-from vlmcache.config import MAX_WIDTH, TrainConfig
+from vlmcache.config import MAX_WIDTH, TrainConfig, parse_sets
 from vlmcache.errors import VlmcacheError
 from vlmcache.files import atomic_write, write_json_atomic, write_text_atomic
 from vlmcache.model import AlignmentModel
@@ -147,13 +147,35 @@ def restore(path: Path, meta: dict, model: nn.Module, optimizer, scheduler, gene
                             "start again with --overwrite") from None
 
 
+def feature_set_meta(cache: FeatureCache, text_cache: FeatureCache, config: TrainConfig) -> dict:
+    """What a checkpoint records of its inputs: the encoder of every feature set it reads, in order.
+
+    `image_encoder`/`text_encoder` (the first set's) stay for readers that know one encoder per side."""
+    image_encoders = [cache.feature_set("images", name).provenance["encoder"] for name in config.image_sets or (None,)]
+    text_encoders = [text_cache.feature_set("texts", name).provenance["encoder"] for name in config.text_sets or (None,)]
+    return {"image_encoder": image_encoders[0], "text_encoder": text_encoders[0],
+            "image_encoders": image_encoders, "text_encoders": text_encoders}
+
+
+def checkpoint_sets(meta: dict) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:
+    """(image feature sets, text feature sets) a checkpoint was trained on (None: the default set).
+
+    Read from the config dict itself: a captioner's config is not a TrainConfig."""
+    return parse_sets(meta["config"].get("image_features")), parse_sets(meta["config"].get("text_features"))
+
+
 def check_encoders_match(meta: dict, cache: FeatureCache, modalities=("images", "texts")) -> None:
     """Refuse a cache whose features come from other encoders than the checkpoint was trained on."""
-    for modality, key in (("images", "image_encoder"), ("texts", "text_encoder")):
-        if modality in modalities and cache.provenance[modality]["encoder"] != meta[key]:
-            raise VlmcacheError(f"{cache.path}: its {modality} features come from "
-                                f"{encoders.describe(cache.provenance[modality]['encoder'])}, but the checkpoint was "
-                                f"trained on {encoders.describe(meta[key])}; use a cache made with the same encoders")
+    for modality, key, names in zip(("images", "texts"), ("image_encoder", "text_encoder"), checkpoint_sets(meta),
+                                    strict=True):
+        if modality not in modalities:
+            continue
+        for name, expected in zip(names or (None,), meta.get(f"{key}s") or [meta[key]], strict=True):
+            actual = cache.feature_set(modality, name).provenance["encoder"]
+            if actual != expected:
+                raise VlmcacheError(f"{cache.path}: its {modality} features come from {encoders.describe(actual)}, "
+                                    f"but the checkpoint was trained on {encoders.describe(expected)}; use a cache "
+                                    "made with the same encoders")
 
 
 def checkpoint_caches(meta: dict, cache: str | Path | None = None) -> tuple[FeatureCache, FeatureCache | None]:

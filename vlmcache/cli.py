@@ -31,6 +31,8 @@ def _split_list(value) -> list[str] | None:
 
 
 @app.command(epilog="Examples:\n\n  vlmcache extract ../shared/data/flickr8k --out features/flickr8k\n\n"
+                    "  vlmcache extract ../shared/data/flickr8k --out features/flickr8k-multi --image-model efficientnet-lite0 "
+                    "--image-model efficientnet-lite2\n\n"
                     "  vlmcache extract data/pairs.csv --image-model google/vit-base-patch16-224-in21k "
                     "--text-model distilbert-base-uncased --out features/vit-distilbert\n\n"
                     "  torchrun --nproc_per_node=4 -m vlmcache extract data/dataset_coco.json --out features/coco\n\n"
@@ -40,8 +42,8 @@ def extract(
                                               "image,caption[,split], a labelled image folder root/<class>/*.jpg, or webdataset "
                                               "tar shards (a folder of .tar, a glob, or shards/{00000..00099}.tar).")],
     out: Annotated[Path, typer.Option(help="Cache folder to write.")] = Path("features/cache"),
-    image_model: Annotated[str, typer.Option(help="'efficientnet-lite0' (offline), or any HF image model name or folder.")] = "efficientnet-lite0",
-    text_model: Annotated[str, typer.Option(help="'minilm' (offline), or any HF text model name or folder.")] = "minilm",
+    image_model: Annotated[list[str] | None, typer.Option(help="'efficientnet-lite0' / '-lite1' / '-lite2' (offline), or any HF image model name or folder. Repeat for several feature sets in one cache (the first is the default set) [default: efficientnet-lite0]")] = None,
+    text_model: Annotated[list[str] | None, typer.Option(help="'minilm' (offline), or any HF text model name or folder. Repeat for several feature sets [default: minilm]")] = None,
     image_pooling: Annotated[str | None, typer.Option(help="cls | mean | pooler | avgpool [default: cls for ViT-like, avgpool for CNNs]")] = None,
     text_pooling: Annotated[str | None, typer.Option(help="mean | cls | pooler [default: mean over the attention mask]")] = None,
     format: Annotated[str, typer.Option(help="auto | flickr8k | karpathy | pairs | imagefolder | webdataset")] = "auto",
@@ -67,7 +69,9 @@ def extract(
     from vlmcache.extract import ExtractConfig
     from vlmcache.extract import extract as run_extract
 
-    config = ExtractConfig(image_model=image_model, text_model=text_model, image_pooling=image_pooling,
+    image_models, text_models = image_model or ["efficientnet-lite0"], text_model or ["minilm"]
+    config = ExtractConfig(image_model=image_models[0], text_model=text_models[0], extra_image_models=tuple(image_models[1:]),
+                           extra_text_models=tuple(text_models[1:]), image_pooling=image_pooling,
                            text_pooling=text_pooling, format=format, images_dir=images_dir, splits=_split_list(splits),
                            limit=limit, shard_size=shard_size, dtype=dtype, batch_size=batch_size,
                            text_batch_size=text_batch_size, max_length=max_length, workers=workers, device=device,
@@ -100,16 +104,20 @@ def info(cache: Annotated[Path, typer.Argument(help="Cache folder.")]) -> None:
     table.add_row("splits", ", ".join(f"{name}: {c['images']:,} images / {c['captions']:,} captions"
                                       for name, c in dataset["splits"].items()))
     for modality in ("images", "texts"):
-        prov = manifest["provenance"][modality]
-        encoder = prov["encoder"]
-        table.add_row(f"{modality} encoder", f"{encoder['name']}  pooling={encoder['pooling']}  dim={encoder['dim']}  "
+        sets = opened.feature_sets(modality)
+        table.add_row(f"{modality} feature sets", ", ".join(f"{name} ({s.dim}-d, {s.folder}/)" for name, s in sets.items())
+                      + ("  [first = default]" if len(sets) > 1 else ""))
+        for name, feature_set in sets.items():
+            prov, what = feature_set.provenance, f"{modality} {name}" if len(sets) > 1 else modality
+            encoder = prov["encoder"]
+            table.add_row(f"{what} encoder", f"{encoder['name']}  pooling={encoder['pooling']}  dim={encoder['dim']}  "
                                              f"precision={encoder['precision']}")
-        table.add_row(f"{modality} weights sha256", encoder["weights_sha256"])
-        extra = encoder.get("preprocess") or {"max_length": encoder.get("max_length"), "tokenizer": encoder.get("tokenizer")}
-        table.add_row(f"{modality} preprocessing", json.dumps(extra))
-        table.add_row(f"{modality} storage", f"{prov['dtype']}, {len(manifest['shards'][modality])} shards of "
+            table.add_row(f"{what} weights sha256", encoder["weights_sha256"])
+            extra = encoder.get("preprocess") or {"max_length": encoder.get("max_length"), "tokenizer": encoder.get("tokenizer")}
+            table.add_row(f"{what} preprocessing", json.dumps(extra))
+            table.add_row(f"{what} storage", f"{prov['dtype']}, {len(feature_set.shards)} shards of "
                                              f"{prov['shard_size']} rows, tokens={prov['tokens']}")
-        table.add_row(f"{modality} compute path", prov.get("compute_path", "eager"))
+            table.add_row(f"{what} compute path", prov.get("compute_path", "eager"))
     table.add_row("libraries", ", ".join(f"{k} {v}" for k, v in manifest["libraries"].items()))
     table.add_row("created / finished", f"{manifest['created']} / {manifest.get('finished')}")
     table.add_row("skipped", f"{len(manifest['skipped'])} items" + "".join(
@@ -193,6 +201,9 @@ def train(
     image_grid: Annotated[str | None, typer.Option(help="NdLinear grid for image features, e.g. 32x40 [default: most square]")] = None,
     text_grid: Annotated[str | None, typer.Option(help="NdLinear grid for text features, e.g. 16x24.")] = None,
     text_cache: Annotated[Path | None, typer.Option(help="Take text features from this cache (same dataset).")] = None,
+    image_features: Annotated[str | None, typer.Option(help="Image feature sets of the cache to train on, joined by '+' (concatenated), e.g. efficientnet-lite0+efficientnet-lite2 [default: the default set; vlmcache info lists them]")] = None,
+    text_features: Annotated[str | None, typer.Option(help="Text feature sets, joined by '+' [default: the default set]")] = None,
+    standardize: Annotated[bool, typer.Option(help="Centre each feature set and scale it to unit RMS (training-split statistics, kept in the checkpoint).")] = False,
     train_split: Annotated[str, typer.Option(help="Split to train on.")] = "train",
     val_split: Annotated[str, typer.Option(help="Split to validate on each epoch.")] = "val",
     device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "cpu",
@@ -212,7 +223,8 @@ def train(
         "weight_decay": weight_decay, "warmup": warmup, "schedule": schedule, "seed": seed, "sampling": sampling,
         "patience": patience, "dropout": dropout, "mlp_hidden": mlp_hidden, "mlp_layers": mlp_layers,
         "residual": residual, "image_grid": image_grid, "text_grid": text_grid, "train_split": train_split,
-        "val_split": val_split, "cache": cache, "text_cache": text_cache})
+        "val_split": val_split, "cache": cache, "text_cache": text_cache, "image_features": image_features,
+        "text_features": text_features, "standardize": standardize})
     cache, text_cache = options.pop("cache"), options.pop("text_cache")
     unknown = sorted(set(rest) - {f for f in TrainConfig.__dataclass_fields__})
     if unknown:
@@ -260,6 +272,8 @@ def eval_command(
     ensemble: Annotated[bool, typer.Option("--ensemble", help="Zero-shot with an 8-template prompt ensemble.")] = False,
     class_names: Annotated[Path | None, typer.Option(help='Zero-shot: JSON {"folder_name": "words for the prompt"} [default: folder names cleaned into words]')] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the numbers to this JSON file.")] = None,
+    qbnorm: Annotated[bool, typer.Option(help="Also the trained model and CCA with querybank normalisation (QB-Norm: bank of training queries, beta chosen on val).")] = True,
+    qbnorm_bank: Annotated[str | None, typer.Option(help="Split whose queries form the QB-Norm bank [default: the run's train split]; never the evaluated split.")] = None,
 ) -> None:
     """Image↔text Recall@1/5/10 (5 captions per image) of a checkpoint beside untrained and training-free baselines."""
     from vlmcache.evaluate import ZERO_SHOT_KEYS, ZERO_SHOT_LABELS, evaluate_checkpoint, read_class_names
@@ -269,7 +283,7 @@ def eval_command(
     if json_out is not None:
         check_writable(json_out, "--json")  # before the work, not after it
     names = read_class_names(class_names)
-    report = evaluate_checkpoint(checkpoint, split, cache, with_baselines=baselines)
+    report = evaluate_checkpoint(checkpoint, split, cache, with_baselines=baselines, qbnorm=qbnorm, qbnorm_bank=qbnorm_bank)
     console.print(_metrics_table(f"retrieval on split {report.split!r} of {report.cache} (%)", report.rows))
     results: dict = {"split": report.split, "cache": str(report.cache), "retrieval": report.rows}
     if zero_shot is not None:
@@ -333,6 +347,7 @@ def search(
     top: Annotated[int, typer.Option(help="How many images.", min=1, max=10_000)] = 5,
     split: Annotated[str | None, typer.Option(help="Cached split to search [default: test, else val]")] = None,
     cache: Annotated[Path | None, typer.Option(help="Cache to search [default: the training cache]")] = None,
+    qbnorm: Annotated[bool, typer.Option("--qbnorm", help="Rescore with querybank normalisation (bank: the run's training captions; beta chosen on val).")] = False,
 ) -> None:
     """Find the cached images that best match a text query (cross-modal retrieval)."""
     from vlmcache.predictor import search_images
@@ -340,7 +355,7 @@ def search(
     table = Table(title=f"top {top} images for {query!r}", title_justify="left")
     for column, justify in (("rank", "right"), ("score", "right"), ("image", "left"), ("path", "left")):
         table.add_column(column, justify=justify)
-    for hit in search_images(checkpoint, query, top, split, cache):
+    for hit in search_images(checkpoint, query, top, split, cache, qbnorm):
         table.add_row(str(hit.rank), f"{hit.score:.4f}", hit.image_id, hit.path)
     console.print(table)
 
@@ -357,7 +372,7 @@ def _int_list(value, name: str) -> tuple[int, ...]:
 def ablation_table(rows: list[dict], split: str) -> Table:
     """The ablation as a rich table: mean ± std over seeds, best value per column in bold green."""
     table = Table(title=f"ablation on split {split!r}: recall in %, mean ± std over seeds", title_justify="left")
-    several_caches = len({row["cache"] for row in rows}) > 1
+    several_caches = len({row["encoders"] for row in rows}) > 1
     if several_caches:
         table.add_column("encoders")
     from vlmcache.evaluate import RETRIEVAL_KEYS as metric_names
@@ -392,6 +407,8 @@ def ablate(
     losses: Annotated[str, typer.Option(help="Comma-separated: infonce,sigmoid")] = "infonce,sigmoid",
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds; each cell runs once per seed.")] = "0,1,2",
     dims: Annotated[str, typer.Option(help="Comma-separated shared-space sizes.")] = "256",
+    image_features: Annotated[str | None, typer.Option(help="Comma-separated image feature-set combinations to compare, e.g. efficientnet-lite0,efficientnet-lite0+efficientnet-lite2 [default: the default set]")] = None,
+    text_features: Annotated[str | None, typer.Option(help="Comma-separated text feature-set combinations [default: the default set]")] = None,
     epochs: Annotated[int, typer.Option(help="Epochs per run (best epoch on val is kept).")] = 20,
     batch_size: Annotated[int, typer.Option(help="Pairs per step.")] = 256,
     jobs: Annotated[int | None, typer.Option(help="Cells trained in parallel [default: CPU cores]")] = None,
@@ -404,7 +421,8 @@ def ablate(
 
     options, rest = _with_config_file(context, config_file, {
         "caches": caches, "out": out, "projectors": projectors, "losses": losses, "seeds": seeds, "dims": dims,
-        "epochs": epochs, "batch_size": batch_size, "jobs": jobs, "baselines": baselines})
+        "epochs": epochs, "batch_size": batch_size, "jobs": jobs, "baselines": baselines,
+        "image_features": image_features, "text_features": text_features})
     unknown = sorted(set(rest) - set(TrainConfig.__dataclass_fields__))
     if unknown:
         raise VlmcacheError(f"--config {config_file}: unknown key {unknown[0]!r}; use ablate or train option names")
@@ -413,6 +431,8 @@ def ablate(
     result = run_ablate(options["caches"], options["out"], projectors=tuple(_split_list(options["projectors"]) or ()),
                         losses=tuple(_split_list(options["losses"]) or ()), seeds=_int_list(options["seeds"], "seeds"),
                         dims=_int_list(options["dims"], "dims"), epochs=options["epochs"], jobs=options["jobs"],
+                        image_features=tuple(_split_list(options["image_features"]) or (None,)),
+                        text_features=tuple(_split_list(options["text_features"]) or (None,)),
                         with_baselines=options["baselines"], base_config={**rest, "batch_size": options["batch_size"]})
     console.print(ablation_table(result.rows, result.split))
     console.print(f"{result.cells_trained} runs trained, {result.cells_reused} reused from {result.out}/cells; "
@@ -476,12 +496,13 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
     split: Annotated[str | None, typer.Option(help="Cached split to search [default: test, else val]")] = None,
+    qbnorm: Annotated[bool, typer.Option("--qbnorm", help="Search with querybank normalisation (bank: the run's training captions).")] = False,
 ) -> None:
     """A local web page: upload an image and rank labels, or search the cached images by text."""
     from vlmcache.serve import serve as run_server
 
     console.print(f"serving {checkpoint} at http://{host}:{port} (Ctrl-C to stop)")
-    run_server(checkpoint, host, port, split)
+    run_server(checkpoint, host, port, split, qbnorm)
 
 
 @app.command("export", epilog="Examples:\n\n  vlmcache export features/flickr8k --format clip-retrieval --out embeddings/flickr8k\n\n"

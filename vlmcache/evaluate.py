@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from vlmcache.config import TrainConfig
 from vlmcache.errors import VlmcacheError
 from vlmcache.model import AlignmentModel, initial_model
 from vlmcache.prompts import PromptStore, prompt_folder
+from vlmcache.qbnorm import BETAS, QBNORM_SUFFIX, QueryBank, check_bank_split, query_bank
 from vlmcache.store import Split, load_features, open_cache
 
 # The metric schema: keys (JSON, metrics.jsonl with a "val_" prefix, ablation.csv) and their column labels.
@@ -67,12 +69,15 @@ def _finite_or_worst(scores: torch.Tensor) -> torch.Tensor:
 SCORE_BUDGET = 1 << 24  # similarity entries per chunk (64 MB of float32): memory stays bounded at any size
 
 
-def retrieval_ranks(image_emb, text_emb, caption_image, chunk_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def retrieval_ranks(image_emb, text_emb, caption_image, chunk_size: int = 1024, text_bank: QueryBank | None = None,
+                    image_bank: QueryBank | None = None) -> tuple[np.ndarray, np.ndarray]:
     """1-based ranks: (best rank of each image's captions, rank of each caption's image).
 
     Images with no caption get rank 0 (they cannot be scored and are left out of image→text recall).
     Embeddings are compared by dot product; pass L2-normalised ones for cosine similarity. Queries go
-    in chunks of at most `chunk_size` rows, fewer when the other side is large (SCORE_BUDGET).
+    in chunks of at most `chunk_size` rows, fewer when the other side is large (SCORE_BUDGET). With
+    `text_bank` (the captions' QB-Norm normaliser from a bank of image queries) image→text scores are
+    rescored by QB-Norm, and with `image_bank` text→image scores (see vlmcache.qbnorm).
     """
     images, texts = _as_tensor(image_emb).float(), _as_tensor(text_emb).float()
     owner = _as_tensor(caption_image).long()
@@ -80,7 +85,8 @@ def retrieval_ranks(image_emb, text_emb, caption_image, chunk_size: int = 1024) 
     image_chunk = max(1, min(chunk_size, SCORE_BUDGET // max(1, len(texts))))
     for start in range(0, len(images), image_chunk):
         rows = torch.arange(start, min(start + image_chunk, len(images)))
-        scores = _finite_or_worst(images[rows] @ texts.T)  # (chunk, captions)
+        scores = images[rows] @ texts.T  # (chunk, captions)
+        scores = _finite_or_worst(scores if text_bank is None else text_bank.rescore(scores))
         correct = owner[None, :] == rows[:, None]
         best_correct = torch.where(correct, scores, torch.tensor(-torch.inf)).max(dim=1).values
         above = ((scores >= best_correct[:, None]) & ~correct).sum(dim=1)
@@ -90,7 +96,8 @@ def retrieval_ranks(image_emb, text_emb, caption_image, chunk_size: int = 1024) 
     text_chunk = max(1, min(chunk_size, SCORE_BUDGET // max(1, len(images))))
     for start in range(0, len(texts), text_chunk):
         rows = torch.arange(start, min(start + text_chunk, len(texts)))
-        scores = _finite_or_worst(texts[rows] @ images.T)  # (chunk, images)
+        scores = texts[rows] @ images.T  # (chunk, images)
+        scores = _finite_or_worst(scores if image_bank is None else image_bank.rescore(scores))
         correct_score = scores.gather(1, owner[rows, None])
         # (scores >= correct) counts the correct image itself, which makes the count a 1-based rank.
         text_ranks[rows.numpy()] = (scores >= correct_score).sum(dim=1).numpy()
@@ -113,6 +120,42 @@ def retrieval_metrics(image_emb, text_emb, caption_image, chunk_size: int = 1024
     images = F.normalize(_as_tensor(image_emb).float(), dim=-1)
     texts = F.normalize(_as_tensor(text_emb).float(), dim=-1)
     return recall_from_ranks(*retrieval_ranks(images, texts, caption_image, chunk_size))
+
+
+def qbnorm_metrics(image_emb, text_emb, caption_image, bank_images, bank_texts, beta: float) -> dict[str, float]:
+    """Retrieval recall with QB-Norm: image queries normalised by a bank of (training) image queries, text
+    queries by a bank of (training) text queries. All embeddings are L2-normalised here."""
+    images, texts = F.normalize(_as_tensor(image_emb).float(), dim=-1), F.normalize(_as_tensor(text_emb).float(), dim=-1)
+    bank_images = F.normalize(_as_tensor(bank_images).float(), dim=-1)
+    bank_texts = F.normalize(_as_tensor(bank_texts).float(), dim=-1)
+    ranks = retrieval_ranks(images, texts, caption_image, text_bank=query_bank(bank_images, texts, beta),
+                            image_bank=query_bank(bank_texts, images, beta))
+    return {**recall_from_ranks(*ranks), "qbnorm_beta": beta}
+
+
+def choose_beta(embed: Callable[[Split], tuple], bank: Split, val: Split) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """(β with the best QB-Norm mean recall on `val`, bank image embeddings, bank text embeddings) for the
+    embedding function `embed(split) -> (image emb, text emb)` and `bank`'s queries."""
+    bank_images, bank_texts = embed(bank)
+    val_images, val_texts = embed(val)
+    beta = max(BETAS, key=lambda b: qbnorm_metrics(val_images, val_texts, val.caption_image, bank_images, bank_texts,
+                                                   b)["mean_recall"])
+    return beta, bank_images, bank_texts
+
+
+def qbnorm_row(embed: Callable[[Split], tuple], bank: Split, val: Split, evaluated: Split) -> dict[str, float]:
+    """QB-Norm recall on `evaluated` of `embed`, the bank being `bank`'s queries, β chosen on `val`."""
+    beta, bank_images, bank_texts = choose_beta(embed, bank, val)
+    return qbnorm_metrics(*embed(evaluated), evaluated.caption_image, bank_images, bank_texts, beta)
+
+
+def model_embeddings(model: AlignmentModel) -> Callable[[Split], tuple[torch.Tensor, torch.Tensor]]:
+    """split -> (unit image embeddings, unit text embeddings) of a model, without autograd."""
+    def embed(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            images, texts, _ = split.torch()
+            return model.embed_images(images), model.embed_texts(texts)
+    return embed
 
 
 def class_embeddings(encode_texts, classnames: list[str], templates=DEFAULT_TEMPLATES) -> torch.Tensor:
@@ -175,25 +218,44 @@ class EvalReport:
 
 
 def evaluate_checkpoint(checkpoint: str | Path, split: str | None = None, cache: str | Path | None = None,
-                        with_baselines: bool = True) -> EvalReport:
+                        with_baselines: bool = True, qbnorm: bool = True, qbnorm_bank: str | None = None) -> EvalReport:
     """Retrieval metrics on a split for the trained projectors, the untrained ones (same seed), and the
-    training-free baselines (CCA, ASIF), always fitted on the train split of the run's own caches."""
+    training-free baselines (CCA, ASIF), always fitted on the train split of the run's own caches.
+
+    With `qbnorm`, the trained model and CCA again with QB-Norm (rows named "... + QB-Norm"): the bank is
+    the `qbnorm_bank` split's queries (default: the run's train split; never the evaluated split), β
+    chosen on the run's validation split.
+    """
     model, meta = load_model(checkpoint)
     opened, text_cache = checkpoint_caches(meta, cache)
     config = TrainConfig.from_dict(meta["config"])
     split = split or opened.default_split()
-    evaluated = load_features(opened, split, text_cache)
+    bank_split = qbnorm_bank or config.train_split
+    if qbnorm:
+        check_bank_split(bank_split, split)
+    sets = {"image_sets": config.image_sets, "text_sets": config.text_sets}
+    evaluated = load_features(opened, split, text_cache, **sets)
     dims = (evaluated.image_features.shape[1], evaluated.text_features.shape[1])
     if dims != (meta["image_dim"], meta["text_dim"]):
         raise VlmcacheError(f"{opened.path}: features are {dims[0]}/{dims[1]}-d but the checkpoint expects "
                             f"{meta['image_dim']}/{meta['text_dim']}-d")
-    rows = {trained_row(config): evaluate_model(model, evaluated),
-            UNTRAINED_ROW: evaluate_model(initial_model(config, meta["image_dim"], meta["text_dim"]), evaluated)}
-    if with_baselines:
-        train_cache, train_text_cache = checkpoint_caches(meta) if cache is not None else (opened, text_cache)
-        if config.train_split in train_cache.splits:
-            rows.update(baseline_metrics(load_features(train_cache, config.train_split, train_text_cache),
-                                         evaluated, config.dim))
+    untrained = initial_model(config, meta["image_dim"], meta["text_dim"])
+    if config.standardize:  # the same standardised inputs, so the baseline differs only in the learned weights
+        untrained.load_state_dict({k: v for k, v in model.state_dict().items() if k.endswith(("_shift", "_scale"))},
+                                  strict=False)
+    rows = {trained_row(config): evaluate_model(model, evaluated), UNTRAINED_ROW: evaluate_model(untrained, evaluated)}
+    train_cache, train_text_cache = checkpoint_caches(meta) if cache is not None else (opened, text_cache)
+    train = (load_features(train_cache, config.train_split, train_text_cache, **sets)
+             if (with_baselines or qbnorm) and config.train_split in train_cache.splits else None)
+    if with_baselines and train is not None:
+        rows.update(baseline_metrics(train, evaluated, config.dim))
+    if qbnorm:
+        bank = train if bank_split == config.train_split else load_features(train_cache, bank_split, train_text_cache, **sets)
+        val = evaluated if split == config.val_split else load_features(train_cache, config.val_split, train_text_cache, **sets)
+        rows[trained_row(config) + QBNORM_SUFFIX] = qbnorm_row(model_embeddings(model), bank, val, evaluated)
+        if with_baselines and train is not None:
+            rows[CCA_ROW + QBNORM_SUFFIX] = qbnorm_row(
+                lambda s: baselines.cca_embeddings(train, s, config.dim), bank, val, evaluated)
     return EvalReport(opened.path, split, rows)
 
 
@@ -222,7 +284,7 @@ def zero_shot(checkpoint: str | Path, folder_cache: str | Path, ensemble: bool =
     if not opened.classes:
         raise VlmcacheError(f"{opened.path}: has no class labels; extract a labelled image folder (root/<class>/*.jpg)")
     check_encoders_match(meta, opened, modalities=("images",))
-    labelled = opened.split(split or opened.splits[0])
+    labelled = opened.split(split or opened.splits[0], TrainConfig.from_dict(meta["config"]).image_sets)
     words = [(class_names or {}).get(name) or clean_class_name(name) for name in opened.classes]
     templates = ENSEMBLE_TEMPLATES if ensemble else DEFAULT_TEMPLATES
     config = TrainConfig.from_dict(meta["config"])

@@ -30,6 +30,8 @@ from vlmcache.store import (
     differences,
     file_sha256,
     now_iso,
+    set_folder,
+    set_name,
     shard_name,
     shard_ranges,
     write_index,
@@ -47,6 +49,9 @@ class ExtractConfig:
 
     image_model: str = encoders.DEFAULT_IMAGE_MODEL
     text_model: str = encoders.DEFAULT_TEXT_MODEL
+    # Further encoders: each becomes a feature set of its own in the same cache (see vlmcache.store).
+    extra_image_models: tuple[str, ...] = ()
+    extra_text_models: tuple[str, ...] = ()
     image_pooling: str | None = None
     text_pooling: str | None = None
     format: str = "auto"
@@ -81,6 +86,13 @@ class ExtractConfig:
                 raise VlmcacheError(f"--{option} {value}: must be between {low} and {high}")
         if self.images_dir is not None:
             self.images_dir = str(self.images_dir)
+        self.extra_image_models, self.extra_text_models = tuple(self.extra_image_models), tuple(self.extra_text_models)
+        for modality, models in (("image", (self.image_model, *self.extra_image_models)),
+                                 ("text", (self.text_model, *self.extra_text_models))):
+            names = [set_name(model) for model in models]
+            if len(set(names)) != len(names):
+                raise VlmcacheError(f"--{modality}-model: {', '.join(models)} name the same feature set twice; "
+                                    "give each encoder once")
         if self.tokens and self.backend == "onnxruntime":
             raise VlmcacheError("--tokens needs --backend torch or eager (the ONNX export gives pooled features only)")
 
@@ -190,16 +202,19 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
     if torch_device.type == "cuda" and world > 1:
         torch_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     backend = "torch" if config.tokens and config.backend == "auto" else config.backend
-    image_encoder = encoders.load_image_encoder(config.image_model, config.image_pooling, str(torch_device), backend)
-    text_encoder = encoders.load_text_encoder(config.text_model, config.text_pooling, str(torch_device),
-                                              config.max_length, backend)
     fingerprint = dataset.fingerprint()
-    provenance = {
-        modality: {"encoder": encoder.provenance(), "dataset_fingerprint": fingerprint, "dtype": config.dtype,
-                   "tokens": config.tokens, "shard_size": config.shard_size, "compute_path": path}
-        for modality, encoder, path in (("images", image_encoder, image_encoder.compute_path),
-                                        ("texts", text_encoder, f"{text_encoder.compute_path}+length-sorted-batches"))
-    }
+    sets = []  # one FeatureSet per requested encoder; the first of each modality is the default set of a new cache
+    for model in (config.image_model, *config.extra_image_models):
+        encoder = encoders.load_image_encoder(model, config.image_pooling, str(torch_device), backend)
+        sets.append(FeatureSet("images", set_name(model), encoder, encoder.compute_path))
+    for model in (config.text_model, *config.extra_text_models):
+        encoder = encoders.load_text_encoder(model, config.text_pooling, str(torch_device), config.max_length, backend)
+        sets.append(FeatureSet("texts", set_name(model), encoder, f"{encoder.compute_path}+length-sorted-batches"))
+    for chosen in sets:
+        chosen.provenance = json.loads(json.dumps(
+            {"encoder": chosen.encoder.provenance(), "dataset_fingerprint": fingerprint, "dtype": config.dtype,
+             "tokens": config.tokens, "shard_size": config.shard_size, "compute_path": chosen.compute_path}))
+    defaults = {modality: next(c for c in sets if c.modality == modality) for modality in MODALITIES}
     manifest = {
         "format_version": FORMAT_VERSION,
         "status": "incomplete",
@@ -208,7 +223,7 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
                     "images": dataset.num_images, "captions": dataset.num_captions,
                     "splits": dataset.split_counts(), "limit_per_split": config.limit,
                     **({"dropped_samples": dataset.dropped} if dataset.dropped else {})},
-        "provenance": provenance,
+        "provenance": {modality: defaults[modality].provenance for modality in MODALITIES},
         "extract_config": asdict(config),
         "libraries": _library_versions(),
     }
@@ -220,44 +235,86 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
             try:
                 out.mkdir(parents=True, exist_ok=True)
                 stack.enter_context(FolderLock(out, "extract"))
-                prepare_cache(out, dataset, manifest, overwrite)
+                prepare_cache(out, dataset, manifest, sets, overwrite)
             except VlmcacheError as failure:
                 error = str(failure)
             except OSError as failure:
                 error = f"--out {out}: cannot write the cache there ({failure.strerror})"
         _share_error(error, world)
+        if world > 1:  # the other ranks learn each set's folder and status from the manifest rank 0 wrote
+            _assign_folders(json.loads((out / "manifest.json").read_text()), sets)
         plans = {"images": shard_ranges(dataset.num_images, config.shard_size),
                  "texts": shard_ranges(dataset.num_captions, config.shard_size)}
-        pending = {m: [i for i, _ in enumerate(plans[m]) if not (out / m / shard_name(i)).exists()] for m in MODALITIES}
-        mine = {m: [i for n, i in enumerate(pending[m]) if n % world == rank] for m in MODALITIES}
+        # A complete set with a shard gone (deleted after `vlmcache verify` named it bad) is worked on again.
+        work = [c for c in sets if not c.complete or any(not (out / c.folder / shard_name(i)).exists()
+                                                         for i in range(len(plans[c.modality])))]
+        pending = {id(c): [i for i, _ in enumerate(plans[c.modality]) if not (out / c.folder / shard_name(i)).exists()]
+                   for c in work}
+        seconds = {"images": 0.0, "texts": 0.0}
         with make_progress(progress and rank == 0) as bars:
-            phase_started = time.perf_counter()
-            _extract_images(out, dataset, image_encoder, plans["images"], mine["images"], provenance["images"],
-                            config, bars)
-            image_seconds = time.perf_counter() - phase_started
-            _extract_texts(out, dataset, text_encoder, plans["texts"], mine["texts"], provenance["texts"], config, bars)
-            text_seconds = time.perf_counter() - phase_started - image_seconds
+            for chosen in work:
+                mine = [i for n, i in enumerate(pending[id(chosen)]) if n % world == rank]
+                phase_started = time.perf_counter()
+                run = _extract_images if chosen.modality == "images" else _extract_texts
+                run(out / chosen.folder, dataset, chosen.encoder, plans[chosen.modality], mine, chosen.provenance,
+                    config, bars, f"{chosen.modality} {chosen.name}" if len(sets) > 2 else
+                    {"images": "images", "texts": "captions"}[chosen.modality])
+                seconds[chosen.modality] += time.perf_counter() - phase_started
         _barrier(world)
-        reused = sum(len(plans[m]) - len(pending[m]) for m in MODALITIES)
-        result = ExtractResult(out, dataset.num_images, dataset.num_captions,
-                               sum(len(pending[m]) for m in MODALITIES), reused,
-                               image_seconds=image_seconds, text_seconds=text_seconds)
-        if rank == 0:
-            finalize_cache(out, manifest, plans, result)
-            save_query_encoder(out, text_encoder)
+        written = sum(len(shards) for shards in pending.values())
+        result = ExtractResult(out, dataset.num_images, dataset.num_captions, written,
+                               sum(len(plans[c.modality]) for c in sets) - written,
+                               image_seconds=seconds["images"], text_seconds=seconds["texts"])
+        if rank == 0 and work:
+            finalize_cache(out, manifest, plans, work, result)
+            if defaults["texts"].folder == "texts":
+                save_query_encoder(out, defaults["texts"].encoder)
     result.seconds = time.perf_counter() - started
     return result
+
+
+@dataclass
+class FeatureSet:
+    """One feature set an extract (or an import) works on: its encoder, and where its shards go."""
+
+    modality: str
+    name: str
+    encoder: object
+    compute_path: str
+    provenance: dict = field(default_factory=dict)
+    folder: str = ""
+    complete: bool = False
+
+
+def _assign_folders(manifest: dict, sets: list[FeatureSet]) -> None:
+    """Each requested set's folder and status from the manifest (default set, further set, or new)."""
+    for chosen in sets:
+        default = manifest["provenance"][chosen.modality]
+        if set_name(default["encoder"]["name"]) == chosen.name:
+            chosen.folder, chosen.complete = chosen.modality, manifest.get("status") == "complete"
+        else:
+            entry = manifest.get("feature_sets", {}).get(chosen.modality, {}).get(chosen.name, {})
+            chosen.folder, chosen.complete = set_folder(chosen.modality, chosen.name, False), entry.get("status") == "complete"
 
 
 CACHE_ENTRIES = {"images", "texts", "index.h5", "manifest.json", ".lock", "text-encoder.onnx", "text-encoder.json",
                  "text-tokenizer.json"}
 
 
+def _is_set_folder(name: str) -> bool:
+    return name in MODALITIES or any(name.startswith(f"{modality}@") for modality in MODALITIES)
+
+
+def _set_folders(out: Path) -> list[Path]:
+    return [child for child in out.iterdir() if child.is_dir() and _is_set_folder(child.name)] if out.is_dir() else []
+
+
 def _is_cache_file(path: Path) -> bool:
     """Whether vlmcache could have created this entry of a cache folder (so --overwrite may remove it)."""
     name = path.name
     return (name in CACHE_ENTRIES or name.startswith("prompt-features") or ".tmp-" in name
-            or (path.parent.name in MODALITIES and (name.startswith("shard-") or name.startswith(".shard-"))))
+            or (_is_set_folder(name) and path.is_dir())
+            or (_is_set_folder(path.parent.name) and (name.startswith("shard-") or name.startswith(".shard-"))))
 
 
 def _check_out_folder(out: Path, dataset: datasets.PairDataset) -> None:
@@ -272,45 +329,65 @@ def _check_out_folder(out: Path, dataset: datasets.PairDataset) -> None:
         raise VlmcacheError(f"--out {out}: contains the dataset's files; write the cache to a folder of its own, "
                             "e.g. features/NAME")
     if out.is_dir():
-        foreign = [p for p in [*out.iterdir(), *[c for m in MODALITIES if (out / m).is_dir() for c in (out / m).iterdir()]]
+        foreign = [p for p in [*out.iterdir(), *[c for folder in _set_folders(out) for c in folder.iterdir()]]
                    if not _is_cache_file(p)]
         if foreign:
             raise VlmcacheError(f"--out {out}: holds files that are not part of a vlmcache cache ({foreign[0]}); "
                                 "choose an empty or new folder")
 
 
-def prepare_cache(out: Path, dataset: datasets.PairDataset, manifest: dict, overwrite: bool) -> None:
-    """Check an existing cache is the same job (or wipe it with overwrite); write index and manifest."""
+def prepare_cache(out: Path, dataset: datasets.PairDataset, manifest: dict, sets: list[FeatureSet], overwrite: bool) -> None:
+    """Check an existing cache holds the same data and, for each requested set it already has, the same
+    encoder (or wipe it with overwrite); record new sets; write index and manifest."""
     manifest_path = out / "manifest.json"
     if manifest_path.exists() and not overwrite:
         old = json.loads(manifest_path.read_text())
-        complete = old.get("status") == "complete"
-        differing = [path for path in differences({k: old.get(k, {}) for k in ("dataset", "provenance")},
-                                                  {k: manifest[k] for k in ("dataset", "provenance")})
-                     # The same data may be reached by another path; and a complete cache made by another
-                     # backend holds the same features (within float rounding) and is kept as it is. An
-                     # incomplete one must resume on its own backend, so no cache mixes two.
-                     if path != "dataset.root" and not (complete and path.endswith(".compute_path"))]
-        if differing:
-            hint = (f" (or --backend as before: {old['provenance']['images'].get('compute_path')})"
-                    if all(path.endswith(".compute_path") for path in differing) else "")
-            raise VlmcacheError(f"{out}: already holds a cache made differently ({', '.join(differing[:4])}); "
-                                f"pass --overwrite to replace it{hint}, or choose another --out")
-        if complete:
-            manifest.update(old)
-            if not (out / "index.h5").exists():
-                write_index(out / "index.h5", dataset)
-            return
-    elif overwrite:
-        # Only what a cache consists of (checked by _check_out_folder): shards, index and manifest.
-        for modality in MODALITIES:
-            for shard in (out / modality).glob("shard-*.h5"):
-                shard.unlink()
-        for child in ("index.h5", "manifest.json"):
-            (out / child).unlink(missing_ok=True)
-    for modality in MODALITIES:
-        (out / modality).mkdir(exist_ok=True)
-        remove_stale_temporaries(out / modality)  # half shards of a killed run
+        differing = [path for path in differences(old.get("dataset", {}), manifest["dataset"]) if path != "root"]
+        if differing:  # the same data may be reached by another path
+            raise VlmcacheError(f"{out}: already holds a cache of other data (dataset.{', dataset.'.join(differing[:4])}); "
+                                "pass --overwrite to replace it, or choose another --out")
+        _assign_folders(old, sets)
+        for chosen in sets:
+            recorded = (old["provenance"][chosen.modality] if chosen.folder == chosen.modality else
+                        old.get("feature_sets", {}).get(chosen.modality, {}).get(chosen.name, {}).get("provenance"))
+            if recorded is None:
+                continue
+            # A complete set made by another backend holds the same features (within float rounding) and is
+            # kept as it is. An incomplete one must resume on its own backend, so no set mixes two.
+            differing = [path for path in differences(recorded, chosen.provenance)
+                         if not (chosen.complete and path == "compute_path")]
+            if differing:
+                hint = (f" (or --backend as before: {recorded.get('compute_path')})"
+                        if differing == ["compute_path"] else "")
+                raise VlmcacheError(f"{out}: already holds a {chosen.modality[:-1]} feature set {chosen.name!r} made "
+                                    f"differently ({', '.join(differing[:4])}); pass --overwrite to replace the cache"
+                                    f"{hint}, or choose another --out")
+            if chosen.complete:
+                chosen.provenance = recorded
+        if old.get("status") != "complete" and {c.folder for c in sets} & set(MODALITIES) != set(MODALITIES):
+            raise VlmcacheError(f"{out}: its extraction is incomplete; finish it first with the same --image-model and "
+                                f"--text-model as before ({old['provenance']['images']['encoder']['name']}, "
+                                f"{old['provenance']['texts']['encoder']['name']})")
+        manifest.clear()
+        manifest.update(old)
+    else:
+        if overwrite:
+            # Only what a cache consists of (checked by _check_out_folder): shards, index and manifest.
+            for folder in _set_folders(out):
+                for shard in folder.glob("shard-*.h5"):
+                    shard.unlink()
+            for child in ("index.h5", "manifest.json"):
+                (out / child).unlink(missing_ok=True)
+        defaults = {m: next(c for c in sets if c.modality == m) for m in MODALITIES}
+        for chosen in sets:
+            chosen.folder, chosen.complete = set_folder(chosen.modality, chosen.name, chosen is defaults[chosen.modality]), False
+    for chosen in sets:
+        if chosen.folder != chosen.modality and not chosen.complete:
+            manifest.setdefault("feature_sets", {}).setdefault(chosen.modality, {})[chosen.name] = {
+                "folder": chosen.folder, "provenance": chosen.provenance, "status": "incomplete", "shards": []}
+    for folder in {c.folder for c in sets}:
+        (out / folder).mkdir(exist_ok=True)
+        remove_stale_temporaries(out / folder)  # half shards of a killed run
     remove_stale_temporaries(out)
     if not (out / "index.h5").exists():
         write_index(out / "index.h5", dataset)
@@ -322,7 +399,8 @@ def _fail_or_record(on_error: str, what: str, reason: str) -> None:
         raise VlmcacheError(f"{what}: {reason}; fix or remove it, or pass --on-error skip to record and skip it")
 
 
-def _extract_images(out, dataset, encoder, plan, shards, provenance, config: ExtractConfig, bars):
+def _extract_images(folder: Path, dataset, encoder, plan, shards, provenance, config: ExtractConfig, bars,
+                    label: str = "images"):
     if not shards:
         return
     batch_size, workers, tokens, on_error = config.batch_size, config.workers, config.tokens, config.on_error
@@ -334,7 +412,7 @@ def _extract_images(out, dataset, encoder, plan, shards, provenance, config: Ext
     loader = torch.utils.data.DataLoader(
         _ImageRows(dataset.image_paths, encoder.preprocess), batch_sampler=batches, num_workers=workers,
         collate_fn=_collate, worker_init_fn=_single_thread_worker, pin_memory=encoder.device.type == "cuda")
-    task = bars.add_task("images", total=sum(plan[i][1] - plan[i][0] for i in shards), unit="img")
+    task = bars.add_task(label, total=sum(plan[i][1] - plan[i][0] for i in shards), unit="img")
     batch_iter = iter(loader)
     for index in shards:
         start, stop = plan[index]
@@ -360,14 +438,15 @@ def _extract_images(out, dataset, encoder, plan, shards, provenance, config: Ext
         arrays = {"features": features, "valid": valid, "error": errors}
         if tokens:
             arrays["tokens"], arrays["token_mask"] = np.concatenate(token_parts), np.concatenate(mask_parts)
-        write_shard(out / "images" / shard_name(index), start, provenance, arrays, provenance["dtype"])
+        write_shard(folder / shard_name(index), start, provenance, arrays, provenance["dtype"])
 
 
-def _extract_texts(out, dataset, encoder, plan, shards, provenance, config: ExtractConfig, bars):
+def _extract_texts(folder: Path, dataset, encoder, plan, shards, provenance, config: ExtractConfig, bars,
+                   label: str = "captions"):
     if not shards:
         return
     batch_size, tokens, on_error = config.text_batch_size, config.tokens, config.on_error
-    task = bars.add_task("captions", total=sum(plan[i][1] - plan[i][0] for i in shards), unit="cap")
+    task = bars.add_task(label, total=sum(plan[i][1] - plan[i][0] for i in shards), unit="cap")
     for index in shards:
         start, stop = plan[index]
         texts = dataset.captions[start:stop]
@@ -395,7 +474,7 @@ def _extract_texts(out, dataset, encoder, plan, shards, provenance, config: Extr
         arrays = {"features": features, "valid": valid, "error": errors, "truncated": lengths > encoder.max_length}
         if tokens:
             arrays["tokens"], arrays["token_mask"] = token_array, mask_array
-        write_shard(out / "texts" / shard_name(index), start, provenance, arrays, provenance["dtype"])
+        write_shard(folder / shard_name(index), start, provenance, arrays, provenance["dtype"])
 
 
 def save_query_encoder(out: Path, encoder: encoders.TextEncoder) -> None:
@@ -414,29 +493,36 @@ def save_query_encoder(out: Path, encoder: encoders.TextEncoder) -> None:
         "pad_id": encoder.tokenizer.pad_token_id, "pad_token": encoder.tokenizer.pad_token})
 
 
-def finalize_cache(out: Path, manifest: dict, plans: dict, result: ExtractResult) -> None:
-    """Gather skipped items and truncation from the shards; mark the manifest complete."""
-    shards, skipped, truncated = {}, [], 0
+def finalize_cache(out: Path, manifest: dict, plans: dict, work: list[FeatureSet], result: ExtractResult) -> None:
+    """List the shards of every set computed now; for the default sets, gather skipped items and truncation
+    from their shards. Mark the manifest (and each new set) complete."""
     with h5py.File(out / "index.h5", "r") as index:
-        ids = {"images": index["image_id"].asstr(), "texts": index["caption"].asstr()}
-        for modality in MODALITIES:
-            shards[modality] = []
-            for number, (start, stop) in enumerate(plans[modality]):
-                path = out / modality / shard_name(number)
+        ids = {"images": index["image_id"].asstr(), "texts": index["caption"].asstr()}  # read lazily, row by row
+        for chosen in work:
+            shards, skipped, truncated = [], [], 0
+            for number, (start, stop) in enumerate(plans[chosen.modality]):
+                path = out / chosen.folder / shard_name(number)
                 if not path.exists():
                     raise VlmcacheError(f"{path}: shard missing after extraction; run the same extract again")
                 with h5py.File(path, "r") as shard:
                     # A skipped row is always marked invalid; reading only those rows' strings keeps a
                     # million-row cache from decoding two million strings here.
                     for offset in np.flatnonzero(~shard["valid"][()].astype(bool)).tolist():
-                        skipped.append({"modality": modality, "row": start + offset,
-                                        "item": str(ids[modality][start + offset]),
+                        skipped.append({"modality": chosen.modality, "row": start + offset,
+                                        "item": str(ids[chosen.modality][start + offset]),
                                         "reason": shard["error"].asstr()[offset]})
                     if "truncated" in shard:
                         truncated += int(shard["truncated"][()].sum())
-                shards[modality].append({"file": shard_name(number), "row_start": start, "rows": stop - start,
-                                         "sha256": file_sha256(path)})
-    manifest.update({"status": "complete", "finished": now_iso(), "shards": shards, "skipped": skipped,
-                     "truncated_captions": truncated})
+                shards.append({"file": shard_name(number), "row_start": start, "rows": stop - start,
+                               "sha256": file_sha256(path)})
+            if chosen.folder == chosen.modality:
+                manifest.setdefault("shards", {})[chosen.modality] = shards
+                manifest["skipped"] = [item for item in manifest.get("skipped", []) if item["modality"] != chosen.modality]
+                manifest["skipped"] += skipped
+                if chosen.modality == "texts":
+                    manifest["truncated_captions"] = truncated
+            else:
+                manifest["feature_sets"][chosen.modality][chosen.name].update(status="complete", shards=shards)
+    manifest.update({"status": "complete", "finished": now_iso()})
     write_json_atomic(out / "manifest.json", manifest)
-    result.skipped, result.truncated_captions = skipped, truncated
+    result.skipped, result.truncated_captions = manifest.get("skipped", []), manifest.get("truncated_captions", 0)

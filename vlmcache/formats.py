@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from vlmcache import datasets
 from vlmcache.errors import VlmcacheError
-from vlmcache.extract import ON_ERROR, ExtractResult, finalize_cache, prepare_cache
+from vlmcache.extract import ON_ERROR, ExtractResult, FeatureSet, finalize_cache, prepare_cache
 from vlmcache.files import FolderLock
 from vlmcache.progress import make_progress
 from vlmcache.store import (
@@ -43,6 +43,7 @@ from vlmcache.store import (
     MODALITIES,
     now_iso,
     open_cache,
+    set_name,
     shard_name,
     shard_ranges,
     write_shard,
@@ -434,7 +435,9 @@ def import_embeddings(source: str | Path, out: str | Path, format: str, *, featu
     }))
     out.mkdir(parents=True, exist_ok=True)
     with FolderLock(out, "import"):
-        prepare_cache(out, dataset, manifest, overwrite)
+        sets = [FeatureSet(modality, set_name(provenance[modality]["encoder"]["name"]), None, "imported",
+                           provenance[modality]) for modality in MODALITIES]
+        prepare_cache(out, dataset, manifest, sets, overwrite)
         plan = shard_ranges(rows, shard_size)
         pending = [n for n, _ in enumerate(plan)
                    if not all((out / modality / shard_name(n)).exists() for modality in MODALITIES)]
@@ -448,7 +451,7 @@ def import_embeddings(source: str | Path, out: str | Path, format: str, *, featu
                                     dtype, on_error)
                 bars.advance(task, stop - start)
         result = ExtractResult(out, rows, rows, 2 * len(pending), 2 * (len(plan) - len(pending)))
-        finalize_cache(out, manifest, {modality: plan for modality in MODALITIES}, result)
+        finalize_cache(out, manifest, {modality: plan for modality in MODALITIES}, sets, result)
     result.seconds = time.perf_counter() - started
     return result
 

@@ -26,14 +26,44 @@ class AlignmentModel(nn.Module):
             raise VlmcacheError(f"--projector {config.projector}: {error}") from None
         self.loss = build_loss(config.loss, config.init_scale, config.init_bias)
         self.image_dim, self.text_dim = image_dim, text_dim
+        self.standardize = config.standardize
+        if config.standardize:  # set from the training split by `fit_standardization`; saved with the weights
+            for side, dim in (("image", image_dim), ("text", text_dim)):
+                self.register_buffer(f"{side}_shift", torch.zeros(dim))
+                self.register_buffer(f"{side}_scale", torch.ones(dim))
+
+    def project_images(self, features: torch.Tensor) -> torch.Tensor:
+        """Cached image features -> the projector's output (standardised first when the config asks)."""
+        if self.standardize:
+            features = (features - self.image_shift) * self.image_scale
+        return self.image(features)
+
+    def project_texts(self, features: torch.Tensor) -> torch.Tensor:
+        if self.standardize:
+            features = (features - self.text_shift) * self.text_scale
+        return self.text(features)
 
     def embed_images(self, features: torch.Tensor) -> torch.Tensor:
         """Cached image features -> unit vectors in the shared space."""
-        return F.normalize(self.image(features), dim=-1)
+        return F.normalize(self.project_images(features), dim=-1)
 
     def embed_texts(self, features: torch.Tensor) -> torch.Tensor:
         """Cached text features -> unit vectors in the shared space."""
-        return F.normalize(self.text(features), dim=-1)
+        return F.normalize(self.project_texts(features), dim=-1)
+
+    @torch.no_grad()
+    def fit_standardization(self, images: torch.Tensor, texts: torch.Tensor, image_dims: tuple[int, ...],
+                            text_dims: tuple[int, ...]) -> None:
+        """Per feature set: shift by its training mean, scale by one number so its centred RMS is 1."""
+        for side, features, dims in (("image", images, image_dims), ("text", texts, text_dims)):
+            shift, scale = getattr(self, f"{side}_shift"), getattr(self, f"{side}_scale")
+            start = 0
+            for dim in dims:
+                block = features[:, start:start + dim].float()
+                shift[start:start + dim] = block.mean(dim=0)
+                rms = (block - block.mean(dim=0)).pow(2).mean().sqrt()
+                scale[start:start + dim] = 1.0 / rms.clamp(min=1e-6)
+                start += dim
 
     def projector_parameters(self) -> int:
         """Trainable parameters of the two projectors (the loss's one or two scalars not counted)."""

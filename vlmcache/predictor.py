@@ -14,10 +14,13 @@ import torch
 
 from vlmcache import encoders
 from vlmcache.checkpoint import checkpoint_caches, load_model
+from vlmcache.config import TrainConfig
 from vlmcache.datasets import ImageDecodeError, load_rgb
 from vlmcache.errors import VlmcacheError
+from vlmcache.evaluate import choose_beta, model_embeddings
 from vlmcache.prompts import PromptStore, prompt_folder
-from vlmcache.store import Split
+from vlmcache.qbnorm import QueryBank, check_bank_split, query_bank
+from vlmcache.store import Split, load_features
 
 MAX_LABELS = 100  # labels per request: bounds the work one request can ask for
 MAX_QUERY_CHARS = 1000
@@ -49,16 +52,28 @@ class Predictor:
 
     def __init__(self, checkpoint: str | Path):
         self.model, self.meta = load_model(checkpoint)
+        self.config = TrainConfig.from_dict(self.meta["config"])
         self.prompts = PromptStore(self.meta["text_encoder"], prompt_folder(self.meta))
-        self._image_encoder: encoders.ImageEncoder | None = None
+        self._image_encoders: list[encoders.ImageEncoder] | None = None
         self._searched: dict[tuple, tuple[Split, torch.Tensor]] = {}
+        self._banks: dict[tuple, QueryBank] = {}
 
     @property
-    def image_encoder(self) -> encoders.ImageEncoder:
-        """The frozen image encoder the cache recorded, loaded on first use and kept."""
-        if self._image_encoder is None:
-            self._image_encoder = encoders.image_encoder_from_provenance(self.meta["image_encoder"], "cpu")
-        return self._image_encoder
+    def image_encoders(self) -> list[encoders.ImageEncoder]:
+        """The frozen image encoder of every feature set the run was trained on, loaded on first use and kept."""
+        if self._image_encoders is None:
+            recorded = self.meta.get("image_encoders") or [self.meta["image_encoder"]]
+            self._image_encoders = [encoders.image_encoder_from_provenance(p, "cpu") for p in recorded]
+        return self._image_encoders
+
+    def image_features(self, image: str | Path) -> torch.Tensor:
+        """One image file -> its features as the run saw them: every set's encoder, concatenated (1, dim)."""
+        try:
+            picture = load_rgb(image)
+        except ImageDecodeError as error:
+            raise VlmcacheError(f"{image}: {error}") from None
+        return torch.cat([encoder.encode(torch.from_numpy(encoder.preprocess(picture))[None]).pooled
+                          for encoder in self.image_encoders], dim=1)
 
     @torch.no_grad()
     def embed_prompts(self, prompts: list[str]) -> torch.Tensor:
@@ -73,12 +88,9 @@ class Predictor:
         if len(labels) > MAX_LABELS:
             raise VlmcacheError(f"--labels: {len(labels)} labels; give at most {MAX_LABELS}")
         prompts = [apply_template(template, label) for label in labels]
-        try:
-            pixels = torch.from_numpy(self.image_encoder.preprocess(load_rgb(image)))[None]
-        except ImageDecodeError as error:
-            raise VlmcacheError(f"{image}: {error}") from None
+        features = self.image_features(image)
         with torch.no_grad():
-            image_emb = self.model.embed_images(self.image_encoder.encode(pixels).pooled)
+            image_emb = self.model.embed_images(features)
         cosine = (image_emb @ self.embed_prompts(prompts).T)[0]
         scale = self.model.loss.scale()
         probability = torch.softmax(scale * cosine, dim=0)
@@ -91,15 +103,30 @@ class Predictor:
         """(split data, unit image embeddings) of the cached split searched; computed once per split."""
         if (split, cache) not in self._searched:
             opened, _ = checkpoint_caches(self.meta, cache)
-            chosen = opened.split(split or opened.default_split())
+            chosen = opened.split(split or opened.default_split(), self.config.image_sets)
             with torch.no_grad():
                 embedded = self.model.embed_images(torch.from_numpy(chosen.image_features))
             self._searched[(split, cache)] = (chosen, embedded)
         return self._searched[(split, cache)]
 
+    def image_bank(self, split: str | None = None, cache: str | Path | None = None) -> QueryBank:
+        """The QB-Norm normaliser of the searched images: a bank of the run's training captions, β chosen on
+        its validation split; computed once per split."""
+        if (split, cache) not in self._banks:
+            searched, image_emb = self.searchable(split, cache)
+            check_bank_split(self.config.train_split, searched.name)
+            opened, text_cache = checkpoint_caches(self.meta)
+            sets = {"image_sets": self.config.image_sets, "text_sets": self.config.text_sets}
+            bank = load_features(opened, self.config.train_split, text_cache, **sets)
+            val = load_features(opened, self.config.val_split, text_cache, **sets)
+            beta, _, bank_texts = choose_beta(model_embeddings(self.model), bank, val)
+            self._banks[(split, cache)] = query_bank(bank_texts, image_emb, beta)
+        return self._banks[(split, cache)]
+
     def search(self, query: str, top: int = 5, split: str | None = None,
-               cache: str | Path | None = None) -> list[SearchHit]:
-        """The `top` cached images of a split closest to a text query in the trained shared space."""
+               cache: str | Path | None = None, qbnorm: bool = False) -> list[SearchHit]:
+        """The `top` cached images of a split closest to a text query in the trained shared space
+        (rescored by QB-Norm with `qbnorm`: scores are then log inverted-softmax values, not cosines)."""
         if not query.strip():
             raise VlmcacheError("the search query is empty; type what the image should show")
         if len(query) > MAX_QUERY_CHARS:
@@ -107,7 +134,8 @@ class Predictor:
         if top < 1:
             raise VlmcacheError(f"--top {top}: must be at least 1")
         chosen, image_emb = self.searchable(split, cache)
-        scores = (self.embed_prompts([query]) @ image_emb.T)[0]
+        scores = self.embed_prompts([query]) @ image_emb.T
+        scores = (self.image_bank(split, cache).rescore(scores) if qbnorm else scores)[0]
         best = torch.topk(scores, min(top, len(scores)))
         return [SearchHit(rank + 1, float(score), chosen.image_ids[index], chosen.image_paths[index], index)
                 for rank, (score, index) in enumerate(zip(best.values.tolist(), best.indices.tolist(), strict=True))]
@@ -130,6 +158,6 @@ def classify_image(checkpoint: str | Path, image: str | Path, labels: list[str],
 
 
 def search_images(checkpoint: str | Path, query: str, top: int = 5, split: str | None = None,
-                  cache: str | Path | None = None) -> list[SearchHit]:
+                  cache: str | Path | None = None, qbnorm: bool = False) -> list[SearchHit]:
     """The `top` cached images of a split closest to a text query (see Predictor.search)."""
-    return Predictor(checkpoint).search(query, top, split, cache)
+    return Predictor(checkpoint).search(query, top, split, cache, qbnorm)

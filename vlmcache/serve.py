@@ -150,7 +150,7 @@ def create_caption_app(checkpoint: str | Path):
     return Starlette(routes=[Route("/", index), Route("/caption", caption, methods=["POST"])])
 
 
-def create_app(checkpoint: str | Path, split: str | None = None):
+def create_app(checkpoint: str | Path, split: str | None = None, qbnorm: bool = False):
     """The Starlette app for a checkpoint (the tests drive it directly and through a real browser); a
     captioner checkpoint gets the caption page instead."""
     try:
@@ -163,6 +163,8 @@ def create_app(checkpoint: str | Path, split: str | None = None):
         return create_caption_app(checkpoint)
     predictor = Predictor(checkpoint)
     predictor.searchable(split)  # load everything a query needs now, so the first query is as fast as the rest
+    if qbnorm:
+        predictor.image_bank(split)
     predictor.prompts.encoder  # noqa: B018
     from starlette.concurrency import run_in_threadpool
 
@@ -183,7 +185,7 @@ def create_app(checkpoint: str | Path, split: str | None = None):
     async def search(request):
         try:
             top = max(1, min(50, int(request.query_params.get("top", "8"))))
-            hits = await run_in_threadpool(predictor.search, request.query_params.get("q", ""), top, split)
+            hits = await run_in_threadpool(predictor.search, request.query_params.get("q", ""), top, split, None, qbnorm)
         except (VlmcacheError, ValueError) as error:
             return JSONResponse({"error": str(error)}, status_code=400)
         # Only what the page shows: no server paths leave the machine.
@@ -219,8 +221,9 @@ def servable_image(recorded: str, root: Path) -> Path | None:
     return path
 
 
-def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, split: str | None = None) -> None:
+def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, split: str | None = None,
+          qbnorm: bool = False) -> None:
     """Run the page with uvicorn until interrupted."""
     import uvicorn
 
-    uvicorn.run(create_app(checkpoint, split), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(checkpoint, split, qbnorm), host=host, port=port, log_level="warning")

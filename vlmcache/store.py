@@ -8,6 +8,12 @@ Layout of a cache folder:
     index.h5               image ids, paths, splits, labels/classes; captions, caption→image index
     images/shard-NNNNN.h5  rows [N*shard_size, (N+1)*shard_size) of the image rows
     texts/shard-NNNNN.h5   the same for caption rows
+    images@NAME/, texts@NAME/  more feature sets of the same rows (other encoders), same shard layout
+
+The default set of each modality is the one in `images/` or `texts/`, described by the manifest's
+`provenance` and `shards` exactly as caches without more sets are; every further set is recorded under
+`feature_sets.<modality>.<name>` with its own `folder`, `provenance`, `status` and `shards`. A set is
+named after its encoder (see `set_name`); a combination of sets is written NAME+NAME.
 
 Each shard holds `features` (rows, dim) in the cache dtype, `valid` (rows,) bool, `error` (rows,)
 strings ("" when fine), for texts `truncated` (rows,) bool, optionally `tokens`/`token_mask`, and the
@@ -96,6 +102,43 @@ def write_index(path: Path, dataset) -> None:
             index.attrs["classes"] = json.dumps(dataset.classes)
 
 
+@dataclass(frozen=True)
+class FeatureSet:
+    """One set of features of one modality: where its shards are and what made them."""
+
+    modality: str
+    name: str
+    folder: str  # relative to the cache folder
+    provenance: dict
+    shards: list[dict]
+
+    @property
+    def dim(self) -> int:
+        return int(self.provenance["encoder"]["dim"])
+
+
+def set_name(model: str) -> str:
+    """The feature-set name of an encoder: its name, or a folder's last part, made safe as a folder name."""
+    name = Path(model).name if Path(model).is_dir() else model
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name) or "set"
+
+
+def set_folder(modality: str, name: str, default: bool) -> str:
+    """`images`/`texts` for the default set, `images@NAME`/`texts@NAME` for the others."""
+    return modality if default else f"{modality}@{name}"
+
+
+def parse_sets(value: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """'a+b' (or a list of names) -> ('a', 'b'); None or '' -> None (the default set)."""
+    if value is None or value == "":
+        return None
+    names = tuple(part.strip() for part in (value.split("+") if isinstance(value, str) else value))
+    if not all(names) or len(set(names)) != len(names):
+        raise VlmcacheError(f"feature sets {value!r}: give distinct set names joined by '+', e.g. "
+                            "efficientnet-lite0+efficientnet-lite2")
+    return names
+
+
 @dataclass
 class Split:
     """One split's features in memory, rows whose image or caption was skipped already dropped.
@@ -138,15 +181,51 @@ class FeatureCache:
             raise VlmcacheError(f"{path}: extraction is incomplete; run the same vlmcache extract again to finish it")
         try:
             for modality in MODALITIES:
-                for entry in self.manifest["shards"][modality]:
-                    self._check_shard(modality, entry)
+                for feature_set in self.feature_sets(modality).values():
+                    self._check_set(feature_set)
             self.index  # noqa: B018 -- read now, so a missing or corrupt index.h5 is reported up front
-        except (KeyError, TypeError) as error:
+        except (KeyError, TypeError, AttributeError) as error:
             raise VlmcacheError(f"{manifest_path}: not a valid manifest (missing {error}); re-extract with --overwrite") from None
 
-    def _check_shard(self, modality: str, entry: dict) -> None:
-        """A shard exists, opens, holds the rows the manifest says and was made by this cache's encoder."""
-        shard_path = self.path / modality / entry["file"]
+    def feature_sets(self, modality: str, all_statuses: bool = False) -> dict[str, FeatureSet]:
+        """The complete feature sets of a modality by name, the default set first.
+
+        `all_statuses=True` also lists sets still being extracted (for verify)."""
+        default = self.provenance[modality]
+        sets = {set_name(default["encoder"]["name"]): FeatureSet(modality, set_name(default["encoder"]["name"]),
+                                                                 modality, default, self.manifest["shards"][modality])}
+        for name, entry in self.manifest.get("feature_sets", {}).get(modality, {}).items():
+            if entry.get("status") == "complete" or all_statuses:
+                sets[name] = FeatureSet(modality, name, entry["folder"], entry["provenance"], entry.get("shards") or [])
+        return sets
+
+    def feature_set(self, modality: str, name: str | None = None) -> FeatureSet:
+        """One feature set by name (None: the default set); an unknown name lists the ones the cache holds."""
+        sets = self.feature_sets(modality)
+        if name is None:
+            return next(iter(sets.values()))
+        if name not in sets:
+            option = "--image-features" if modality == "images" else "--text-features"
+            raise VlmcacheError(f"{option} {name}: {self.path} has no such {modality[:-1]} feature set; it has "
+                                f"{', '.join(sets)}")
+        return sets[name]
+
+    def _check_set(self, feature_set: FeatureSet) -> None:
+        """Every shard of a set checks out, and together they hold exactly the dataset's rows."""
+        if feature_set.provenance.get("dataset_fingerprint", self.fingerprint) != self.fingerprint:
+            raise VlmcacheError(f"{self.path / feature_set.folder}: made from a different dataset than the cache's "
+                                "index (fingerprints differ); re-extract that set")
+        for entry in feature_set.shards:
+            self._check_shard(feature_set.folder, entry, feature_set.provenance)
+        expected = self.manifest["dataset"]["images" if feature_set.modality == "images" else "captions"]
+        if sum(entry["rows"] for entry in feature_set.shards) != expected:
+            raise VlmcacheError(f"{self.path / feature_set.folder}: its shards hold "
+                                f"{sum(entry['rows'] for entry in feature_set.shards)} rows but the dataset has "
+                                f"{expected}; re-run vlmcache extract on this cache")
+
+    def _check_shard(self, folder: str, entry: dict, expected_provenance: dict | None = None) -> None:
+        """A shard exists, opens, holds the rows the manifest says and was made by its set's encoder."""
+        shard_path = self.path / folder / entry["file"]
         if not shard_path.exists():
             raise VlmcacheError(f"{shard_path}: shard missing; re-run vlmcache extract on this cache")
         try:
@@ -156,7 +235,7 @@ class FeatureCache:
         except (OSError, KeyError, ValueError) as error:
             raise VlmcacheError(f"{shard_path}: unreadable shard ({error}); run vlmcache verify {self.path} "
                                 "and re-extract") from None
-        if provenance != self.provenance[modality]:
+        if provenance != (expected_provenance or self.provenance[folder]):
             raise VlmcacheError(f"{shard_path}: made by a different encoder or dataset than the "
                                 "manifest says (mixed caches); re-extract with --overwrite")
         if rows != (entry["row_start"], entry["rows"]):
@@ -216,14 +295,16 @@ class FeatureCache:
         return (slice(int(image_rows[0]), int(image_rows[-1]) + 1),
                 slice(int(caption_rows[0]), int(caption_rows[-1]) + 1) if len(caption_rows) else slice(0, 0))
 
-    def read(self, modality: str, rows: slice, field: str = "features") -> np.ndarray:
-        """Rows [start, stop) of one field of a modality, read shard by shard (contiguous reads)."""
+    def read(self, modality: str, rows: slice, field: str = "features", feature_set: str | None = None) -> np.ndarray:
+        """Rows [start, stop) of one field of a modality's feature set (default set when None), read shard by
+        shard (contiguous reads)."""
         parts = []
-        for entry in self.manifest["shards"][modality]:
+        chosen = self.feature_set(modality, feature_set)
+        for entry in chosen.shards:
             start, stop = entry["row_start"], entry["row_start"] + entry["rows"]
             lo, hi = max(start, rows.start), min(stop, rows.stop)
             if lo < hi:
-                shard_path = self.path / modality / entry["file"]
+                shard_path = self.path / chosen.folder / entry["file"]
                 try:
                     with h5py.File(shard_path, "r") as shard:
                         if field not in shard:
@@ -236,23 +317,39 @@ class FeatureCache:
             return np.zeros((0,), dtype=np.float32)
         return np.concatenate(parts)
 
-    def iter_shards(self, modality: str):
+    def iter_shards(self, modality: str, feature_set: str | None = None):
         """Lazy access: yield (row_start, open h5py shard) one shard at a time."""
-        for entry in self.manifest["shards"][modality]:
-            with h5py.File(self.path / modality / entry["file"], "r") as shard:
+        chosen = self.feature_set(modality, feature_set)
+        for entry in chosen.shards:
+            with h5py.File(self.path / chosen.folder / entry["file"], "r") as shard:
                 yield entry["row_start"], shard
 
-    def split(self, name: str) -> Split:
-        """Load a whole split into memory as float32, dropping skipped images and captions."""
+    def _read_sets(self, modality: str, rows: slice, names: tuple[str, ...] | None) -> tuple[np.ndarray, np.ndarray]:
+        """(features of the named sets concatenated along the feature axis as float32, rows valid in all)."""
+        names = names or (None,)
+        features = [self.read(modality, rows, feature_set=name).astype(np.float32) for name in names]
+        valid = np.logical_and.reduce([self.read(modality, rows, "valid", name).astype(bool) for name in names])
+        return np.concatenate(features, axis=1), valid
+
+    def set_dims(self, modality: str, names: tuple[str, ...] | None = None) -> tuple[int, ...]:
+        """The width of each named set (the default set when None)."""
+        return tuple(self.feature_set(modality, name).dim for name in (names or (None,)))
+
+    def split(self, name: str, image_sets: tuple[str, ...] | None = None,
+              text_sets: tuple[str, ...] | None = None) -> Split:
+        """Load a whole split into memory as float32, dropping skipped images and captions.
+
+        `image_sets`/`text_sets` name feature sets whose features are concatenated (in that order);
+        None reads the default set of each modality.
+        """
         image_rows, caption_rows = self.split_rows(name)
-        image_valid = self.read("images", image_rows, "valid").astype(bool)
-        images = self.read("images", image_rows).astype(np.float32)
+        images, image_valid = self._read_sets("images", image_rows, image_sets)
         caption_image = np.asarray(self.index["caption_image"][caption_rows]) - image_rows.start
         if caption_rows.stop > caption_rows.start:
-            texts = self.read("texts", caption_rows).astype(np.float32)
-            caption_valid = self.read("texts", caption_rows, "valid").astype(bool) & image_valid[caption_image]
+            texts, caption_valid = self._read_sets("texts", caption_rows, text_sets)
+            caption_valid &= image_valid[caption_image]
         else:
-            texts, caption_valid = np.zeros((0, self.text_dim), np.float32), np.zeros(0, bool)
+            texts, caption_valid = np.zeros((0, sum(self.set_dims("texts", text_sets))), np.float32), np.zeros(0, bool)
         # Renumber images after dropping skipped ones so caption_image points into the kept rows.
         new_row = np.cumsum(image_valid) - 1
         labels = self.index.get("image_label")
@@ -283,15 +380,17 @@ def check_same_dataset(first: FeatureCache, second: FeatureCache) -> None:
                             f"{first.fingerprint[:12]} vs {second.fingerprint[:12]}); extract both from the same data")
 
 
-def load_features(cache: FeatureCache, split: str, text_cache: FeatureCache | None = None) -> Split:
+def load_features(cache: FeatureCache, split: str, text_cache: FeatureCache | None = None,
+                  image_sets: tuple[str, ...] | None = None, text_sets: tuple[str, ...] | None = None) -> Split:
     """A split of `cache`, its text features taken from `text_cache` when given (same dataset only).
 
+    `image_sets`/`text_sets`: feature sets to concatenate (None: each modality's default set).
     Non-finite features (a corrupted shard, a broken encoder) are refused here, before any training.
     """
-    loaded = cache.split(split)
+    loaded = cache.split(split, image_sets, None if text_cache is not None else text_sets)
     if text_cache is not None:
         check_same_dataset(cache, text_cache)
-        texts = text_cache.split(split)
+        texts = text_cache.split(split, None, text_sets)
         if texts.caption_image.tolist() != loaded.caption_image.tolist():
             raise VlmcacheError(f"{cache.path} and {text_cache.path}: skipped different items; re-extract both")
         loaded.text_features = texts.text_features
@@ -328,17 +427,17 @@ def check_same_encoders(first: FeatureCache, second: FeatureCache) -> None:
 def verify_cache(path: str | Path) -> list[tuple[str, str]]:
     """Check everything in a cache: (file, problem) for each bad shard or file; [] when all is well.
 
-    Reads every dataset of every shard in full (HDF5 checks each chunk's fletcher32 checksum), compares
+    Covers every feature set. Reads every dataset of every shard in full (HDF5 checks each chunk's fletcher32 checksum), compares
     each shard's SHA-256 with the manifest's, its rows with the manifest's rows, and looks for
     non-finite features in rows marked valid.
     """
     cache = open_cache_for_verify(Path(path))
     problems = []
-    for modality in MODALITIES:
-        for entry in cache.manifest["shards"][modality]:
-            shard_path = cache.path / modality / entry["file"]
+    for feature_set in [s for modality in MODALITIES for s in cache.feature_sets(modality, all_statuses=True).values()]:
+        for entry in feature_set.shards:
+            shard_path = cache.path / feature_set.folder / entry["file"]
             try:
-                cache._check_shard(modality, entry)
+                cache._check_shard(feature_set.folder, entry, feature_set.provenance)
                 if entry.get("sha256") and file_sha256(shard_path) != entry["sha256"]:
                     problems.append((str(shard_path), "content differs from the SHA-256 recorded at extraction"))
                     continue

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from vlmcache import __version__
-from vlmcache.checkpoint import finish_epoch, restore, write_metrics_log
+from vlmcache.checkpoint import feature_set_meta, finish_epoch, restore, write_metrics_log
 from vlmcache.config import TrainConfig, to_toml
 from vlmcache.encoders import pick_device
 from vlmcache.errors import VlmcacheError
@@ -75,8 +75,8 @@ def train(
     torch_device = pick_device(device)
     cache = cache if isinstance(cache, FeatureCache) else open_cache(cache)
     text_source = None if text_cache is None else text_cache if isinstance(text_cache, FeatureCache) else open_cache(text_cache)
-    train_split = load_features(cache, config.train_split, text_source)
-    val_split = load_features(cache, config.val_split, text_source)
+    train_split = load_features(cache, config.train_split, text_source, config.image_sets, config.text_sets)
+    val_split = load_features(cache, config.val_split, text_source, config.image_sets, config.text_sets)
     if len(train_split.image_features) < 2 or len(train_split.text_features) < 2:
         raise VlmcacheError(f"{cache.path}: split {config.train_split!r} has fewer than 2 usable image–caption pairs")
     image_dim, text_dim = train_split.image_features.shape[1], train_split.text_features.shape[1]
@@ -91,7 +91,11 @@ def train(
         remove_stale_temporaries(out)
         if (out / "last.safetensors").exists() and not (resume or overwrite):
             raise VlmcacheError(f"{out}: already holds a run; pass --resume to continue it or --overwrite to start again")
-        model = initial_model(config, image_dim, text_dim).to(torch_device)
+        model = initial_model(config, image_dim, text_dim)
+        if config.standardize:
+            model.fit_standardization(*train_split.torch()[:2], cache.set_dims("images", config.image_sets),
+                                      (text_source or cache).set_dims("texts", config.text_sets))
+        model = model.to(torch_device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         steps_per_epoch = math.ceil(len(train_split.image_features if config.sampling == "image"
                                         else train_split.text_features) / config.batch_size)
@@ -101,8 +105,7 @@ def train(
         meta = {"config": config.to_dict(), "cache": str(cache.path.resolve()),
                 "text_cache": None if text_source is None else str(text_source.path.resolve()),
                 "fingerprint": cache.fingerprint, "image_dim": image_dim, "text_dim": text_dim,
-                "image_encoder": cache.provenance["images"]["encoder"],
-                "text_encoder": (text_source or cache).provenance["texts"]["encoder"],
+                **feature_set_meta(cache, text_source or cache, config),
                 "parameters": model.projector_parameters(), "vlmcache_version": __version__}
         state = {"epoch": 0, "best_epoch": 0, "best_metrics": {}, "bad_epochs": 0, "history": [], "stopped_early": False}
         if resume and (out / "last.safetensors").exists():
@@ -119,7 +122,7 @@ def train(
             total, batches = 0.0, 0
             for image_index, caption_index, ids in _batches(config, len(images), len(texts), owner, starts, counts,
                                                             generator, torch_device):
-                loss = model.loss(model.image(images[image_index]), model.text(texts[caption_index]), ids)
+                loss = model.loss(model.project_images(images[image_index]), model.project_texts(texts[caption_index]), ids)
                 if not torch.isfinite(loss):
                     raise VlmcacheError(f"epoch {state['epoch'] + 1}, step {batches + 1}: the loss is {float(loss)} "
                                         f"(training diverged); lower --lr (now {config.lr:g}). The last good "

@@ -1,0 +1,75 @@
+"""Retrieval quality per recipe on a multi-set cache: which encoders, per-set standardisation, QB-Norm.
+
+Each recipe is one `vlmcache train` run (linear + InfoNCE unless told otherwise) evaluated exactly as
+`vlmcache eval` does it (dev split, plain and QB-Norm rows, bank = training queries, β chosen on val),
+beside CCA on the same features. Prints one table and writes the numbers as JSON.
+
+    vlmcache extract ../shared/data/flickr8k --out features/flickr8k-multi \
+        --image-model efficientnet-lite0 --image-model efficientnet-lite2
+    python benchmarks/quality.py --cache features/flickr8k-multi \
+        --recipes efficientnet-lite0 efficientnet-lite2 efficientnet-lite0+efficientnet-lite2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from vlmcache.config import TrainConfig
+from vlmcache.evaluate import CCA_ROW, evaluate_checkpoint, trained_row
+from vlmcache.qbnorm import QBNORM_SUFFIX
+from vlmcache.train import train
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", type=Path, default=Path("features/flickr8k-multi"))
+    parser.add_argument("--recipes", nargs="+", default=["efficientnet-lite0", "efficientnet-lite0+efficientnet-lite2"],
+                        help="image feature-set combinations")
+    parser.add_argument("--standardize", default="both", choices=("both", "on", "off"))
+    parser.add_argument("--projector", default="linear")
+    parser.add_argument("--loss", default="infonce")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=Path("runs/quality.json"))
+    args = parser.parse_args()
+    flags = {"both": (False, True), "on": (True,), "off": (False,)}[args.standardize]
+    results = []
+    for recipe in args.recipes:
+        for standardize in flags:
+            config = TrainConfig(projector=args.projector, loss=args.loss, epochs=args.epochs, seed=args.seed,
+                                 image_features=recipe, standardize=standardize)
+            with tempfile.TemporaryDirectory(prefix="vlmcache-quality-") as folder:
+                started = time.perf_counter()
+                train(args.cache, folder, config)
+                seconds = time.perf_counter() - started
+                rows = evaluate_checkpoint(folder).rows
+            name = trained_row(config)
+            results.append({"image_features": recipe, "standardize": standardize, "train_seconds": seconds,
+                            "plain": rows[name], "qbnorm": rows[name + QBNORM_SUFFIX], "cca": rows[CCA_ROW],
+                            "cca_qbnorm": rows[CCA_ROW + QBNORM_SUFFIX]})
+            print(json.dumps({k: v for k, v in results[-1].items() if k in ("image_features", "standardize")}),
+                  f"plain {rows[name]['mean_recall']:.2f}  QB-Norm {rows[name + QBNORM_SUFFIX]['mean_recall']:.2f}",
+                  flush=True)
+    table = Table(title=f"dev mean recall (%), {args.projector} + {args.loss}, {args.epochs} epochs, seed {args.seed}; "
+                        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    for column in ("image features", "standardize", "plain", "+ QB-Norm", "CCA", "CCA + QB-Norm", "train s"):
+        table.add_column(column)
+    for r in results:
+        table.add_row(r["image_features"], str(r["standardize"]), f"{r['plain']['mean_recall']:.2f}",
+                      f"{r['qbnorm']['mean_recall']:.2f} (β={r['qbnorm']['qbnorm_beta']:g})",
+                      f"{r['cca']['mean_recall']:.2f}", f"{r['cca_qbnorm']['mean_recall']:.2f}", f"{r['train_seconds']:.1f}")
+    Console(width=160).print(table)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
