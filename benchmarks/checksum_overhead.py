@@ -45,7 +45,7 @@ def main() -> None:
         copy_without_checksums(args.cache, plain)
         caches = {"fletcher32 (as written)": args.cache, "no checksum": plain}
         seconds: dict[str, list[float]] = {name: [] for name in caches}
-        for name, path in caches.items():
+        for path in caches.values():
             open_cache(path).split(args.split)  # warm the page cache
         for _ in range(args.repeats):
             for name, path in caches.items():
