@@ -165,7 +165,7 @@ class Split:
 class FeatureCache:
     """Read access to a complete cache folder. Use `open_cache(path)`."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, check_shards: bool = True):
         self.path = path
         manifest_path = path / "manifest.json"
         if not manifest_path.exists():
@@ -182,7 +182,8 @@ class FeatureCache:
         try:
             for modality in MODALITIES:
                 for feature_set in self.feature_sets(modality).values():
-                    self._check_set(feature_set)
+                    if check_shards:
+                        self._check_set(feature_set)
             self.index  # noqa: B018 -- read now, so a missing or corrupt index.h5 is reported up front
         except (KeyError, TypeError, AttributeError) as error:
             raise VlmcacheError(f"{manifest_path}: not a valid manifest (missing {error}); re-extract with --overwrite") from None
@@ -365,12 +366,13 @@ class FeatureCache:
         )
 
 
-def open_cache(path: str | Path) -> FeatureCache:
-    """Open a complete feature cache folder for reading (checks manifest and every shard's provenance)."""
+def open_cache(path: str | Path, check_shards: bool = True) -> FeatureCache:
+    """Open a complete feature cache folder for reading (checks manifest, index and every shard's provenance
+    and rows; `check_shards=False` leaves the shards to the caller, as verify does to report each bad one)."""
     path = Path(path)
     if not path.is_dir():
         raise VlmcacheError(f"{path}: no such cache folder; run vlmcache extract first")
-    return FeatureCache(path)
+    return FeatureCache(path, check_shards)
 
 
 def check_same_dataset(first: FeatureCache, second: FeatureCache) -> None:
@@ -431,7 +433,7 @@ def verify_cache(path: str | Path) -> list[tuple[str, str]]:
     each shard's SHA-256 with the manifest's, its rows with the manifest's rows, and looks for
     non-finite features in rows marked valid.
     """
-    cache = open_cache_for_verify(Path(path))
+    cache = open_cache(path, check_shards=False)
     problems = []
     for feature_set in [s for modality in MODALITIES for s in cache.feature_sets(modality, all_statuses=True).values()]:
         for entry in feature_set.shards:
@@ -451,21 +453,6 @@ def verify_cache(path: str | Path) -> list[tuple[str, str]]:
             except OSError as error:
                 problems.append((str(shard_path), f"unreadable ({error})"))
     return problems
-
-
-def open_cache_for_verify(path: Path) -> FeatureCache:
-    """A cache opened without the per-shard checks (verify reports each bad shard instead of the first)."""
-    if not path.is_dir():
-        raise VlmcacheError(f"{path}: no such cache folder")
-    cache = FeatureCache.__new__(FeatureCache)
-    cache.path = path
-    try:
-        cache.manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-        cache.manifest["shards"]["images"], cache.manifest["shards"]["texts"]  # noqa: B018
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
-        raise VlmcacheError(f"{path / 'manifest.json'}: missing or not a valid manifest ({error}); re-extract") from None
-    cache.index  # noqa: B018 -- a missing index.h5 is an error of its own
-    return cache
 
 
 def now_iso() -> str:
