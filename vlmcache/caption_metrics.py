@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from vlmcache.errors import VlmcacheError
 
 METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider")
+METRIC_LABELS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
 
 def words(text: str) -> list[str]:

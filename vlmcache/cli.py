@@ -608,13 +608,14 @@ app.add_typer(caption_app, name="caption")
 
 
 def _caption_table(title: str, rows: dict[str, dict]) -> Table:
+    from vlmcache.caption_metrics import METRIC_LABELS, METRICS
+
     table = Table(title=title, title_justify="left")
     table.add_column("captioner", no_wrap=True)
-    for column in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"):
+    for column in METRIC_LABELS:
         table.add_column(column, justify="right")
     for name, m in rows.items():
-        table.add_row(name, *("-" if m[key] is None else f"{m[key]:.1f}" for key in
-                              ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider")))
+        table.add_row(name, *("-" if m[key] is None else f"{m[key]:.1f}" for key in METRICS))
     return table
 
 
