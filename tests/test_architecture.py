@@ -244,7 +244,7 @@ def zero_shot_by_hand(run: Path, folder_cache: Path, words: list[str]) -> tuple[
     def unit(rows: np.ndarray) -> np.ndarray:
         return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
-    classes = unit(prompts.double().numpy() @ weights["model.text.weight"].T + weights["model.text.bias"])
+    classes = unit(prompts.astype(np.float64) @ weights["model.text.weight"].T + weights["model.text.bias"])
     labelled = open_cache(folder_cache).split("test")
     images = unit(labelled.image_features.astype(np.float64) @ weights["model.image.weight"].T
                   + weights["model.image.bias"])
@@ -502,11 +502,11 @@ def test_prompt_store_encodes_once_and_appends(vit_cache, tmp_path, counted_enco
     store = PromptStore(provenance, tmp_path)
     record = 32 + 4 * provenance["dim"]
     first = store.encode(["a dog", "a cat", "a dog"])
-    assert counted_encoder == [["a dog", "a cat"]] and first.shape == (3, 32) and torch.equal(first[0], first[2])
+    assert counted_encoder == [["a dog", "a cat"]] and first.shape == (3, 32) and np.array_equal(first[0], first[2])
     assert store.path.stat().st_size == 2 * record
     before, inode = store.path.read_bytes(), store.path.stat().st_ino
     again = store.encode(["a cat", "a dog"])
-    assert len(counted_encoder) == 1 and torch.equal(again, first[[1, 0]])  # no encoder call for known prompts
+    assert len(counted_encoder) == 1 and np.array_equal(again, first[[1, 0]])  # no encoder call for known prompts
     store.encode(["a car", "a dog"])
     assert counted_encoder[-1] == ["a car"]
     # Appended: the first two records are untouched bytes of the same file, plus exactly one record.
@@ -514,7 +514,7 @@ def test_prompt_store_encodes_once_and_appends(vit_cache, tmp_path, counted_enco
     assert store.path.read_bytes()[:2 * record] == before
     # Another process reads them back without the encoder.
     reloaded = PromptStore(provenance, tmp_path)
-    assert torch.equal(reloaded.encode(["a dog", "a cat", "a car"]), store.encode(["a dog", "a cat", "a car"]))
+    assert np.array_equal(reloaded.encode(["a dog", "a cat", "a car"]), store.encode(["a dog", "a cat", "a car"]))
     assert len(counted_encoder) == 2
 
 
@@ -527,7 +527,7 @@ def test_prompt_store_ignores_a_truncated_tail_and_keeps_appending(vit_cache, tm
         handle.write(store.path.read_bytes()[:32 + 2 * provenance["dim"]])
     reloaded = PromptStore(provenance, tmp_path)
     assert len(reloaded.known) == 2
-    assert torch.equal(reloaded.encode(["a dog", "a cat"]), features) and len(counted_encoder) == 1
+    assert np.array_equal(reloaded.encode(["a dog", "a cat"]), features) and len(counted_encoder) == 1
     reloaded.encode(["a bird"])  # appended after the cut: must be read back, not misaligned by the tail
     third = PromptStore(provenance, tmp_path)
     assert len(third.known) == 3 and store.path.stat().st_size == 3 * record
@@ -543,7 +543,7 @@ def test_prompt_store_stops_growing_at_max_rows(vit_cache, tmp_path, counted_enc
     features = store.encode(prompts)
     assert features.shape == (5, 32) and store.path.stat().st_size == 3 * record and len(store.known) == 3
     unbounded = PromptStore(provenance, None)  # no file: the same features for all five
-    assert torch.allclose(unbounded.encode(prompts), features, atol=1e-6)
+    assert np.allclose(unbounded.encode(prompts), features, atol=1e-6)
     store.encode(["six"])
     assert store.path.stat().st_size == 3 * record
     assert len(PromptStore(provenance, tmp_path, max_rows=3).known) == 3

@@ -14,7 +14,8 @@ from vlmcache.checkpoint import load_model
 from vlmcache.config import TrainConfig
 from vlmcache.errors import VlmcacheError
 from vlmcache.evaluate import evaluate_checkpoint, zero_shot
-from vlmcache.predictor import classify_image, search_images
+from vlmcache.predictor import classify_image
+from vlmcache.search_index import search_images
 from vlmcache.train import train
 
 

@@ -14,8 +14,9 @@ from vlmcache.config import TrainConfig
 from vlmcache.errors import VlmcacheError
 from vlmcache.evaluate import qbnorm_metrics, retrieval_metrics, retrieval_ranks
 from vlmcache.extract import extract
-from vlmcache.predictor import Predictor, search_images
+from vlmcache.predictor import Predictor
 from vlmcache.qbnorm import query_bank
+from vlmcache.search_index import search_images
 from vlmcache.train import train
 
 

@@ -245,6 +245,9 @@ def train(
     console.print(f"best epoch {result.best_epoch}: val mean recall {best['mean_recall']:.2f} "
                   f"(R@1 i→t {best['i2t_r1']:.1f}, t→i {best['t2i_r1']:.1f}); {result.parameters:,} projector "
                   f"parameters; {result.seconds:.1f} s; checkpoints in {result.out}")
+    from vlmcache.search_index import build_index
+
+    build_index(result.out)  # so that the first `vlmcache search` of this run starts without PyTorch
 
 
 def _metrics_table(title: str, rows: dict[str, dict]) -> Table:
@@ -350,7 +353,7 @@ def search(
     qbnorm: Annotated[bool, typer.Option("--qbnorm", help="Rescore with querybank normalisation (bank: the run's training captions; beta chosen on val).")] = False,
 ) -> None:
     """Find the cached images that best match a text query (cross-modal retrieval)."""
-    from vlmcache.predictor import search_images
+    from vlmcache.search_index import search_images
 
     table = Table(title=f"top {top} images for {query!r}", title_justify="left")
     for column, justify in (("rank", "right"), ("score", "right"), ("image", "left"), ("path", "left")):

@@ -293,7 +293,8 @@ def zero_shot(checkpoint: str | Path, folder_cache: str | Path, ensemble: bool =
     for name, candidate in (("trained", model),
                             (UNTRAINED_ROW, initial_model(config, meta["image_dim"], meta["text_dim"]).eval())):
         with torch.no_grad():
-            class_emb = class_embeddings(lambda texts, m=candidate: m.embed_texts(prompts.encode(texts)), words, templates)
+            class_emb = class_embeddings(lambda texts, m=candidate: m.embed_texts(torch.from_numpy(prompts.encode(texts))),
+                                         words, templates)
             image_emb = candidate.embed_images(torch.from_numpy(labelled.image_features))
         results[name] = zero_shot_metrics(image_emb, labelled.image_labels, class_emb, opened.classes)
     return results

@@ -70,6 +70,17 @@ class AlignmentModel(nn.Module):
         return count_parameters(self.image) + count_parameters(self.text)
 
 
+class TextEmbedding(nn.Module):
+    """A model's text side as one module (cached text features -> unit vectors), for export to ONNX."""
+
+    def __init__(self, model: AlignmentModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_texts(features)
+
+
 MAX_PARAMETERS = 1 << 28  # 1 GB of fp32 weights (3 GB with AdamW's moments): far beyond any projector here
 
 

@@ -20,10 +20,10 @@ from vlmcache.errors import VlmcacheError
 from vlmcache.evaluate import choose_beta, model_embeddings
 from vlmcache.prompts import PromptStore, prompt_folder
 from vlmcache.qbnorm import QueryBank, check_bank_split, query_bank
+from vlmcache.search_index import SearchHit, check_query
 from vlmcache.store import Split, load_features
 
 MAX_LABELS = 100  # labels per request: bounds the work one request can ask for
-MAX_QUERY_CHARS = 1000
 
 
 @dataclass
@@ -34,17 +34,6 @@ class RankedPrompt:
     prompt: str
     cosine: float
     probability: float
-
-
-@dataclass
-class SearchHit:
-    """One row of a text→image search."""
-
-    rank: int
-    score: float
-    image_id: str
-    path: str
-    row: int  # the image's row in the searched split
 
 
 class Predictor:
@@ -78,7 +67,7 @@ class Predictor:
     @torch.no_grad()
     def embed_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Prompts → unit vectors in the shared space (frozen text features from the prompt store)."""
-        return self.model.embed_texts(self.prompts.encode(prompts))
+        return self.model.embed_texts(torch.from_numpy(self.prompts.encode(prompts)))
 
     def rank_labels(self, image: str | Path, labels: list[str], template: str = "{}") -> tuple[list[RankedPrompt], float]:
         """Rank prompts for one image file. Returns the rows and the (learned) softmax scale used."""
@@ -127,12 +116,7 @@ class Predictor:
                cache: str | Path | None = None, qbnorm: bool = False) -> list[SearchHit]:
         """The `top` cached images of a split closest to a text query in the trained shared space
         (rescored by QB-Norm with `qbnorm`: scores are then log inverted-softmax values, not cosines)."""
-        if not query.strip():
-            raise VlmcacheError("the search query is empty; type what the image should show")
-        if len(query) > MAX_QUERY_CHARS:
-            raise VlmcacheError(f"the search query has {len(query)} characters; keep it under {MAX_QUERY_CHARS}")
-        if top < 1:
-            raise VlmcacheError(f"--top {top}: must be at least 1")
+        check_query(query, top)
         chosen, image_emb = self.searchable(split, cache)
         scores = self.embed_prompts([query]) @ image_emb.T
         scores = (self.image_bank(split, cache).rescore(scores) if qbnorm else scores)[0]
@@ -156,8 +140,3 @@ def classify_image(checkpoint: str | Path, image: str | Path, labels: list[str],
     """
     return Predictor(checkpoint).rank_labels(image, labels, template)
 
-
-def search_images(checkpoint: str | Path, query: str, top: int = 5, split: str | None = None,
-                  cache: str | Path | None = None, qbnorm: bool = False) -> list[SearchHit]:
-    """The `top` cached images of a split closest to a text query (see Predictor.search)."""
-    return Predictor(checkpoint).search(query, top, split, cache, qbnorm)

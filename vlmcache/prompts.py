@@ -13,11 +13,12 @@ import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from vlmcache import encoders
+if TYPE_CHECKING:  # imported on first use: the one-off search path must start without PyTorch
+    from vlmcache.encoders import TextEncoder
 
 MAX_ROWS = 20_000  # ~30 MB for 384-d features; past it, new prompts are encoded but not kept
 
@@ -33,7 +34,7 @@ class PromptStore:
         self.path = folder / f"prompt-features-{encoder_id}.bin" if folder is not None else None
         self.record = np.dtype([("key", "S32"), ("features", "<f4", (int(provenance["dim"]),))])
         self.known: dict[bytes, np.ndarray] = {}
-        self._encoder: encoders.TextEncoder | None = None
+        self._encoder: TextEncoder | OnnxTextEncoder | None = None
         if self.path is not None and self.path.is_file():
             raw = self.path.read_bytes()
             rows = np.frombuffer(raw[:len(raw) - len(raw) % self.record.itemsize], dtype=self.record)
@@ -43,26 +44,28 @@ class PromptStore:
         return hashlib.sha256(self._identity + b"\0" + prompt.encode("utf-8", "surrogatepass")).digest()
 
     @property
-    def encoder(self) -> encoders.TextEncoder | OnnxTextEncoder:
+    def encoder(self) -> TextEncoder | OnnxTextEncoder:
         """The frozen text encoder, loaded on first use and kept: the cache's saved ONNX export when it has one
         (starts in well under a second), else the model itself through transformers and PyTorch (exporting
         it to ONNX for a few prompts would cost more than it saves)."""
         if self._encoder is None:
-            self._encoder = OnnxTextEncoder.from_cache(self.folder, self.provenance) or \
-                encoders.text_encoder_from_provenance(self.provenance, "cpu", backend="torch")
+            self._encoder = OnnxTextEncoder.from_cache(self.folder, self.provenance)
+        if self._encoder is None:
+            from vlmcache.encoders import text_encoder_from_provenance
+
+            self._encoder = text_encoder_from_provenance(self.provenance, "cpu", backend="torch")
         return self._encoder
 
-    def encode(self, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
+    def encode(self, prompts: list[str], batch_size: int = 256) -> np.ndarray:
         """(len(prompts), dim) float32 frozen text features; only unseen prompts run the encoder."""
         missing = [prompt for prompt in dict.fromkeys(prompts) if self.key(prompt) not in self.known]
         fresh: dict[bytes, np.ndarray] = {}
         for start in range(0, len(missing), batch_size):
             batch = missing[start:start + batch_size]
-            features = self.encoder.encode(batch).pooled.float().numpy()
+            features = np.asarray(self.encoder.encode(batch).pooled, dtype=np.float32)
             fresh.update({self.key(prompt): row for prompt, row in zip(batch, features, strict=True)})
         self._keep(fresh)
-        return torch.from_numpy(np.stack([fresh[key] if key in fresh else self.known[key]
-                                          for key in map(self.key, prompts)]))
+        return np.stack([fresh[key] if key in fresh else self.known[key] for key in map(self.key, prompts)])
 
     def _keep(self, fresh: dict[bytes, np.ndarray]) -> None:
         room = self.max_rows - len(self.known)
@@ -111,11 +114,11 @@ class OnnxTextEncoder:
         return cls(session, tokenizer)
 
     def encode(self, texts: list[str]) -> SimpleNamespace:
-        """Texts -> SimpleNamespace(pooled=(N, dim) float32 tensor), like TextEncoder.encode."""
+        """Texts -> SimpleNamespace(pooled=(N, dim) float32 array), like TextEncoder.encode."""
         batch = self.tokenizer.encode_batch(texts)
         ids = np.asarray([item.ids for item in batch], dtype=np.int64)
         mask = np.asarray([item.attention_mask for item in batch], dtype=np.int64)
-        return SimpleNamespace(pooled=torch.from_numpy(self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0]))
+        return SimpleNamespace(pooled=self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0])
 
 
 def prompt_folder(meta: dict) -> Path | None:
