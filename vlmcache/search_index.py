@@ -71,7 +71,7 @@ def index_path(checkpoint: str | Path, meta: dict, split: str | None, cache: str
     path = checkpoint_file(checkpoint)
     try:
         manifest = (Path(cache or meta["cache"]) / "manifest.json").read_bytes()
-    except OSError:
+    except (OSError, KeyError, TypeError):  # no cache there, or a header that is not vlmcache's: no index
         return None
     digest = hashlib.sha256()
     for part in (path.read_bytes(), manifest, str(split).encode()):
