@@ -67,6 +67,8 @@ class ShardStream:
     their modality and returned in `Batch.extra` as "images.tokens", ... in their stored dtype.
     """
 
+    resumable_mid_epoch = True  # `epoch(e, start)` continues exactly at batch `start`
+
     def __init__(self, cache: FeatureCache, split: str, batch_size: int, seed: int, *,
                  image_sets: tuple[str, ...] | None = None, text_sets: tuple[str, ...] | None = None,
                  sampling: str = "image", buffer: int = DEFAULT_BUFFER, prefetch: int = 1, rank: int = 0,
@@ -284,3 +286,62 @@ def _background(make: callable, depth: int) -> Iterator:
             thread.join()
 
     return consume()
+
+
+# Memory planning for `train --max-memory`. A window is held about four times over while streaming (the
+# shard blocks as read, joined, gathered in training order, and the next window read ahead).
+STREAM_COPIES = 4
+BASE_BYTES = 768 << 20  # Python, torch, the model and optimiser, the split's per-row metadata (measured ≈ 0.5-0.7 GB)
+
+
+def feature_bytes(cache: FeatureCache, split: str, image_sets, text_sets, itemsize: int = 4) -> int:
+    """Bytes of a split's image and text features at `itemsize` bytes per value (4: float32, as `train` holds them)."""
+    counts = cache.manifest["dataset"]["splits"][split]
+    return itemsize * (counts["images"] * sum(cache.set_dims("images", image_sets))
+                       + counts["captions"] * sum(cache.set_dims("texts", text_sets)))
+
+
+def in_memory_bytes(cache: FeatureCache, splits: tuple[str, ...], image_sets, text_sets) -> int:
+    """Estimated peak memory of training with `splits` loaded: the base cost plus twice their float32 features
+    (a split is read in the stored dtype and converted, so both copies exist for a moment)."""
+    return BASE_BYTES + 2 * sum(feature_bytes(cache, split, image_sets, text_sets) for split in splits)
+
+
+def stream_buffer(cache: FeatureCache, split: str, image_sets, text_sets, batch_size: int, wanted: int,
+                  max_memory: int | None) -> int:
+    """Images per shuffle window: `wanted`, made smaller to fit `max_memory` bytes; too small for one batch is
+    refused. One image row costs its features plus its captions' (at their average count) in the stored dtype."""
+    if max_memory is None:
+        return wanted
+    counts = cache.manifest["dataset"]["splits"][split]
+    itemsize = 2 if cache.provenance["images"]["dtype"] == "float16" else 4
+    per_image = feature_bytes(cache, split, image_sets, text_sets, itemsize) / max(1, counts["images"])
+    fits = int((max_memory - BASE_BYTES) // (STREAM_COPIES * per_image))
+    if fits < batch_size:
+        need = BASE_BYTES + STREAM_COPIES * per_image * batch_size
+        raise VlmcacheError(f"--max-memory {max_memory / 2**20:,.0f}MB: too small for one batch of {batch_size} pairs "
+                            f"while streaming (needs at least {need / 2**20:,.0f}MB); raise it or lower --batch-size")
+    return min(wanted, fits)
+
+
+@torch.no_grad()
+def embed_split(model, cache: FeatureCache, split: str, image_sets=None, text_sets=None, device="cpu",
+                chunk: int = 65_536) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """(image embeddings, text embeddings, caption → image row) of a split, reading `chunk` rows at a time: only
+    the embeddings are kept, never the split's features. Skipped rows are dropped as `FeatureCache.split` does."""
+    model.eval()
+    image_rows, caption_rows = cache.split_rows(split)
+    embedded, valid = {}, {}
+    for modality, rows, sets, embed in (("images", image_rows, image_sets, model.embed_images),
+                                        ("texts", caption_rows, text_sets, model.embed_texts)):
+        parts, flags = [], []
+        for start in range(rows.start, rows.stop, chunk):
+            features, ok = cache._read_sets(modality, slice(start, min(start + chunk, rows.stop)), sets)
+            parts.append(embed(torch.from_numpy(features[ok]).to(device)).cpu())
+            flags.append(ok)
+        embedded[modality] = torch.cat(parts) if parts else torch.zeros(0, 1)
+        valid[modality] = np.concatenate(flags) if flags else np.zeros(0, bool)
+    owner = np.asarray(cache.index_rows("caption_image", caption_rows), np.int64) - image_rows.start
+    kept = valid["texts"][valid["texts"]] & valid["images"][owner[valid["texts"]]]  # captions of skipped images go too
+    new_row = np.cumsum(valid["images"]) - 1
+    return embedded["images"], embedded["texts"][torch.from_numpy(kept)], new_row[owner[valid["texts"]][kept]]
