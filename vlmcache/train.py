@@ -7,7 +7,8 @@ with the stream position, so `resume` continues mid-epoch exactly. Under torchru
 part of the shards and the loss is taken over the global batch (vlmcache.distributed); rank 0 writes.
 
 Each epoch visits every training image once with one randomly drawn caption (default
-`sampling="image"`), so no two captions of one image meet in a batch as false negatives; `sampling="caption"` visits every caption and masks same-image pairs instead.
+`sampling="image"`), so no two captions of one image meet in a batch as false negatives;
+`sampling="caption"` visits every caption and masks same-image pairs instead.
 Checkpoints are safetensors: `last` every epoch (with optimiser, scheduler and RNG state, so `resume`
 continues exactly) and `best` by validation mean recall. A run folder is locked while a run writes it.
 """
