@@ -30,9 +30,13 @@ from vlmcache.errors import VlmcacheError
 TIMEOUT_SECONDS = float(os.environ.get("VLMCACHE_DIST_TIMEOUT", "600"))
 
 
-def setup(device: torch.device) -> tuple[int, int]:
-    """(rank, world size); joins torchrun's process group (nccl on CUDA, gloo on CPU) when WORLD_SIZE > 1."""
+def setup(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, this rank's device); joins torchrun's process group (nccl on CUDA, gloo on CPU) when
+    WORLD_SIZE > 1. On CUDA each rank takes the GPU of its LOCAL_RANK."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         try:
@@ -40,7 +44,7 @@ def setup(device: torch.device) -> tuple[int, int]:
         except (RuntimeError, ValueError) as error:
             raise VlmcacheError(f"torchrun: could not join the process group ({str(error).splitlines()[0]}); check "
                                 "MASTER_ADDR/MASTER_PORT and that every rank was started") from None
-    return (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
+    return (dist.get_rank(), dist.get_world_size(), device) if world > 1 else (0, 1, device)
 
 
 def _collective(what: str, call, *args):

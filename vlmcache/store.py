@@ -356,13 +356,16 @@ class FeatureCache:
         return tuple(self.feature_set(modality, name).dim for name in (names or (None,)))
 
     def split(self, name: str, image_sets: tuple[str, ...] | None = None,
-              text_sets: tuple[str, ...] | None = None) -> Split:
+              text_sets: tuple[str, ...] | None = None, with_texts: bool = True) -> Split:
         """Load a whole split into memory as float32, dropping skipped images and captions.
 
         `image_sets`/`text_sets` name feature sets whose features are concatenated (in that order);
-        None reads the default set of each modality.
+        None reads the default set of each modality. `with_texts=False` reads the images only (search):
+        the split then has no captions.
         """
         image_rows, caption_rows = self.split_rows(name)
+        if not with_texts:
+            caption_rows = slice(caption_rows.start, caption_rows.start)
         images, image_valid = self._read_sets("images", image_rows, image_sets)
         caption_image = np.asarray(self.index_rows("caption_image", caption_rows)) - image_rows.start
         if caption_rows.stop > caption_rows.start:

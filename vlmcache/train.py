@@ -83,7 +83,7 @@ def train(
     started = time.perf_counter()
     config = config or TrainConfig()
     torch_device = pick_device(device)
-    rank, world = distributed.setup(torch_device)
+    rank, world, torch_device = distributed.setup(torch_device)
     cache = cache if isinstance(cache, FeatureCache) else open_cache(cache)
     text_source = None if text_cache is None else text_cache if isinstance(text_cache, FeatureCache) else open_cache(text_cache)
     distributed.check_same_inputs({"fingerprint": cache.fingerprint, "config": config.to_dict(),
