@@ -106,18 +106,22 @@ def write_metrics_log(out: Path, history: list[dict]) -> None:
     write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(record) + "\n" for record in history))
 
 
-def finish_epoch(out: Path, meta: dict, state: dict, record: dict, metrics: dict, score_key: str,
+def finish_epoch(out: Path | None, meta: dict, state: dict, record: dict, metrics: dict, score_key: str,
                  patience: int | None, model: nn.Module, optimizer, scheduler, generator) -> None:
     """Book a finished epoch: its record in the history, `best` when `metrics[score_key]` improved (else one
-    more epoch towards `patience`), then `last` with everything needed to resume, then metrics.jsonl."""
+    more epoch towards `patience`), then `last` with everything needed to resume, then metrics.jsonl.
+    `out=None` keeps the books without writing (the ranks of a torchrun other than rank 0)."""
     state["history"].append(record)
     if metrics[score_key] > state["best_metrics"].get(score_key, -1.0):
         state.update(best_epoch=state["epoch"], best_metrics=metrics, bad_epochs=0)
         public = {key: state[key] for key in ("epoch", "best_epoch", "best_metrics", "history")}
-        save_checkpoint(out / "best.safetensors", {**meta, **public}, model)
+        if out is not None:
+            save_checkpoint(out / "best.safetensors", {**meta, **public}, model)
     else:
         state["bad_epochs"] += 1
         state["stopped_early"] = patience is not None and state["bad_epochs"] >= patience
+    if out is None:
+        return
     save_checkpoint(out / "last.safetensors", {**meta, **state}, model, optimizer, scheduler, generator)
     write_metrics_log(out, state["history"])
 
@@ -141,7 +145,9 @@ def restore(path: Path, meta: dict, model: nn.Module, optimizer, scheduler, gene
         scheduler.load_state_dict({**json.loads(header["scheduler"]), "lr_lambdas": [None]})
         torch.set_rng_state(tensors["rng.torch"])
         generator.set_state(tensors["rng.sampler"])
-        return {key: saved[key] for key in ("epoch", "best_epoch", "best_metrics", "bad_epochs", "history", "stopped_early")}
+        return {**{key: saved[key] for key in ("epoch", "best_epoch", "best_metrics", "bad_epochs", "history",
+                                                "stopped_early")},
+                "position": saved.get("position", 0), "loss_sum": saved.get("loss_sum", 0.0)}  # mid-epoch (streamed)
     except (KeyError, ValueError, RuntimeError) as error:
         raise VlmcacheError(f"{path}: cannot resume from this checkpoint ({str(error)[:200]}); "
                             "start again with --overwrite") from None

@@ -175,7 +175,9 @@ def _with_config_file(context: typer.Context, config_file: Path | None, options:
 
 @app.command(epilog="Examples:\n\n  vlmcache train features/flickr8k --projector mlp --loss infonce --out runs/mlp-infonce\n\n"
                     "  vlmcache train features/flickr8k --projector ndlinear --loss sigmoid --epochs 30 --out runs/nd\n\n"
-                    "  vlmcache train features/flickr8k --out runs/mlp-infonce --resume")
+                    "  vlmcache train features/flickr8k --out runs/mlp-infonce --resume\n\n"
+                    "  vlmcache train features/laion --stream --max-memory 4GB --out runs/laion\n\n"
+                    "  torchrun --nproc-per-node 2 -m vlmcache train features/laion --out runs/laion-2")
 def train(
     context: typer.Context,
     cache: Annotated[Path | None, typer.Argument(help="Cache folder written by vlmcache extract [default: the --config file's cache].")] = None,
@@ -204,6 +206,9 @@ def train(
     image_features: Annotated[str | None, typer.Option(help="Image feature sets of the cache to train on, joined by '+' (concatenated), e.g. efficientnet-lite0+efficientnet-lite2 [default: the default set; vlmcache info lists them]")] = None,
     text_features: Annotated[str | None, typer.Option(help="Text feature sets, joined by '+' [default: the default set]")] = None,
     standardize: Annotated[bool, typer.Option(help="Centre each feature set and scale it to unit RMS (training-split statistics, kept in the checkpoint).")] = False,
+    stream: Annotated[bool, typer.Option("--stream", help="Stream the training split a window of shards at a time (background reads, exact mid-epoch resume) instead of loading it; for splits larger than memory.")] = False,
+    max_memory: Annotated[str | None, typer.Option(help="Memory budget, e.g. 4GB: stream automatically when the splits' features would not fit, and size the shuffle window to fit.")] = None,
+    stream_buffer: Annotated[int, typer.Option(help="Streaming: images per shuffle window (rows mix only within a window).")] = 65_536,
     train_split: Annotated[str, typer.Option(help="Split to train on.")] = "train",
     val_split: Annotated[str, typer.Option(help="Split to validate on each epoch.")] = "val",
     device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "cpu",
@@ -224,7 +229,8 @@ def train(
         "patience": patience, "dropout": dropout, "mlp_hidden": mlp_hidden, "mlp_layers": mlp_layers,
         "residual": residual, "image_grid": image_grid, "text_grid": text_grid, "train_split": train_split,
         "val_split": val_split, "cache": cache, "text_cache": text_cache, "image_features": image_features,
-        "text_features": text_features, "standardize": standardize})
+        "text_features": text_features, "standardize": standardize, "stream": stream, "max_memory": max_memory,
+        "stream_buffer": stream_buffer})
     cache, text_cache = options.pop("cache"), options.pop("text_cache")
     unknown = sorted(set(rest) - {f for f in TrainConfig.__dataclass_fields__})
     if unknown:
@@ -236,11 +242,14 @@ def train(
     table = Table(title=f"{config.projector} + {config.loss} on {cache} (validation recall, %)", title_justify="left")
     for column in ("epoch", "loss", "scale", *RETRIEVAL_LABELS, "s"):
         table.add_column(column, justify="right")
-    with Live(table, console=console, refresh_per_second=4):
+    quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun only rank 0 prints
+    with Live(table, console=Console(quiet=True) if quiet else console, refresh_per_second=4):
         result = run_train(cache, out, config, text_cache=text_cache, resume=resume, overwrite=overwrite,
                            device=device, on_epoch=lambda r: table.add_row(
                                str(r["epoch"]), f"{r['train_loss']:.4f}", f"{r['logit_scale']:.1f}",
                                *(f"{r['val_' + key]:.1f}" for key in RETRIEVAL_KEYS), f"{r['seconds']:.2f}"))
+    if quiet:
+        return
     best = result.best_metrics
     console.print(f"best epoch {result.best_epoch}: val mean recall {best['mean_recall']:.2f} "
                   f"(R@1 i→t {best['i2t_r1']:.1f}, t→i {best['t2i_r1']:.1f}); {result.parameters:,} projector "

@@ -55,6 +55,11 @@ class TrainConfig:
     # Per-set standardisation of the concatenated input: each set centred and scaled to unit RMS on the
     # training split, so no encoder dominates by its feature scale (README: measured on Flickr8k).
     standardize: bool = False
+    # Streaming (vlmcache.stream): read the training split a window of shards at a time instead of loading it.
+    # `max_memory` ("4GB") turns streaming on when the splits' features would not fit, and bounds the window.
+    stream: bool = False
+    max_memory: str | None = None
+    stream_buffer: int = 65_536  # images per shuffle window
 
     def __post_init__(self):
         for name, value, allowed in (("projector", self.projector, PROJECTORS), ("loss", self.loss, LOSSES),
@@ -67,6 +72,9 @@ class TrainConfig:
         _check_range("mlp-layers", self.mlp_layers, 2, 64)
         _check_range("warmup", self.warmup, 0, 1 << 30)
         _check_range("seed", self.seed, -(1 << 63), (1 << 63) - 1)  # what torch.manual_seed accepts
+        _check_range("stream-buffer", self.stream_buffer, 1, 1 << 40)
+        if self.max_memory is not None:
+            parse_size(self.max_memory, "--max-memory")
         if self.mlp_hidden is not None:
             _check_range("mlp-hidden", self.mlp_hidden, 1, MAX_WIDTH)
         if self.patience is not None:
@@ -111,6 +119,24 @@ class TrainConfig:
     def to_dict(self) -> dict:
         """Plain JSON/TOML types (tuples become lists)."""
         return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
+
+_UNITS = {"": 1, "B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
+
+
+def parse_size(value: str | int, option: str) -> int:
+    """'4GB', '512MB', '1.5G', 1000000 -> bytes (powers of 1024)."""
+    text = str(value).strip().upper().replace("IB", "B")
+    number = text.rstrip("KMGTB")
+    unit = text[len(number):]
+    unit = unit if unit.endswith("B") or not unit else unit + "B"
+    try:
+        size = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise VlmcacheError(f"{option} {value}: give a size such as 4GB, 512MB or 1.5G") from None
+    if not math.isfinite(size) or size <= 0:
+        raise VlmcacheError(f"{option} {value}: must be a positive size such as 4GB")
+    return int(size)
 
 
 def _check_range(option: str, value, low, high, open_low: bool = False) -> None:

@@ -78,9 +78,12 @@ def retrieval_ranks(image_emb, text_emb, caption_image, chunk_size: int = 1024, 
     in chunks of at most `chunk_size` rows, fewer when the other side is large (SCORE_BUDGET). With
     `text_bank` (the captions' QB-Norm normaliser from a bank of image queries) image→text scores are
     rescored by QB-Norm, and with `image_bank` text→image scores (see vlmcache.qbnorm).
+    Without QB-Norm (whose rescoring needs whole rows) the ranks come from `tiled_ranks`, in one pass.
     """
     images, texts = _as_tensor(image_emb).float(), _as_tensor(text_emb).float()
     owner = _as_tensor(caption_image).long()
+    if text_bank is None and image_bank is None:
+        return tiled_ranks(images, texts, owner)
     image_ranks = np.zeros(len(images), dtype=np.int64)
     image_chunk = max(1, min(chunk_size, SCORE_BUDGET // max(1, len(texts))))
     for start in range(0, len(images), image_chunk):
@@ -102,6 +105,56 @@ def retrieval_ranks(image_emb, text_emb, caption_image, chunk_size: int = 1024, 
         # (scores >= correct) counts the correct image itself, which makes the count a 1-based rank.
         text_ranks[rows.numpy()] = (scores >= correct_score).sum(dim=1).numpy()
     return image_ranks, text_ranks
+
+
+TILE = (2048, 8192)  # (images, captions) per score tile: 64 MB of float32, large enough to run at matmul speed
+
+
+def tiled_ranks(images: torch.Tensor, texts: torch.Tensor, owner: torch.Tensor,
+                tile: tuple[int, int] = TILE) -> tuple[np.ndarray, np.ndarray]:
+    """`retrieval_ranks` without QB-Norm, computing each image×caption score once, in tiles.
+
+    Both directions come from the same tiles: a caption's rank counts the images scoring at least its
+    correct score, an image's rank counts the other images' captions scoring at least its best correct
+    one. Those thresholds are taken first from the tiles that hold the correct pairs, computed with the
+    same shapes and inputs as in the counting pass, so every comparison is between identically computed
+    numbers and ties still count against the query. Memory is a few tiles, whatever the sizes.
+    """
+    rows, cols = tile
+    correct_score = torch.full((len(texts),), -torch.inf)
+    best_correct = torch.full((len(images),), -torch.inf)
+    # Finite inputs of moderate size cannot give a non-finite score: then the per-tile check (a full pass) is skipped.
+    largest = max((float(x.abs().max()) for x in (images, texts) if x.numel()), default=0.0)
+    finite = all(bool(torch.isfinite(x).all()) for x in (images, texts)) and largest ** 2 * images.shape[-1] < 1e37
+
+    def scores(i: int, j: int) -> torch.Tensor:
+        product = images[i:i + rows] @ texts[j:j + cols].T
+        return product if finite else _finite_or_worst(product)
+
+    column_tiles = max(1, -(-len(texts) // cols))
+    holding = torch.unique((owner // rows) * column_tiles + torch.arange(len(owner)) // cols)  # tiles with correct pairs
+    diagonal = [(int(key) // column_tiles * rows, int(key) % column_tiles * cols) for key in holding]
+    for i, j in diagonal:
+        tile_scores = scores(i, j)
+        captions = torch.arange(j, min(j + cols, len(texts)))
+        mine = (owner[captions] >= i) & (owner[captions] < i + rows)
+        captions = captions[mine]
+        values = tile_scores[owner[captions] - i, captions - j]
+        correct_score[captions] = values
+        best_correct.scatter_reduce_(0, owner[captions], values, "amax")
+    has_caption = torch.bincount(owner, minlength=len(images)) > 0
+    # An image's own captions scoring at least its best one are those equal to it: counted below, taken off after.
+    own_ties = torch.bincount(owner, weights=(correct_score == best_correct[owner]).double(), minlength=len(images))
+    image_above = -own_ties.long()
+    text_ranks = torch.zeros(len(texts), dtype=torch.long)
+    for i in range(0, len(images), rows):
+        for j in range(0, len(texts), cols):
+            tile_scores = scores(i, j)
+            image_above[i:i + rows] += (tile_scores >= best_correct[i:i + rows, None]).sum(dim=1, dtype=torch.int32)
+            # (score >= correct) counts the correct image itself, which makes the count a 1-based rank.
+            text_ranks[j:j + cols] += (tile_scores >= correct_score[None, j:j + cols]).sum(dim=0, dtype=torch.int32)
+    image_ranks = torch.where(has_caption, image_above + 1, torch.zeros_like(image_above))
+    return image_ranks.numpy(), text_ranks.numpy()
 
 
 def recall_from_ranks(image_ranks: np.ndarray, text_ranks: np.ndarray) -> dict[str, float]:

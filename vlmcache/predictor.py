@@ -92,9 +92,10 @@ class Predictor:
         """(split data, unit image embeddings) of the cached split searched; computed once per split."""
         if (split, cache) not in self._searched:
             opened, _ = checkpoint_caches(self.meta, cache)
-            chosen = opened.split(split or opened.default_split(), self.config.image_sets)
-            with torch.no_grad():
-                embedded = self.model.embed_images(torch.from_numpy(chosen.image_features))
+            chosen = opened.split(split or opened.default_split(), self.config.image_sets, with_texts=False)
+            with torch.no_grad():  # in chunks: a million images never make a million-row hidden activation
+                embedded = torch.cat([self.model.embed_images(torch.from_numpy(chosen.image_features[start:start + 65_536]))
+                                      for start in range(0, max(1, len(chosen.image_features)), 65_536)])
             self._searched[(split, cache)] = (chosen, embedded)
         return self._searched[(split, cache)]
 

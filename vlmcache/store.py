@@ -184,7 +184,7 @@ class FeatureCache:
                 for feature_set in self.feature_sets(modality).values():
                     if check_shards:
                         self._check_set(feature_set)
-            self.index  # noqa: B018 -- read now, so a missing or corrupt index.h5 is reported up front
+            self.index_rows("caption_image", slice(0, 1))  # a missing or corrupt index.h5 is reported up front
         except (KeyError, TypeError, AttributeError) as error:
             raise VlmcacheError(f"{manifest_path}: not a valid manifest (missing {error}); re-extract with --overwrite") from None
 
@@ -286,15 +286,34 @@ class FeatureCache:
     def classes(self) -> list[str]:
         return self.index["classes"]
 
+    def index_rows(self, key: str, rows: slice) -> list | np.ndarray:
+        """Rows of one index.h5 dataset, read without loading the rest (strings as a list of str)."""
+        try:
+            with h5py.File(self.path / "index.h5", "r") as index:
+                data = index[key]
+                return data.asstr()[rows].tolist() if data.dtype.kind == "O" else data[rows]
+        except (OSError, ValueError, KeyError) as error:
+            raise VlmcacheError(f"{self.path / 'index.h5'}: missing or unreadable ({error}); run the same "
+                                "vlmcache extract again to rewrite it") from None
+
+    @cached_property
+    def has_labels(self) -> bool:
+        """Whether index.h5 holds class labels (labelled image folders)."""
+        with h5py.File(self.path / "index.h5", "r") as index:
+            return "image_label" in index
+
     def split_rows(self, split: str) -> tuple[slice, slice]:
-        """The contiguous (image rows, caption rows) of a split."""
+        """The contiguous (image rows, caption rows) of a split, from the manifest's per-split counts (splits
+        are stored in the order the manifest lists them), so no per-row index is read."""
         if split not in self.manifest["dataset"]["splits"]:
             raise VlmcacheError(f"{self.path}: has no split {split!r}; it has {', '.join(self.splits)}")
-        image_split = np.asarray(self.index["image_split"])
-        image_rows = np.flatnonzero(image_split == split)
-        caption_rows = np.flatnonzero(np.isin(self.index["caption_image"], image_rows))
-        return (slice(int(image_rows[0]), int(image_rows[-1]) + 1),
-                slice(int(caption_rows[0]), int(caption_rows[-1]) + 1) if len(caption_rows) else slice(0, 0))
+        image_start = caption_start = 0
+        for name, counts in self.manifest["dataset"]["splits"].items():
+            if name == split:
+                return (slice(image_start, image_start + counts["images"]),
+                        slice(caption_start, caption_start + counts["captions"]))
+            image_start, caption_start = image_start + counts["images"], caption_start + counts["captions"]
+        raise AssertionError("unreachable: the split is in the manifest")
 
     def read(self, modality: str, rows: slice, field: str = "features", feature_set: str | None = None) -> np.ndarray:
         """Rows [start, stop) of one field of a modality's feature set (default set when None), read shard by
@@ -337,15 +356,18 @@ class FeatureCache:
         return tuple(self.feature_set(modality, name).dim for name in (names or (None,)))
 
     def split(self, name: str, image_sets: tuple[str, ...] | None = None,
-              text_sets: tuple[str, ...] | None = None) -> Split:
+              text_sets: tuple[str, ...] | None = None, with_texts: bool = True) -> Split:
         """Load a whole split into memory as float32, dropping skipped images and captions.
 
         `image_sets`/`text_sets` name feature sets whose features are concatenated (in that order);
-        None reads the default set of each modality.
+        None reads the default set of each modality. `with_texts=False` reads the images only (search):
+        the split then has no captions.
         """
         image_rows, caption_rows = self.split_rows(name)
+        if not with_texts:
+            caption_rows = slice(caption_rows.start, caption_rows.start)
         images, image_valid = self._read_sets("images", image_rows, image_sets)
-        caption_image = np.asarray(self.index["caption_image"][caption_rows]) - image_rows.start
+        caption_image = np.asarray(self.index_rows("caption_image", caption_rows)) - image_rows.start
         if caption_rows.stop > caption_rows.start:
             texts, caption_valid = self._read_sets("texts", caption_rows, text_sets)
             caption_valid &= image_valid[caption_image]
@@ -353,16 +375,16 @@ class FeatureCache:
             texts, caption_valid = np.zeros((0, sum(self.set_dims("texts", text_sets))), np.float32), np.zeros(0, bool)
         # Renumber images after dropping skipped ones so caption_image points into the kept rows.
         new_row = np.cumsum(image_valid) - 1
-        labels = self.index.get("image_label")
+        labels = self.index_rows("image_label", image_rows) if self.has_labels else None
         return Split(
             name=name,
             image_features=images[image_valid],
             text_features=texts[caption_valid],
             caption_image=new_row[caption_image[caption_valid]].astype(np.int64),
-            image_ids=[i for i, ok in zip(self.index["image_id"][image_rows], image_valid, strict=True) if ok],
-            image_paths=[p for p, ok in zip(self.index["image_path"][image_rows], image_valid, strict=True) if ok],
-            captions=[c for c, ok in zip(self.index["caption"][caption_rows], caption_valid, strict=True) if ok],
-            image_labels=None if labels is None else np.asarray(labels[image_rows])[image_valid],
+            image_ids=[i for i, ok in zip(self.index_rows("image_id", image_rows), image_valid, strict=True) if ok],
+            image_paths=[p for p, ok in zip(self.index_rows("image_path", image_rows), image_valid, strict=True) if ok],
+            captions=[c for c, ok in zip(self.index_rows("caption", caption_rows), caption_valid, strict=True) if ok],
+            image_labels=None if labels is None else np.asarray(labels)[image_valid],
         )
 
 

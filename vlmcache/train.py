@@ -1,14 +1,21 @@
 """Train image and text projectors on cached features (never an image or a frozen encoder in the loop).
 
-All features of a split sit in memory as one tensor. Each epoch visits every training image once with
-one randomly drawn caption (default `sampling="image"`), so no two captions of one image meet in a
-batch as false negatives; `sampling="caption"` visits every caption and masks same-image pairs instead.
+By default all features of a split sit in memory as one tensor; with `stream` (or when they would pass
+`max_memory`, or under torchrun) the split is streamed a window of shards at a time (vlmcache.stream),
+validation embeds the val split chunk by chunk, and `last` is also saved every CHECKPOINT_STEPS steps
+with the stream position, so `resume` continues mid-epoch exactly. Under torchrun each rank streams its
+part of the shards and the loss is taken over the global batch (vlmcache.distributed); rank 0 writes.
+
+Each epoch visits every training image once with one randomly drawn caption (default
+`sampling="image"`), so no two captions of one image meet in a batch as false negatives;
+`sampling="caption"` visits every caption and masks same-image pairs instead.
 Checkpoints are safetensors: `last` every epoch (with optimiser, scheduler and RNG state, so `resume`
 continues exactly) and `best` by validation mean recall. A run folder is locked while a run writes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -17,15 +24,18 @@ from pathlib import Path
 
 import torch
 
-from vlmcache import __version__
-from vlmcache.checkpoint import feature_set_meta, finish_epoch, restore, write_metrics_log
-from vlmcache.config import TrainConfig, to_toml
+from vlmcache import __version__, distributed
+from vlmcache.checkpoint import feature_set_meta, finish_epoch, restore, save_checkpoint, write_metrics_log
+from vlmcache.config import TrainConfig, parse_size, to_toml
 from vlmcache.encoders import pick_device
 from vlmcache.errors import VlmcacheError
-from vlmcache.evaluate import evaluate_model
+from vlmcache.evaluate import evaluate_model, retrieval_metrics
 from vlmcache.files import FolderLock, remove_stale_temporaries, write_text_atomic
 from vlmcache.model import initial_model
 from vlmcache.store import FeatureCache, Split, load_features, open_cache
+from vlmcache.stream import Batch, ShardStream, embed_split, in_memory_bytes, stream_buffer
+
+CHECKPOINT_STEPS = 1000  # a streamed epoch also saves `last` every this many steps (resume continues mid-epoch)
 
 
 @dataclass
@@ -73,80 +83,149 @@ def train(
     started = time.perf_counter()
     config = config or TrainConfig()
     torch_device = pick_device(device)
+    rank, world, torch_device = distributed.setup(torch_device)
     cache = cache if isinstance(cache, FeatureCache) else open_cache(cache)
     text_source = None if text_cache is None else text_cache if isinstance(text_cache, FeatureCache) else open_cache(text_cache)
-    train_split = load_features(cache, config.train_split, text_source, config.image_sets, config.text_sets)
-    val_split = load_features(cache, config.val_split, text_source, config.image_sets, config.text_sets)
-    if len(train_split.image_features) < 2 or len(train_split.text_features) < 2:
-        raise VlmcacheError(f"{cache.path}: split {config.train_split!r} has fewer than 2 usable image–caption pairs")
-    image_dim, text_dim = train_split.image_features.shape[1], train_split.text_features.shape[1]
+    distributed.check_same_inputs({"fingerprint": cache.fingerprint, "config": config.to_dict(),
+                                   "shards": {f"{m}:{n}": [s.get("sha256") for s in cache.feature_set(m, n).shards]
+                                              for m, names in (("images", config.image_sets), ("texts", config.text_sets))
+                                              for n in names or (None,)}}, world)
+    generator = torch.Generator().manual_seed(config.seed)
+    source, val_split = _training_data(cache, text_source, config, rank, world, generator, torch_device)
+    image_dim, text_dim = sum(cache.set_dims("images", config.image_sets)), sum(
+        (text_source or cache).set_dims("texts", config.text_sets))
     out = Path(out)
+    refusal = None
     if out.exists() and not out.is_dir():
-        raise VlmcacheError(f"--out {out}: is a file; pass a folder for the run")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise VlmcacheError(f"--out {out}: cannot create it ({error.strerror})") from None
-    with FolderLock(out, "train run"):
-        remove_stale_temporaries(out)
-        if (out / "last.safetensors").exists() and not (resume or overwrite):
-            raise VlmcacheError(f"{out}: already holds a run; pass --resume to continue it or --overwrite to start again")
+        refusal = f"--out {out}: is a file; pass a folder for the run"
+    elif rank == 0:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            refusal = f"--out {out}: cannot create it ({error.strerror})"
+    distributed.share_error(refusal, world)
+    with FolderLock(out, "train run") if rank == 0 else contextlib.nullcontext():
+        if rank == 0:
+            remove_stale_temporaries(out)
+        exists = (out / "last.safetensors").exists()
+        distributed.share_error(f"{out}: already holds a run; pass --resume to continue it or --overwrite to start again"
+                                if rank == 0 and exists and not (resume or overwrite) else None, world)
         model = initial_model(config, image_dim, text_dim)
         if config.standardize:
-            model.fit_standardization(*train_split.torch()[:2], cache.set_dims("images", config.image_sets),
+            model.fit_standardization(*source.split.torch()[:2], cache.set_dims("images", config.image_sets),
                                       (text_source or cache).set_dims("texts", config.text_sets))
         model = model.to(torch_device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        steps_per_epoch = math.ceil(len(train_split.image_features if config.sampling == "image"
-                                        else train_split.text_features) / config.batch_size)
-        total_steps = steps_per_epoch * config.epochs
+        total_steps = sum(source.steps_per_epoch(epoch) for epoch in range(config.epochs))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step, total_steps))
-        generator = torch.Generator().manual_seed(config.seed)
         meta = {"config": config.to_dict(), "cache": str(cache.path.resolve()),
                 "text_cache": None if text_source is None else str(text_source.path.resolve()),
                 "fingerprint": cache.fingerprint, "image_dim": image_dim, "text_dim": text_dim,
                 **feature_set_meta(cache, text_source or cache, config),
-                "parameters": model.projector_parameters(), "vlmcache_version": __version__}
-        state = {"epoch": 0, "best_epoch": 0, "best_metrics": {}, "bad_epochs": 0, "history": [], "stopped_early": False}
-        if resume and (out / "last.safetensors").exists():
+                "parameters": model.projector_parameters(), "vlmcache_version": __version__,
+                "streamed": None if isinstance(source, InMemoryBatches) else {"buffer": source.buffer, "ranks": world}}
+        state = {"epoch": 0, "best_epoch": 0, "best_metrics": {}, "bad_epochs": 0, "history": [], "stopped_early": False,
+                 "position": 0, "loss_sum": 0.0}
+        if resume and exists:
             state = restore(out / "last.safetensors", meta, model, optimizer, scheduler, generator)
-        write_text_atomic(out / "config.toml", to_toml({"cache": meta["cache"], "text_cache": meta["text_cache"],
-                                                        **config.to_dict()}))
-        write_metrics_log(out, state["history"])  # the log always matches the checkpoint, even after a kill
+        if rank == 0:
+            write_text_atomic(out / "config.toml", to_toml({"cache": meta["cache"], "text_cache": meta["text_cache"],
+                                                            **config.to_dict()}))
+            write_metrics_log(out, state["history"])  # the log always matches the checkpoint, even after a kill
 
-        images, texts, owner = train_split.torch(torch_device)
-        starts, counts = _caption_ranges(train_split, torch_device)
         while state["epoch"] < config.epochs and not state["stopped_early"]:
             epoch_started = time.perf_counter()
             model.train()
-            total, batches = 0.0, 0
-            for image_index, caption_index, ids in _batches(config, len(images), len(texts), owner, starts, counts,
-                                                            generator, torch_device):
-                loss = model.loss(model.project_images(images[image_index]), model.project_texts(texts[caption_index]), ids)
+            steps = source.steps_per_epoch(state["epoch"])
+            total, batches = state["loss_sum"], state["position"]  # mid-epoch when resumed from a streamed run
+            for batch in source.epoch(state["epoch"], batches):
+                loss = model.loss(distributed.gather(model.project_images(batch.images.to(torch_device)), world),
+                                  distributed.gather(model.project_texts(batch.texts.to(torch_device)), world),
+                                  None if batch.image_ids is None else distributed.gather(batch.image_ids, world))
                 if not torch.isfinite(loss):
                     raise VlmcacheError(f"epoch {state['epoch'] + 1}, step {batches + 1}: the loss is {float(loss)} "
                                         f"(training diverged); lower --lr (now {config.lr:g}). The last good "
                                         f"checkpoints in {out} are kept")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                distributed.reduce_gradients(model, model.loss, world)
                 if config.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 optimizer.step()
                 scheduler.step()
                 model.loss.clamp_()
                 total, batches = total + float(loss.detach()), batches + 1
-            state["epoch"] += 1
+                if rank == 0 and batches % CHECKPOINT_STEPS == 0 and batches < steps and source.resumable_mid_epoch:
+                    save_checkpoint(out / "last.safetensors", {**meta, **state, "position": batches, "loss_sum": total},
+                                    model, optimizer, scheduler, generator)
+            state.update(epoch=state["epoch"] + 1, position=0, loss_sum=0.0)
             train_seconds = time.perf_counter() - epoch_started
-            metrics = evaluate_model(model, val_split, torch_device)
+            metrics = (evaluate_model(model, val_split, torch_device) if val_split is not None else retrieval_metrics(
+                *embed_split(model, cache, config.val_split, config.image_sets, config.text_sets, torch_device)))
             record = {"epoch": state["epoch"], "train_loss": total / max(1, batches), "logit_scale": model.loss.scale(),
                       "lr": optimizer.param_groups[0]["lr"], **{f"val_{k}": v for k, v in metrics.items()},
                       "train_seconds": train_seconds, "seconds": time.perf_counter() - epoch_started}
-            finish_epoch(out, meta, state, record, metrics, "mean_recall", config.patience, model, optimizer, scheduler,
-                         generator)
-            if on_epoch is not None:
+            finish_epoch(out if rank == 0 else None, meta, state, record, metrics, "mean_recall", config.patience,
+                         model, optimizer, scheduler, generator)  # every rank keeps the books, rank 0 writes
+            if on_epoch is not None and rank == 0:
                 on_epoch(record)
+    distributed.finish(world)
     return TrainResult(out, config, state["best_epoch"], state["best_metrics"], state["history"],
                        meta["parameters"], time.perf_counter() - started)
+
+
+def _training_data(cache: FeatureCache, text_source: FeatureCache | None, config: TrainConfig, rank: int,
+                   world: int, generator: torch.Generator, device) -> tuple[InMemoryBatches | ShardStream, Split | None]:
+    """(the training batches, the validation split in memory or None when it is evaluated chunk by chunk).
+
+    In memory unless `--stream`, several ranks, or an estimated in-memory peak above `--max-memory`."""
+    max_memory = None if config.max_memory is None else parse_size(config.max_memory, "--max-memory")
+    streaming = config.stream or world > 1 or (max_memory is not None and text_source is None and max_memory < in_memory_bytes(
+        cache, (config.train_split, config.val_split), config.image_sets, config.text_sets))
+    if not streaming:
+        train_split = load_features(cache, config.train_split, text_source, config.image_sets, config.text_sets)
+        val_split = load_features(cache, config.val_split, text_source, config.image_sets, config.text_sets)
+        if len(train_split.image_features) < 2 or len(train_split.text_features) < 2:
+            raise VlmcacheError(f"{cache.path}: split {config.train_split!r} has fewer than 2 usable image–caption pairs")
+        return InMemoryBatches(train_split, config, generator, device), val_split
+    why = "--stream" if config.stream else "torchrun" if world > 1 else f"--max-memory {config.max_memory}"
+    if text_source is not None or config.standardize:
+        raise VlmcacheError(f"{why}: streaming does not support {'--text-cache' if text_source else '--standardize'} "
+                            "yet; train in memory (drop the option) or on one cache without it")
+    if config.batch_size % world:
+        raise VlmcacheError(f"--batch-size {config.batch_size}: must be a multiple of the {world} ranks (the global "
+                            "batch is split evenly between them)")
+    cache.split_rows(config.val_split)  # a missing val split is refused now, not after the first epoch
+    local = config.batch_size // world
+    buffer = stream_buffer(cache, config.train_split, config.image_sets, config.text_sets, local, config.stream_buffer,
+                           max_memory)
+    stream = ShardStream(cache, config.train_split, local, config.seed, image_sets=config.image_sets,
+                         text_sets=config.text_sets, sampling=config.sampling, buffer=buffer, rank=rank, world=world)
+    if stream.steps_per_epoch(0) < 1 or stream.rows_per_epoch(0) < 2:
+        raise VlmcacheError(f"{cache.path}: split {config.train_split!r} has too few usable image–caption pairs for one "
+                            f"batch of {local} per rank")
+    return stream, None
+
+
+class InMemoryBatches:
+    """The whole training split in memory, shuffled each epoch by the run's generator (its state is in every
+    checkpoint, so a run resumes at epoch boundaries exactly)."""
+
+    resumable_mid_epoch = False
+
+    def __init__(self, split: Split, config: TrainConfig, generator: torch.Generator, device):
+        self.split, self.config, self.generator, self.device = split, config, generator, device
+        self.images, self.texts, self.owner = split.torch(device)
+        self.starts, self.counts = _caption_ranges(split, device)
+
+    def steps_per_epoch(self, epoch: int = 0) -> int:
+        return math.ceil(len(self.images if self.config.sampling == "image" else self.texts) / self.config.batch_size)
+
+    def epoch(self, epoch: int, start: int = 0):
+        """One epoch's batches (always from its start: in-memory checkpoints are written between epochs)."""
+        for image_index, caption_index, ids in _batches(self.config, len(self.images), len(self.texts), self.owner,
+                                                        self.starts, self.counts, self.generator, self.device):
+            yield Batch(self.images[image_index], self.texts[caption_index], ids)
 
 
 def _caption_ranges(split: Split, device) -> tuple[torch.Tensor, torch.Tensor]:
