@@ -44,7 +44,6 @@ from vlmcache.train import lr_factor
 CAPTION_PROJECTORS = ("linear", "mlp", "resampler")
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 PAD, BOS, EOS, UNK = range(4)
-LENGTH_PENALTY = 0.0  # beam search: rank by total log-probability / length**this
 
 
 @dataclass
@@ -62,9 +61,10 @@ class CaptionConfig:
     min_count: int = 5  # words seen fewer times in the training captions become <unk>
     max_words: int = 32  # longer training captions are cut (Flickr8k: 99.9% are shorter)
     resampler_depth: int = 2
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-3
+    # 4 epochs of batch 128 at lr 1.5e-3: the measured recipe that fits 15 CPU-minutes (README)
+    epochs: int = 4
+    batch_size: int = 128
+    lr: float = 1.5e-3
     weight_decay: float = 0.01
     warmup: int = 200
     schedule: str = "cosine"
@@ -403,7 +403,7 @@ def beam_search(decoder, prefix: torch.Tensor, beam: int, max_length: int, lengt
 
 @torch.no_grad()
 def generate(model: Captioner, images: torch.Tensor, beam: int = 1, max_length: int | None = None,
-             batch_size: int = 250, length_penalty: float = LENGTH_PENALTY) -> list[str]:
+             batch_size: int = 250, length_penalty: float = 0.0) -> list[str]:
     """Captions for a batch of image inputs: greedy when beam is 1, else beam search; deterministic."""
     model.eval()
     device = next(model.parameters()).device
@@ -553,7 +553,7 @@ class CaptionReport:
 
 
 def evaluate_captioner(checkpoint: str | Path, cache: str | Path | None = None, split: str | None = None,
-                       beam: int = 3, nn_k: int = 5, with_baselines: bool = True) -> CaptionReport:
+                       beam: int = 5, nn_k: int = 5, with_baselines: bool = True) -> CaptionReport:
     """The trained captioner beside the nearest-neighbour and constant baselines on one split (default: test
     when the cache has it, else val), all scored against every reference caption of each image."""
     from vlmcache.caption_metrics import most_frequent_caption, nearest_neighbour_captions, score_captions
@@ -594,7 +594,7 @@ class CaptionPredictor:
         self.model, self.meta = load_captioner(checkpoint)
         self.encoder = encoders.image_encoder_from_provenance(self.meta["image_encoder"], "cpu")
 
-    def caption(self, images: list[str | Path], beam: int = 3) -> list[str]:
+    def caption(self, images: list[str | Path], beam: int = 5) -> list[str]:
         """One caption per image file (the image encoder runs on each, as `extract` would)."""
         from vlmcache.datasets import ImageDecodeError, load_rgb
 
@@ -612,6 +612,6 @@ class CaptionPredictor:
         return generate(self.model, torch.cat(inputs), beam)
 
 
-def caption_images(checkpoint: str | Path, images: list[str | Path], beam: int = 3) -> list[str]:
+def caption_images(checkpoint: str | Path, images: list[str | Path], beam: int = 5) -> list[str]:
     """Captions for image files with a trained captioner (see CaptionPredictor)."""
     return CaptionPredictor(checkpoint).caption(images, beam)
