@@ -553,7 +553,7 @@ class CaptionReport:
 
 
 def evaluate_captioner(checkpoint: str | Path, cache: str | Path | None = None, split: str | None = None,
-                       beam: int = 5, nn_k: int = 5, with_baselines: bool = True) -> CaptionReport:
+                       beam: int = 3, nn_k: int = 5, with_baselines: bool = True) -> CaptionReport:
     """The trained captioner beside the nearest-neighbour and constant baselines on one split (default: test
     when the cache has it, else val), all scored against every reference caption of each image."""
     from vlmcache.caption_metrics import most_frequent_caption, nearest_neighbour_captions, score_captions
@@ -594,7 +594,7 @@ class CaptionPredictor:
         self.model, self.meta = load_captioner(checkpoint)
         self.encoder = encoders.image_encoder_from_provenance(self.meta["image_encoder"], "cpu")
 
-    def caption(self, images: list[str | Path], beam: int = 5) -> list[str]:
+    def caption(self, images: list[str | Path], beam: int = 3) -> list[str]:
         """One caption per image file (the image encoder runs on each, as `extract` would)."""
         from vlmcache.datasets import ImageDecodeError, load_rgb
 
@@ -612,6 +612,6 @@ class CaptionPredictor:
         return generate(self.model, torch.cat(inputs), beam)
 
 
-def caption_images(checkpoint: str | Path, images: list[str | Path], beam: int = 5) -> list[str]:
+def caption_images(checkpoint: str | Path, images: list[str | Path], beam: int = 3) -> list[str]:
     """Captions for image files with a trained captioner (see CaptionPredictor)."""
     return CaptionPredictor(checkpoint).caption(images, beam)
