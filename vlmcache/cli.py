@@ -661,7 +661,7 @@ def caption_eval(
     run: Annotated[Path, typer.Argument(help="Captioning run folder (its best checkpoint) or .safetensors file.")],
     cache: Annotated[Path | None, typer.Option(help="Cache to caption [default: the training cache]")] = None,
     split: Annotated[str | None, typer.Option(help="Split [default: test if the cache has it, else val]")] = None,
-    beam: Annotated[int, typer.Option(help="Beam width; 1 is greedy decoding.")] = 3,
+    beam: Annotated[int, typer.Option(help="Beam width; 1 is greedy decoding.")] = 5,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics to this JSON file.")] = None,
 ) -> None:
     """BLEU-1..4, METEOR, ROUGE-L, CIDEr (×100, all references) of a captioner beside the nearest-neighbour
@@ -687,7 +687,7 @@ def caption_eval(
 def caption_predict(
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
     checkpoint: Annotated[Path, typer.Option(help="Captioning run folder or .safetensors file.")] = Path("runs/caption"),
-    beam: Annotated[int, typer.Option(help="Beam width; 1 is greedy decoding.")] = 3,
+    beam: Annotated[int, typer.Option(help="Beam width; 1 is greedy decoding.")] = 5,
 ) -> None:
     """Caption image files (also: vlmcache caption IMAGE... --checkpoint RUN)."""
     from vlmcache.caption import caption_images
