@@ -1,11 +1,12 @@
 """Captioning on the full Flickr8k cache: train a captioner on the CPU, then score it on the dev split beside
 the nearest-neighbour and constant baselines (BLEU-1..4, METEOR, ROUGE-L, CIDEr, all 5 references).
 
-Reports training time (with and without the per-epoch greedy validation), peak RSS of this process
-(the Java metric helpers run as child processes and are not counted), and the same captioner decoded
-greedily and with beam search.
+Reports training time (wall, with and without the per-epoch greedy validation, and CPU seconds of this
+process: run it with OMP_NUM_THREADS=1 on a shared machine), peak RSS of this process (the Java metric
+helpers run as child processes and are not counted), and the same captioner decoded greedily and with
+beam search (benchmarks/caption_decoding.py sweeps beam widths and length penalties).
 
-    python benchmarks/caption.py --cache features/flickr8k --out runs/caption-bench
+    OMP_NUM_THREADS=1 python benchmarks/caption.py --cache features/flickr8k-lite2 --out runs/caption-bench
 """
 
 from __future__ import annotations
