@@ -90,13 +90,42 @@ class TableDecoder(torch.nn.Module):
     def embed(self, ids):
         return F.one_hot(ids, self.vocabulary).float()
 
-    def logits(self, embeds):
+    def logits(self, embeds, cache=None):  # depends on the current token only: nothing to cache
         current = embeds.argmax(-1)
         out = torch.full((*current.shape, self.vocabulary), -1e9)
         for token, row in self.table.items():
             for following, p in row.items():
                 out[..., following] = torch.where(current == token, math.log(p), out[..., following])
         return out
+
+    def reorder(self, cache, rows):
+        pass
+
+
+class LengthDecoder(TableDecoder):
+    """start -> A .55 / B .45; A -> end .52 / B .48; B -> end .6 / B .4. By total probability "A" (.286) beats
+    "B" (.27) and "A B" (.1584); per token (length with the end token) "A B" (.1584^(1/3) = .5413) beats
+    "A" (.286^(1/2) = .5348) and every other caption."""
+
+    table = {1: {3: 0.55, 4: 0.45}, 3: {2: 0.52, 4: 0.48}, 4: {2: 0.6, 4: 0.4}, 2: {2: 1.0}}
+
+
+def test_length_penalty_zero_is_total_log_probability_one_is_per_token():
+    prefix = torch.zeros(1, 1, 5)
+    assert beam_search(LengthDecoder(), prefix, beam=4, max_length=6, length_penalty=0.0) == [[3]]
+    assert beam_search(LengthDecoder(), prefix, beam=4, max_length=6, length_penalty=1.0) == [[3, 4]]
+
+
+def test_cached_decoding_equals_recomputing_every_position():
+    torch.manual_seed(0)
+    decoder = SmallDecoder(["<pad>", "<bos>", "<eos>", "<unk>", *"abcdefgh"], 32, 2, 2, 0.0, positions=40).eval()
+    embeds = torch.randn(3, 9, 32)
+    full = decoder.logits(embeds)
+    cache: dict = {}
+    steps = [decoder.logits(embeds[:, :4], cache)] + [decoder.logits(embeds[:, t:t + 1], cache) for t in range(4, 9)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="one new position"):
+        decoder.logits(embeds[:, :2], {0: {"k": torch.zeros(3, 2, 1, 16), "v": torch.zeros(3, 2, 1, 16)}, "length": 1})
 
 
 def test_greedy_and_beam_search_on_a_decoder_with_a_known_best_caption():

@@ -643,9 +643,9 @@ def caption_train(
     tune_lm: Annotated[bool | None, typer.Option("--tune-lm/--freeze-lm", help="Train the language model too [default: small decoder trained, a pretrained LM frozen]")] = None,
     layers: Annotated[int, typer.Option(help="Small decoder: transformer blocks.")] = 3,
     width: Annotated[int, typer.Option(help="Small decoder: model width.")] = 256,
-    epochs: Annotated[int, typer.Option(help="Passes over all training captions.")] = 10,
-    batch_size: Annotated[int, typer.Option(help="Captions per step (batches are length-bucketed).")] = 64,
-    lr: Annotated[float, typer.Option(help="AdamW peak learning rate (warm-up, then cosine).")] = 1e-3,
+    epochs: Annotated[int, typer.Option(help="Passes over all training captions.")] = 4,
+    batch_size: Annotated[int, typer.Option(help="Captions per step (batches are length-bucketed).")] = 128,
+    lr: Annotated[float, typer.Option(help="AdamW peak learning rate (warm-up, then cosine).")] = 1.5e-3,
     seed: Annotated[int, typer.Option(help="Seed for initialisation, batch order and dropout.")] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out exactly.")] = False,
@@ -673,7 +673,7 @@ def caption_eval(
     run: Annotated[Path, typer.Argument(help="Captioning run folder (its best checkpoint) or .safetensors file.")],
     cache: Annotated[Path | None, typer.Option(help="Cache to caption [default: the training cache]")] = None,
     split: Annotated[str | None, typer.Option(help="Split [default: test if the cache has it, else val]")] = None,
-    beam: Annotated[int, typer.Option(help="Beam width; 1 is greedy decoding.")] = 3,
+    beam: Annotated[int, typer.Option(help="Beam width; 1 is greedy decoding.")] = 5,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics to this JSON file.")] = None,
 ) -> None:
     """BLEU-1..4, METEOR, ROUGE-L, CIDEr (×100, all references) of a captioner beside the nearest-neighbour
@@ -699,7 +699,7 @@ def caption_eval(
 def caption_predict(
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
     checkpoint: Annotated[Path, typer.Option(help="Captioning run folder or .safetensors file.")] = Path("runs/caption"),
-    beam: Annotated[int, typer.Option(help="Beam width; 1 is greedy decoding.")] = 3,
+    beam: Annotated[int, typer.Option(help="Beam width; 1 is greedy decoding.")] = 5,
 ) -> None:
     """Caption image files (also: vlmcache caption IMAGE... --checkpoint RUN)."""
     from vlmcache.caption import caption_images
