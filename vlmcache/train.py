@@ -26,6 +26,7 @@ from vlmcache.evaluate import evaluate_model
 from vlmcache.files import FolderLock, remove_stale_temporaries, write_text_atomic
 from vlmcache.model import initial_model
 from vlmcache.store import FeatureCache, Split, load_features, open_cache
+from vlmcache.tokens import batch_inputs, input_shape, token_options
 
 
 @dataclass
@@ -75,11 +76,12 @@ def train(
     torch_device = pick_device(device)
     cache = cache if isinstance(cache, FeatureCache) else open_cache(cache)
     text_source = None if text_cache is None else text_cache if isinstance(text_cache, FeatureCache) else open_cache(text_cache)
-    train_split = load_features(cache, config.train_split, text_source, config.image_sets, config.text_sets)
-    val_split = load_features(cache, config.val_split, text_source, config.image_sets, config.text_sets)
+    sets = {"image_sets": config.image_sets, "text_sets": config.text_sets, **token_options(config)}
+    train_split = load_features(cache, config.train_split, text_source, **sets)
+    val_split = load_features(cache, config.val_split, text_source, **sets)
     if len(train_split.image_features) < 2 or len(train_split.text_features) < 2:
         raise VlmcacheError(f"{cache.path}: split {config.train_split!r} has fewer than 2 usable image–caption pairs")
-    image_dim, text_dim = train_split.image_features.shape[1], train_split.text_features.shape[1]
+    (image_dim, image_tokens), (text_dim, text_tokens) = input_shape(train_split, "image"), input_shape(train_split, "text")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise VlmcacheError(f"--out {out}: is a file; pass a folder for the run")
@@ -91,7 +93,7 @@ def train(
         remove_stale_temporaries(out)
         if (out / "last.safetensors").exists() and not (resume or overwrite):
             raise VlmcacheError(f"{out}: already holds a run; pass --resume to continue it or --overwrite to start again")
-        model = initial_model(config, image_dim, text_dim)
+        model = initial_model(config, image_dim, text_dim, image_tokens, text_tokens)
         if config.standardize:
             model.fit_standardization(*train_split.torch()[:2], cache.set_dims("images", config.image_sets),
                                       (text_source or cache).set_dims("texts", config.text_sets))
@@ -105,6 +107,7 @@ def train(
         meta = {"config": config.to_dict(), "cache": str(cache.path.resolve()),
                 "text_cache": None if text_source is None else str(text_source.path.resolve()),
                 "fingerprint": cache.fingerprint, "image_dim": image_dim, "text_dim": text_dim,
+                "image_tokens": image_tokens, "text_tokens": text_tokens,
                 **feature_set_meta(cache, text_source or cache, config),
                 "parameters": model.projector_parameters(), "vlmcache_version": __version__}
         state = {"epoch": 0, "best_epoch": 0, "best_metrics": {}, "bad_epochs": 0, "history": [], "stopped_early": False}
@@ -122,7 +125,8 @@ def train(
             total, batches = 0.0, 0
             for image_index, caption_index, ids in _batches(config, len(images), len(texts), owner, starts, counts,
                                                             generator, torch_device):
-                loss = model.loss(model.project_images(images[image_index]), model.project_texts(texts[caption_index]), ids)
+                loss = model.loss(model.project_images(batch_inputs(train_split, "image", image_index, images)),
+                                  model.project_texts(batch_inputs(train_split, "text", caption_index, texts)), ids)
                 if not torch.isfinite(loss):
                     raise VlmcacheError(f"epoch {state['epoch'] + 1}, step {batches + 1}: the loss is {float(loss)} "
                                         f"(training diverged); lower --lr (now {config.lr:g}). The last good "
