@@ -33,10 +33,48 @@ from vlmcache.evaluate import ASIF_ROW, CCA_ROW, RETRIEVAL_KEYS, baseline_metric
 from vlmcache.files import FolderLock, write_json_atomic, write_text_atomic
 from vlmcache.model import initial_model
 from vlmcache.progress import make_progress
+from vlmcache.projectors import TOKEN_PROJECTORS
 from vlmcache.store import load_features, open_cache, parse_sets
+from vlmcache.tokens import token_options
 from vlmcache.train import train
 
 UNTRAINED_LINEAR = "untrained linear"
+# Options a grid entry may give its projector after ':' (e.g. cross-attention:queries=4, ndlinear:tokens);
+# the table row is labelled the same way, with the options that differ from the defaults.
+PROJECTOR_OPTIONS = ("tokens", "text_tokens", "queries", "heads", "positions", "resampler_depth")
+
+
+def projector_spec(spec: str) -> dict:
+    """'cross-attention:queries=4:positions' -> {'projector': 'cross-attention', 'queries': 4, 'positions': True}."""
+    name, *options = spec.split(":")
+    parsed: dict = {"projector": name}
+    for option in options:
+        key, given, value = option.partition("=")
+        key = key.strip().replace("-", "_")
+        if key not in PROJECTOR_OPTIONS:
+            raise VlmcacheError(f"--projectors {spec}: unknown option {key!r}; use "
+                                f"{', '.join(o.replace('_', '-') for o in PROJECTOR_OPTIONS)}")
+        if not given:
+            parsed[key] = True
+        elif value.strip().lower() in ("true", "false"):
+            parsed[key] = value.strip().lower() == "true"
+        else:
+            try:
+                parsed[key] = int(value)
+            except ValueError:
+                raise VlmcacheError(f"--projectors {spec}: {key}={value!r} is not a number or true/false") from None
+    return parsed
+
+
+def projector_label(config: dict) -> str:
+    """A cell's projector as a grid entry: its name plus the token options that differ from the defaults."""
+    defaults = TrainConfig()
+    label = [config["projector"]]
+    for key in PROJECTOR_OPTIONS:
+        value = config.get(key, getattr(defaults, key))
+        if value != getattr(defaults, key) and not (key == "tokens" and config["projector"] in TOKEN_PROJECTORS):
+            label.append(key.replace("_", "-") if value is True else f"{key.replace('_', '-')}={value}")
+    return ":".join(label)
 
 
 @dataclass
@@ -91,7 +129,8 @@ def run_cell(cell: Cell) -> dict:
             metrics = result.best_metrics  # selected and reported on dev, as in the README's protocol
         else:
             model, _ = load_model(Path(folder) / "best.safetensors")
-            metrics = evaluate_model(model, load_features(opened, split, None, config.image_sets, config.text_sets))
+            metrics = evaluate_model(model, load_features(opened, split, None, config.image_sets, config.text_sets,
+                                                          **token_options(config)))
     return {"cache": cell.cache, "config": cell.config, "metrics": metrics, "parameters": result.parameters,
             "best_epoch": result.best_epoch, "seconds": training_seconds, "split": split}
 
@@ -162,7 +201,7 @@ def ablate(
         (out / "cells").mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise VlmcacheError(f"--out {out}: cannot create it ({error.strerror})") from None
-    cells = [Cell(cache, asdict(TrainConfig(**{**(base_config or {}), "projector": projector, "loss": loss,
+    cells = [Cell(cache, asdict(TrainConfig(**{**(base_config or {}), **projector_spec(projector), "loss": loss,
                                                "dim": dim, "seed": seed, "epochs": epochs,
                                                "image_features": image, "text_features": text})))
              for cache in caches for image in image_features for text in text_features
@@ -232,7 +271,7 @@ def aggregate(raw: list[dict], caches: list[str]) -> list[dict]:
     for item in raw:
         config = item["config"]
         features = (config.get("image_features"), config.get("text_features"))
-        groups.setdefault((item["cache"], features, config["projector"], config["loss"], config["dim"]), []).append(item)
+        groups.setdefault((item["cache"], features, projector_label(config), config["loss"], config["dim"]), []).append(item)
     rows = []
     for (cache, features, projector, loss, dim), items in groups.items():
         row = {"cache": cache, "image_features": features[0], "text_features": features[1],

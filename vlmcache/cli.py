@@ -411,7 +411,7 @@ def ablate(
     context: typer.Context,
     caches: Annotated[list[Path] | None, typer.Argument(help="One or more cache folders (several compare encoder pairs).")] = None,
     out: Annotated[Path, typer.Option(help="Folder for cell results, ablation.json and ablation.csv.")] = Path("runs/ablation"),
-    projectors: Annotated[str, typer.Option(help="Comma-separated: linear,mlp,ndlinear")] = "linear,mlp,ndlinear",
+    projectors: Annotated[str, typer.Option(help="Comma-separated: linear,mlp,ndlinear,cross-attention,resampler; token options after ':', e.g. cross-attention:queries=4,ndlinear:tokens")] = "linear,mlp,ndlinear",
     losses: Annotated[str, typer.Option(help="Comma-separated: infonce,sigmoid")] = "infonce,sigmoid",
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds; each cell runs once per seed.")] = "0,1,2",
     dims: Annotated[str, typer.Option(help="Comma-separated shared-space sizes.")] = "256",
