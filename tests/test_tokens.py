@@ -73,11 +73,11 @@ def test_masked_tokens_change_nothing(build):
 def test_ndlinear_over_tokens_shape_and_kronecker_equivalence():
     projector = TokenNdLinearProjector(tokens=49, in_dim=1280, out_dim=256)
     assert projector(torch.randn(3, 49, 1280)).shape == (3, 256)
-    assert sum(p.numel() for p in projector.parameters()) == 49 * 16 + 16 + 1280 * 16 + 16
+    assert sum(p.numel() for p in projector.parameters()) == 1280 * 16 + 16 + 49 * 16 + 16
     torch.manual_seed(0)
     nd = NdLinear((3, 4), (2, 5))
-    w1, b1 = nd.align_layers[0].weight, nd.align_layers[0].bias  # (2, 3): the token axis
-    w2, b2 = nd.align_layers[1].weight, nd.align_layers[1].bias  # (5, 4): the channel axis
+    w1, b1 = nd.align_layers[0].weight, nd.align_layers[0].bias  # (2, 3): the first axis
+    w2, b2 = nd.align_layers[1].weight, nd.align_layers[1].bias  # (5, 4): the second axis
     x = torch.randn(6, 3, 4)
     # Y = W1 X W2ᵀ + b1 (W2 1)ᵀ + 1 b2ᵀ, i.e. vec(Y) = (W1 ⊗ W2) vec(X) + bias, rows flattened.
     bias = (b1[:, None] * w2.sum(1)[None, :] + b2[None, :]).flatten()
@@ -147,11 +147,21 @@ def test_resume_continues_exactly_and_eval_reads_the_checkpoint(token_cache, tok
     assert "untrained (same init)" in rows and "CCA (closed form)" in rows
 
 
-def test_search_ranks_cached_images_with_a_token_checkpoint(token_run):
+def test_search_and_classify_with_a_token_checkpoint(token_run):
+    from conftest import SNOW_DOGS, SNOW_DOGS_LABELS
+
     from vlmcache.predictor import Predictor
 
-    hits = Predictor(token_run).search("a dog", top=3, split="val")
+    predictor = Predictor(token_run)
+    hits = predictor.search("a dog", top=3, split="val")
     assert len(hits) == 3 and len({hit.image_id for hit in hits}) == 3
+    rows, _ = predictor.rank_labels(SNOW_DOGS, SNOW_DOGS_LABELS)  # the image encoder's 7×7 tokens, not its pool
+    assert sorted(row.prompt for row in rows) == sorted(SNOW_DOGS_LABELS)
+    assert sum(row.probability for row in rows) == pytest.approx(1.0)
+    searched, cached = predictor.searchable("val")
+    with torch.no_grad():  # an uploaded image's tokens give the embedding its cached (fp16) tokens give
+        uploaded = predictor.model.embed_images(predictor.image_features(searched.image_paths[0]))
+    assert float(uploaded[0] @ cached[0]) > 0.999
 
 
 def test_text_token_checkpoints_are_refused_for_new_queries(token_cache, tmp_path, capsys):

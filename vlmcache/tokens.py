@@ -37,7 +37,8 @@ def token_options(config) -> dict:
 def token_batch(states: np.ndarray, mask: np.ndarray, rows, device: str | torch.device = "cpu") -> Tokens:
     """Rows of a side's in-memory token states as one float32 batch on `device`."""
     index = rows.cpu().numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows)
-    return Tokens(torch.from_numpy(states[index]).to(device).float(), torch.from_numpy(mask[index]).to(device))
+    # numpy's fp16 -> fp32 cast is about twice as fast as torch's on a CPU
+    return Tokens(torch.from_numpy(states[index].astype(np.float32)).to(device), torch.from_numpy(mask[index]).to(device))
 
 
 def batch_inputs(split: Split, side: str, rows: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor | Tokens:
