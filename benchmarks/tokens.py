@@ -80,7 +80,7 @@ def measure_read(cache, seconds: float = 20.0) -> dict:
             "train_token_bytes_in_memory": int(split.image_tokens.nbytes), "batch": BATCH}
 
 
-def measure_cost(cache: Path, spec: str, out: Path, epochs: int) -> dict:
+def measure_cost(cache: Path, spec: str, out: Path, epochs: int, threads: int | None) -> dict:
     """20 epochs of one projector through the CLI in a child process: wall, CPU seconds and peak RSS."""
     options = projector_spec(spec)
     args = [sys.executable, "-m", "vlmcache", "train", str(cache), "--projector", options.pop("projector"),
@@ -90,11 +90,12 @@ def measure_cost(cache: Path, spec: str, out: Path, epochs: int) -> dict:
         args += [flag] if value is True else [flag, str(value)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    subprocess.run(args, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "200"})
+    env = {**os.environ, "COLUMNS": "200", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    subprocess.run(args, check=True, stdout=subprocess.DEVNULL, env=env)
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     best = json.loads((out / "best.json").read_text())
-    return {"projector": spec, "epochs": epochs, "wall_s": wall,
+    return {"projector": spec, "epochs": epochs, "threads": threads, "wall_s": wall,
             "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
             "peak_rss_gb": after.ru_maxrss / 1024 ** 2, "best_epoch": best["best_epoch"],
             "mean_recall": best["best_metrics"]["mean_recall"], "command": " ".join(args[1:])}
@@ -110,6 +111,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--cost-projector", default="cross-attention:queries=4")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per run [default: cores / jobs]; 1 is faster on a busy machine")
     args = parser.parse_args()
     cache = open_cache(args.cache)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -127,7 +130,7 @@ def main() -> None:
         started, cpu = time.perf_counter(), time.process_time()
         result = ablate([args.cache], args.out / "ablation", projectors=tuple(args.grid.split(",")),
                         losses=("infonce",), seeds=tuple(int(s) for s in args.seeds.split(",")), epochs=args.epochs,
-                        jobs=args.jobs, progress=False)
+                        jobs=args.jobs, progress=False, threads=args.threads)
         keep("ablate", {"split": result.split, "wall_s": time.perf_counter() - started,
                         "cpu_s_this_process": time.process_time() - cpu,
                         "rows": [{key: row[key] for key in ("projector", "mean_recall", "mean_recall_std", "i2t_r1",
@@ -135,7 +138,7 @@ def main() -> None:
                                   if key in row} | {"cpu_seconds": row.get("cpu_seconds")}
                                  for row in result.rows]})
     if "cost" in parts:
-        keep("cost", measure_cost(args.cache, args.cost_projector, args.out / "cost-run", args.epochs))
+        keep("cost", measure_cost(args.cache, args.cost_projector, args.out / "cost-run", args.epochs, args.threads))
 
 
 if __name__ == "__main__":

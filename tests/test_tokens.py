@@ -31,7 +31,7 @@ def _tokens(batch=5, count=7, channels=12, seed=0):
 @pytest.mark.parametrize(("channels", "width", "queries"), [(12, 8, 1), (12, 8, 3), (8, 8, 2)])
 def test_folded_attention_equals_multihead_attention(channels, width, queries):
     torch.manual_seed(0)
-    projector = CrossAttentionProjector(channels, width, tokens=7, queries=queries, heads=2)
+    projector = CrossAttentionProjector(channels, width, tokens=7, queries=queries, heads=2, dropout=0.5).eval()
     with torch.no_grad():  # non-zero biases too, so every term of the fold is checked
         projector.attention.in_proj_bias.normal_()
         projector.queries.normal_()

@@ -39,9 +39,9 @@ from vlmcache.tokens import token_options
 from vlmcache.train import train
 
 UNTRAINED_LINEAR = "untrained linear"
-# Options a grid entry may give its projector after ':' (e.g. cross-attention:queries=4, ndlinear:tokens);
+# Options a grid entry may give its projector after ':' (e.g. cross-attention:queries=4, ndlinear:tokens:lr=0.01);
 # the table row is labelled the same way, with the options that differ from the defaults.
-PROJECTOR_OPTIONS = ("tokens", "text_tokens", "queries", "heads", "positions", "resampler_depth")
+PROJECTOR_OPTIONS = ("tokens", "text_tokens", "queries", "heads", "positions", "resampler_depth", "lr", "dropout")
 
 
 def projector_spec(spec: str) -> dict:
@@ -60,7 +60,7 @@ def projector_spec(spec: str) -> dict:
             parsed[key] = value.strip().lower() == "true"
         else:
             try:
-                parsed[key] = int(value)
+                parsed[key] = float(value) if key in ("lr", "dropout") else int(value)
             except ValueError:
                 raise VlmcacheError(f"--projectors {spec}: {key}={value!r} is not a number or true/false") from None
     return parsed
@@ -175,6 +175,7 @@ def ablate(
     with_baselines: bool = True,
     base_config: dict | None = None,
     progress: bool = True,
+    threads: int | None = None,
 ) -> AblationResult:
     """Run the grid (skipping cells already in `out/cells`), then write ablation.json and ablation.csv.
 
@@ -214,7 +215,9 @@ def ablate(
             raw.append(finished) if finished is not None else pending.append((cell, path))
         reused = len(raw)
         jobs = max(1, min(jobs or os.cpu_count() or 1, len(pending) or 1))
-        threads = max(1, (os.cpu_count() or 1) // jobs)
+        # On a machine shared with other work, 1 thread per cell can be several times faster than 2
+        # (OpenMP threads wait on each other when the cores are oversubscribed): `threads` overrides.
+        threads = threads or max(1, (os.cpu_count() or 1) // jobs)
         with make_progress(progress) as bars:
             task = bars.add_task("ablation cells", total=len(cells), completed=reused, unit="cell")
             if jobs == 1:  # in this process: no death signal, which would kill the caller with its parent

@@ -201,7 +201,7 @@ def train(
                                                "captions of one image never meet as negatives; caption: every "
                                                "caption each epoch, same-image pairs masked out of the loss.")] = "image",
     patience: Annotated[int | None, typer.Option(help="Stop after N epochs without a better val mean recall.")] = None,
-    dropout: Annotated[float, typer.Option(help="MLP dropout.")] = 0.1,
+    dropout: Annotated[float, typer.Option(help="MLP dropout; cross-attention: dropout of the attention weights.")] = 0.1,
     mlp_hidden: Annotated[int | None, typer.Option(help="MLP hidden width [default: --dim]")] = None,
     mlp_layers: Annotated[int, typer.Option(help="MLP linear layers.")] = 2,
     residual: Annotated[bool, typer.Option("--residual", help="MLP: residual + LayerNorm head (OpenAI-CLIP tutorial).")] = False,
