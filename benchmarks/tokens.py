@@ -6,7 +6,8 @@ projectors, the cost of 20 epochs of the best token projector, token read throug
 
 Parts (`--parts`, comma-separated; each writes <out>/<part>.json):
 - size: bytes per image and per caption, measured from the shard files (token states vs pooled features);
-- read: rows/s of float32 token batches (256 rows) read from the HDF5 shards vs gathered from memory;
+- read: rows/s (per wall and per CPU second) of float32 token batches (256 rows) read from the HDF5 shards
+  vs gathered from memory;
 - ablate: one `vlmcache ablate` run (3 seeds, 20 epochs, InfoNCE, dev = split val) of the grid `--grid`;
   the ablation's cells are kept in <out>/ablation/cells, so an interrupted run resumes;
 - cost: `vlmcache train` of `--cost-projector` for 20 epochs in a child process: wall and CPU seconds, peak RSS.
@@ -57,7 +58,7 @@ def measure_read(cache, seconds: float = 20.0) -> dict:
     random order) vs gathered at random from the split held in memory (fp16, as training holds it)."""
     rng = np.random.default_rng(0)
     chosen = cache.feature_set("images")
-    rows, started = 0, time.perf_counter()
+    rows, started, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - started < seconds:
         for index in rng.permutation(len(chosen.shards)):
             entry = chosen.shards[index]
@@ -67,16 +68,17 @@ def measure_read(cache, seconds: float = 20.0) -> dict:
                     rows += min(BATCH, entry["rows"] - start)
             if time.perf_counter() - started >= seconds:
                 break
-    hdf5 = rows / (time.perf_counter() - started)
+    hdf5, hdf5_cpu = rows / (time.perf_counter() - started), rows / (time.process_time() - cpu)
     loading = time.perf_counter()
     split = cache.split("train", image_tokens=True)
     load_seconds = time.perf_counter() - loading
-    rows, started = 0, time.perf_counter()
+    rows, started, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - started < seconds:
         token_batch(split.image_tokens, split.image_token_mask, rng.integers(0, len(split.image_tokens), BATCH))
         rows += BATCH
-    memory = rows / (time.perf_counter() - started)
+    memory, memory_cpu = rows / (time.perf_counter() - started), rows / (time.process_time() - cpu)
     return {"hdf5_rows_per_s": hdf5, "memory_rows_per_s": memory, "load_train_split_s": load_seconds,
+            "hdf5_rows_per_cpu_s": hdf5_cpu, "memory_rows_per_cpu_s": memory_cpu,
             "train_token_bytes_in_memory": int(split.image_tokens.nbytes), "batch": BATCH}
 
 
