@@ -33,10 +33,48 @@ from vlmcache.evaluate import ASIF_ROW, CCA_ROW, RETRIEVAL_KEYS, baseline_metric
 from vlmcache.files import FolderLock, write_json_atomic, write_text_atomic
 from vlmcache.model import initial_model
 from vlmcache.progress import make_progress
+from vlmcache.projectors import TOKEN_PROJECTORS
 from vlmcache.store import load_features, open_cache, parse_sets
+from vlmcache.tokens import token_options
 from vlmcache.train import train
 
 UNTRAINED_LINEAR = "untrained linear"
+# Options a grid entry may give its projector after ':' (e.g. cross-attention:queries=4, ndlinear:tokens:lr=0.01);
+# the table row is labelled the same way, with the options that differ from the defaults.
+PROJECTOR_OPTIONS = ("tokens", "text_tokens", "queries", "heads", "positions", "resampler_depth", "lr", "dropout")
+
+
+def projector_spec(spec: str) -> dict:
+    """'cross-attention:queries=4:positions' -> {'projector': 'cross-attention', 'queries': 4, 'positions': True}."""
+    name, *options = spec.split(":")
+    parsed: dict = {"projector": name}
+    for option in options:
+        key, given, value = option.partition("=")
+        key = key.strip().replace("-", "_")
+        if key not in PROJECTOR_OPTIONS:
+            raise VlmcacheError(f"--projectors {spec}: unknown option {key!r}; use "
+                                f"{', '.join(o.replace('_', '-') for o in PROJECTOR_OPTIONS)}")
+        if not given:
+            parsed[key] = True
+        elif value.strip().lower() in ("true", "false"):
+            parsed[key] = value.strip().lower() == "true"
+        else:
+            try:
+                parsed[key] = float(value) if key in ("lr", "dropout") else int(value)
+            except ValueError:
+                raise VlmcacheError(f"--projectors {spec}: {key}={value!r} is not a number or true/false") from None
+    return parsed
+
+
+def projector_label(config: dict) -> str:
+    """A cell's projector as a grid entry: its name plus the token options that differ from the defaults."""
+    defaults = TrainConfig()
+    label = [config["projector"]]
+    for key in PROJECTOR_OPTIONS:
+        value = config.get(key, getattr(defaults, key))
+        if value != getattr(defaults, key) and not (key == "tokens" and config["projector"] in TOKEN_PROJECTORS):
+            label.append(key.replace("_", "-") if value is True else f"{key.replace('_', '-')}={value}")
+    return ":".join(label)
 
 
 @dataclass
@@ -83,17 +121,18 @@ def run_cell(cell: Cell) -> dict:
     config = TrainConfig.from_dict(cell.config)
     opened = open_cache(cell.cache)
     split = opened.default_split()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory(prefix="vlmcache-cell-") as folder:
         result = train(opened, folder, config)
-        training_seconds = time.perf_counter() - started
+        training_seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
         if split == config.val_split:
             metrics = result.best_metrics  # selected and reported on dev, as in the README's protocol
         else:
             model, _ = load_model(Path(folder) / "best.safetensors")
-            metrics = evaluate_model(model, load_features(opened, split, None, config.image_sets, config.text_sets))
+            metrics = evaluate_model(model, load_features(opened, split, None, config.image_sets, config.text_sets,
+                                                          **token_options(config)))
     return {"cache": cell.cache, "config": cell.config, "metrics": metrics, "parameters": result.parameters,
-            "best_epoch": result.best_epoch, "seconds": training_seconds, "split": split}
+            "best_epoch": result.best_epoch, "seconds": training_seconds, "cpu_seconds": cpu_seconds, "split": split}
 
 
 def baseline_rows(cache: str, dim: int, seeds: list[int], features: tuple[str | None, str | None] = (None, None)) -> list[dict]:
@@ -136,6 +175,7 @@ def ablate(
     with_baselines: bool = True,
     base_config: dict | None = None,
     progress: bool = True,
+    threads: int | None = None,
 ) -> AblationResult:
     """Run the grid (skipping cells already in `out/cells`), then write ablation.json and ablation.csv.
 
@@ -162,7 +202,7 @@ def ablate(
         (out / "cells").mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise VlmcacheError(f"--out {out}: cannot create it ({error.strerror})") from None
-    cells = [Cell(cache, asdict(TrainConfig(**{**(base_config or {}), "projector": projector, "loss": loss,
+    cells = [Cell(cache, asdict(TrainConfig(**{**(base_config or {}), **projector_spec(projector), "loss": loss,
                                                "dim": dim, "seed": seed, "epochs": epochs,
                                                "image_features": image, "text_features": text})))
              for cache in caches for image in image_features for text in text_features
@@ -175,7 +215,9 @@ def ablate(
             raw.append(finished) if finished is not None else pending.append((cell, path))
         reused = len(raw)
         jobs = max(1, min(jobs or os.cpu_count() or 1, len(pending) or 1))
-        threads = max(1, (os.cpu_count() or 1) // jobs)
+        # On a machine shared with other work, 1 thread per cell can be several times faster than 2
+        # (OpenMP threads wait on each other when the cores are oversubscribed): `threads` overrides.
+        threads = threads or max(1, (os.cpu_count() or 1) // jobs)
         with make_progress(progress) as bars:
             task = bars.add_task("ablation cells", total=len(cells), completed=reused, unit="cell")
             if jobs == 1:  # in this process: no death signal, which would kill the caller with its parent
@@ -232,13 +274,15 @@ def aggregate(raw: list[dict], caches: list[str]) -> list[dict]:
     for item in raw:
         config = item["config"]
         features = (config.get("image_features"), config.get("text_features"))
-        groups.setdefault((item["cache"], features, config["projector"], config["loss"], config["dim"]), []).append(item)
+        groups.setdefault((item["cache"], features, projector_label(config), config["loss"], config["dim"]), []).append(item)
     rows = []
     for (cache, features, projector, loss, dim), items in groups.items():
         row = {"cache": cache, "image_features": features[0], "text_features": features[1],
                "encoders": encoder_pair(cache, *features), "projector": projector, "loss": loss, "dim": dim,
                "seeds": sorted(item["config"]["seed"] for item in items), "parameters": items[0]["parameters"],
                "seconds": float(np.mean([item["seconds"] for item in items]))}
+        if all("cpu_seconds" in item for item in items):  # CPU beside wall time: runs on a shared machine
+            row["cpu_seconds"] = float(np.mean([item["cpu_seconds"] for item in items]))
         for metric in RETRIEVAL_KEYS:
             values = [item["metrics"][metric] for item in items]
             row[metric] = float(np.mean(values))

@@ -75,12 +75,15 @@ def build_checked(meta: dict, tensors: dict[str, torch.Tensor], path: str) -> Al
     try:
         config = TrainConfig.from_dict(meta["config"])
         image_dim, text_dim = int(meta["image_dim"]), int(meta["text_dim"])
+        counts = [None if meta.get(key) is None else int(meta[key]) for key in ("image_tokens", "text_tokens")]
     except (KeyError, TypeError, ValueError, VlmcacheError) as error:
         raise VlmcacheError(f"{path}: checkpoint metadata is not valid ({error}); use a file written by vlmcache train") from None
     if not (1 <= image_dim <= MAX_WIDTH and 1 <= text_dim <= MAX_WIDTH):
         raise VlmcacheError(f"{path}: checkpoint metadata asks for {image_dim}/{text_dim}-d features; not a valid checkpoint")
+    if not all(count is None or 1 <= count <= MAX_WIDTH for count in counts):
+        raise VlmcacheError(f"{path}: checkpoint metadata asks for {counts} tokens; not a valid checkpoint")
     with torch.device("meta"):  # shapes only: nothing is allocated however large the header says it is
-        model = AlignmentModel(config, image_dim, text_dim)
+        model = AlignmentModel(config, image_dim, text_dim, *counts)
     weights = model_weights(tensors)
     expected = {name: tuple(value.shape) for name, value in model.state_dict().items()}
     found = {name: tuple(value.shape) for name, value in weights.items()}

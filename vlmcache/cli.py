@@ -177,14 +177,21 @@ def _with_config_file(context: typer.Context, config_file: Path | None, options:
                     "  vlmcache train features/flickr8k --projector ndlinear --loss sigmoid --epochs 30 --out runs/nd\n\n"
                     "  vlmcache train features/flickr8k --out runs/mlp-infonce --resume\n\n"
                     "  vlmcache train features/laion --stream --max-memory 4GB --out runs/laion\n\n"
-                    "  torchrun --nproc-per-node 2 -m vlmcache train features/laion --out runs/laion-2")
+                    "  torchrun --nproc-per-node 2 -m vlmcache train features/laion --out runs/laion-2\n\n"
+                    "  vlmcache train features/flickr8k-tokens --projector cross-attention --queries 4 --out runs/xattn")
 def train(
     context: typer.Context,
     cache: Annotated[Path | None, typer.Argument(help="Cache folder written by vlmcache extract [default: the --config file's cache].")] = None,
     out: Annotated[Path, typer.Option(help="Run folder for checkpoints and metrics.jsonl.")] = Path("runs/latest"),
-    projector: Annotated[str, typer.Option(help="linear | mlp | ndlinear")] = "mlp",
+    projector: Annotated[str, typer.Option(help="linear | mlp | ndlinear (pooled features) | cross-attention | resampler (token states: extract --tokens)")] = "mlp",
     loss: Annotated[str, typer.Option(help="infonce (CLIP) | sigmoid (SigLIP)")] = "infonce",
     dim: Annotated[int, typer.Option(help="Shared embedding size.")] = 256,
+    tokens: Annotated[bool, typer.Option(help="Image side reads the cache's token states (always for cross-attention and resampler; ndlinear then maps the (tokens, channels) axes).")] = False,
+    text_tokens: Annotated[bool, typer.Option(help="Text side reads token states too (with a token projector) instead of the pooled sentence features.")] = False,
+    queries: Annotated[int, typer.Option(help="Cross-attention: learned queries (averaged); resampler: latents.")] = 1,
+    heads: Annotated[int, typer.Option(help="Attention heads of cross-attention and resampler (must divide --dim).")] = 4,
+    positions: Annotated[bool, typer.Option(help="Cross-attention: a learned score bias per head and token position.")] = False,
+    resampler_depth: Annotated[int, typer.Option(help="Resampler: blocks of cross-attention + feed-forward.")] = 2,
     epochs: Annotated[int, typer.Option(help="Passes over the training images.")] = 20,
     batch_size: Annotated[int, typer.Option(help="Image–caption pairs per step.")] = 256,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 1e-3,
@@ -196,7 +203,7 @@ def train(
                                                "captions of one image never meet as negatives; caption: every "
                                                "caption each epoch, same-image pairs masked out of the loss.")] = "image",
     patience: Annotated[int | None, typer.Option(help="Stop after N epochs without a better val mean recall.")] = None,
-    dropout: Annotated[float, typer.Option(help="MLP dropout.")] = 0.1,
+    dropout: Annotated[float, typer.Option(help="MLP dropout; cross-attention: dropout of the attention weights.")] = 0.1,
     mlp_hidden: Annotated[int | None, typer.Option(help="MLP hidden width [default: --dim]")] = None,
     mlp_layers: Annotated[int, typer.Option(help="MLP linear layers.")] = 2,
     residual: Annotated[bool, typer.Option("--residual", help="MLP: residual + LayerNorm head (OpenAI-CLIP tutorial).")] = False,
@@ -230,7 +237,8 @@ def train(
         "residual": residual, "image_grid": image_grid, "text_grid": text_grid, "train_split": train_split,
         "val_split": val_split, "cache": cache, "text_cache": text_cache, "image_features": image_features,
         "text_features": text_features, "standardize": standardize, "stream": stream, "max_memory": max_memory,
-        "stream_buffer": stream_buffer})
+        "stream_buffer": stream_buffer, "tokens": tokens, "text_tokens": text_tokens, "queries": queries,
+        "heads": heads, "positions": positions, "resampler_depth": resampler_depth})
     cache, text_cache = options.pop("cache"), options.pop("text_cache")
     unknown = sorted(set(rest) - {f for f in TrainConfig.__dataclass_fields__})
     if unknown:
@@ -415,7 +423,7 @@ def ablate(
     context: typer.Context,
     caches: Annotated[list[Path] | None, typer.Argument(help="One or more cache folders (several compare encoder pairs).")] = None,
     out: Annotated[Path, typer.Option(help="Folder for cell results, ablation.json and ablation.csv.")] = Path("runs/ablation"),
-    projectors: Annotated[str, typer.Option(help="Comma-separated: linear,mlp,ndlinear")] = "linear,mlp,ndlinear",
+    projectors: Annotated[str, typer.Option(help="Comma-separated: linear,mlp,ndlinear,cross-attention,resampler; token options after ':', e.g. cross-attention:queries=4,ndlinear:tokens")] = "linear,mlp,ndlinear",
     losses: Annotated[str, typer.Option(help="Comma-separated: infonce,sigmoid")] = "infonce,sigmoid",
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds; each cell runs once per seed.")] = "0,1,2",
     dims: Annotated[str, typer.Option(help="Comma-separated shared-space sizes.")] = "256",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from vlmcache.errors import VlmcacheError
 from vlmcache.losses import LOSSES
-from vlmcache.projectors import PROJECTORS
+from vlmcache.projectors import PROJECTORS, TOKEN_CAPABLE, TOKEN_PROJECTORS
 from vlmcache.store import parse_sets
 
 SCHEDULES = ("cosine", "onecycle", "constant")
@@ -60,12 +60,33 @@ class TrainConfig:
     stream: bool = False
     max_memory: str | None = None
     stream_buffer: int = 65_536  # images per shuffle window
+    # Token-level projectors (extract --tokens). `tokens`: the image side reads the cache's token states
+    # (always for cross-attention and resampler; ndlinear then works over the (tokens, channels) axes).
+    # `text_tokens`: the text side reads token states too; off by default, since MiniLM's mean pooling is
+    # what it was trained to produce for sentences (README: both measured).
+    tokens: bool = False
+    text_tokens: bool = False
+    queries: int = 1  # cross-attention queries / resampler latents
+    heads: int = 4
+    resampler_depth: int = 2
+    positions: bool = False  # cross-attention: a learned score bias per head and token position
 
     def __post_init__(self):
         for name, value, allowed in (("projector", self.projector, PROJECTORS), ("loss", self.loss, LOSSES),
                                      ("schedule", self.schedule, SCHEDULES), ("sampling", self.sampling, SAMPLINGS)):
             if value not in allowed:
                 raise VlmcacheError(f"--{name} {value}: use one of {', '.join(allowed)}")
+        if self.projector in TOKEN_PROJECTORS:
+            self.tokens = True
+        for option, wanted in (("tokens", self.tokens), ("text-tokens", self.text_tokens)):
+            if wanted and self.projector not in TOKEN_CAPABLE:
+                raise VlmcacheError(f"--{option}: --projector {self.projector} reads pooled features; use one of "
+                                    f"{', '.join(TOKEN_CAPABLE)}")
+        if self.standardize and (self.tokens or self.text_tokens):
+            raise VlmcacheError("--standardize works on pooled features only; leave it off for token projectors")
+        _check_range("queries", self.queries, 1, 1024)
+        _check_range("heads", self.heads, 1, 256)
+        _check_range("resampler-depth", self.resampler_depth, 1, 64)
         _check_range("epochs", self.epochs, 1, 100_000)
         _check_range("batch-size", self.batch_size, 2, 1 << 20)
         _check_range("dim", self.dim, 1, MAX_WIDTH)

@@ -29,6 +29,7 @@ from vlmcache.model import AlignmentModel, initial_model
 from vlmcache.prompts import PromptStore, prompt_folder
 from vlmcache.qbnorm import BETAS, QBNORM_SUFFIX, QueryBank, check_bank_split, query_bank
 from vlmcache.store import Split, load_features, open_cache
+from vlmcache.tokens import embed_side, input_shape, token_options
 
 # The metric schema: keys (JSON, metrics.jsonl with a "val_" prefix, ablation.csv) and their column labels.
 KS = (1, 5, 10)
@@ -205,9 +206,7 @@ def qbnorm_row(embed: Callable[[Split], tuple], bank: Split, val: Split, evaluat
 def model_embeddings(model: AlignmentModel) -> Callable[[Split], tuple[torch.Tensor, torch.Tensor]]:
     """split -> (unit image embeddings, unit text embeddings) of a model, without autograd."""
     def embed(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            images, texts, _ = split.torch()
-            return model.embed_images(images), model.embed_texts(texts)
+        return embed_side(model, split, "image"), embed_side(model, split, "text")
     return embed
 
 
@@ -250,8 +249,8 @@ def clean_class_name(folder: str) -> str:
 def evaluate_model(model: AlignmentModel, split: Split, device: str | torch.device = "cpu") -> dict[str, float]:
     """Retrieval metrics of a model on a split of cached features."""
     model.eval()
-    images, texts, owner = split.torch(device)
-    return retrieval_metrics(model.embed_images(images), model.embed_texts(texts), owner)
+    return retrieval_metrics(embed_side(model, split, "image", device), embed_side(model, split, "text", device),
+                             torch.from_numpy(split.caption_image).to(device))
 
 
 def baseline_metrics(train: Split, evaluated: Split, dim: int) -> dict[str, dict]:
@@ -259,6 +258,26 @@ def baseline_metrics(train: Split, evaluated: Split, dim: int) -> dict[str, dict
     owner = evaluated.caption_image
     return {CCA_ROW: retrieval_metrics(*baselines.cca_embeddings(train, evaluated, dim), owner),
             ASIF_ROW: retrieval_metrics(*baselines.asif_embeddings(train, evaluated), owner)}
+
+
+def check_input_shapes(meta: dict, split: Split, path, sides=("image", "text")) -> None:
+    """Refuse features (or token states) whose width or token count is not what the checkpoint was trained on."""
+    for side in sides:
+        found, expected = input_shape(split, side), (meta[f"{side}_dim"], meta.get(f"{side}_tokens"))
+        if found != expected:
+            raise VlmcacheError(f"{path}: {side} inputs are {_describe_input(*found)} but the checkpoint expects "
+                                f"{_describe_input(*expected)}; use a cache extracted like the run's")
+
+
+def _describe_input(dim: int, count: int | None) -> str:
+    return f"{count}×{dim} token states" if count else f"{dim}-d features"
+
+
+def refuse_text_tokens(config: TrainConfig, command: str) -> None:
+    """New text (prompts, queries) is encoded to pooled features only: a text-token checkpoint cannot rank it."""
+    if config.text_tokens:
+        raise VlmcacheError(f"{command}: this checkpoint's text side reads token states (--text-tokens), but new "
+                            "prompts and queries are encoded as pooled features; train with --no-text-tokens for it")
 
 
 @dataclass
@@ -286,13 +305,11 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str | None = None, cache:
     bank_split = qbnorm_bank or config.train_split
     if qbnorm:
         check_bank_split(bank_split, split)
-    sets = {"image_sets": config.image_sets, "text_sets": config.text_sets}
+    sets = {"image_sets": config.image_sets, "text_sets": config.text_sets, **token_options(config)}
     evaluated = load_features(opened, split, text_cache, **sets)
-    dims = (evaluated.image_features.shape[1], evaluated.text_features.shape[1])
-    if dims != (meta["image_dim"], meta["text_dim"]):
-        raise VlmcacheError(f"{opened.path}: features are {dims[0]}/{dims[1]}-d but the checkpoint expects "
-                            f"{meta['image_dim']}/{meta['text_dim']}-d")
-    untrained = initial_model(config, meta["image_dim"], meta["text_dim"])
+    check_input_shapes(meta, evaluated, opened.path)
+    untrained = initial_model(config, meta["image_dim"], meta["text_dim"], meta.get("image_tokens"),
+                              meta.get("text_tokens"))
     if config.standardize:  # the same standardised inputs, so the baseline differs only in the learned weights
         untrained.load_state_dict({k: v for k, v in model.state_dict().items() if k.endswith(("_shift", "_scale"))},
                                   strict=False)
@@ -337,17 +354,20 @@ def zero_shot(checkpoint: str | Path, folder_cache: str | Path, ensemble: bool =
     if not opened.classes:
         raise VlmcacheError(f"{opened.path}: has no class labels; extract a labelled image folder (root/<class>/*.jpg)")
     check_encoders_match(meta, opened, modalities=("images",))
-    labelled = opened.split(split or opened.splits[0], TrainConfig.from_dict(meta["config"]).image_sets)
+    config = TrainConfig.from_dict(meta["config"])
+    refuse_text_tokens(config, "eval --zero-shot")
+    labelled = opened.split(split or opened.splits[0], config.image_sets, image_tokens=config.tokens)
+    check_input_shapes(meta, labelled, opened.path, sides=("image",))
     words = [(class_names or {}).get(name) or clean_class_name(name) for name in opened.classes]
     templates = ENSEMBLE_TEMPLATES if ensemble else DEFAULT_TEMPLATES
-    config = TrainConfig.from_dict(meta["config"])
     prompts = PromptStore(meta["text_encoder"], prompt_folder(meta))
     results = {}
     for name, candidate in (("trained", model),
-                            (UNTRAINED_ROW, initial_model(config, meta["image_dim"], meta["text_dim"]).eval())):
+                            (UNTRAINED_ROW, initial_model(config, meta["image_dim"], meta["text_dim"],
+                                                          meta.get("image_tokens")).eval())):
         with torch.no_grad():
             class_emb = class_embeddings(lambda texts, m=candidate: m.embed_texts(torch.from_numpy(prompts.encode(texts))),
                                          words, templates)
-            image_emb = candidate.embed_images(torch.from_numpy(labelled.image_features))
+            image_emb = embed_side(candidate, labelled, "image")
         results[name] = zero_shot_metrics(image_emb, labelled.image_labels, class_emb, opened.classes)
     return results

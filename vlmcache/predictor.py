@@ -17,11 +17,12 @@ from vlmcache.checkpoint import checkpoint_caches, load_model
 from vlmcache.config import TrainConfig
 from vlmcache.datasets import ImageDecodeError, load_rgb
 from vlmcache.errors import VlmcacheError
-from vlmcache.evaluate import choose_beta, model_embeddings
+from vlmcache.evaluate import check_input_shapes, choose_beta, model_embeddings, refuse_text_tokens
 from vlmcache.prompts import PromptStore, prompt_folder
 from vlmcache.qbnorm import QueryBank, check_bank_split, query_bank
 from vlmcache.search_index import SearchHit, check_query
 from vlmcache.store import Split, load_features
+from vlmcache.tokens import Tokens, embed_side, token_options
 
 MAX_LABELS = 100  # labels per request: bounds the work one request can ask for
 
@@ -42,6 +43,7 @@ class Predictor:
     def __init__(self, checkpoint: str | Path):
         self.model, self.meta = load_model(checkpoint)
         self.config = TrainConfig.from_dict(self.meta["config"])
+        refuse_text_tokens(self.config, "classify, search and serve")
         self.prompts = PromptStore(self.meta["text_encoder"], prompt_folder(self.meta))
         self._image_encoders: list[encoders.ImageEncoder] | None = None
         self._searched: dict[tuple, tuple[Split, torch.Tensor]] = {}
@@ -55,14 +57,18 @@ class Predictor:
             self._image_encoders = [encoders.image_encoder_from_provenance(p, "cpu") for p in recorded]
         return self._image_encoders
 
-    def image_features(self, image: str | Path) -> torch.Tensor:
-        """One image file -> its features as the run saw them: every set's encoder, concatenated (1, dim)."""
+    def image_features(self, image: str | Path) -> torch.Tensor | Tokens:
+        """One image file -> its features as the run saw them: every set's encoder, concatenated (1, dim), or
+        the encoder's token states when the run's image side reads tokens."""
         try:
             picture = load_rgb(image)
         except ImageDecodeError as error:
             raise VlmcacheError(f"{image}: {error}") from None
-        return torch.cat([encoder.encode(torch.from_numpy(encoder.preprocess(picture))[None]).pooled
-                          for encoder in self.image_encoders], dim=1)
+        encoded = [encoder.encode(torch.from_numpy(encoder.preprocess(picture))[None], tokens=self.config.tokens)
+                   for encoder in self.image_encoders]
+        if self.config.tokens:  # one feature set (store.split refuses token projectors on several)
+            return Tokens(encoded[0].tokens, encoded[0].mask)
+        return torch.cat([output.pooled for output in encoded], dim=1)
 
     @torch.no_grad()
     def embed_prompts(self, prompts: list[str]) -> torch.Tensor:
@@ -92,10 +98,10 @@ class Predictor:
         """(split data, unit image embeddings) of the cached split searched; computed once per split."""
         if (split, cache) not in self._searched:
             opened, _ = checkpoint_caches(self.meta, cache)
-            chosen = opened.split(split or opened.default_split(), self.config.image_sets, with_texts=False)
-            with torch.no_grad():  # in chunks: a million images never make a million-row hidden activation
-                embedded = torch.cat([self.model.embed_images(torch.from_numpy(chosen.image_features[start:start + 65_536]))
-                                      for start in range(0, max(1, len(chosen.image_features)), 65_536)])
+            chosen = opened.split(split or opened.default_split(), self.config.image_sets, with_texts=False,
+                                  image_tokens=self.config.tokens)
+            check_input_shapes(self.meta, chosen, opened.path, sides=("image",))
+            embedded = embed_side(self.model, chosen, "image")
             self._searched[(split, cache)] = (chosen, embedded)
         return self._searched[(split, cache)]
 
@@ -106,7 +112,8 @@ class Predictor:
             searched, image_emb = self.searchable(split, cache)
             check_bank_split(self.config.train_split, searched.name)
             opened, text_cache = checkpoint_caches(self.meta)
-            sets = {"image_sets": self.config.image_sets, "text_sets": self.config.text_sets}
+            sets = {"image_sets": self.config.image_sets, "text_sets": self.config.text_sets,
+                    **token_options(self.config)}
             bank = load_features(opened, self.config.train_split, text_cache, **sets)
             val = load_features(opened, self.config.val_split, text_cache, **sets)
             beta, _, bank_texts = choose_beta(model_embeddings(self.model), bank, val)

@@ -126,6 +126,9 @@ def probe(cache: str | Path, checkpoint: str | Path | None = None, *, train_spli
     if checkpoint is not None:
         model, meta = load_model(checkpoint)
         check_encoders_match(meta, opened, ("images",))
+        if meta["config"].get("tokens"):  # the probe reads pooled features; token states would need their own split
+            raise VlmcacheError(f"--checkpoint {checkpoint}: its image projector reads token states; probe "
+                                "supports pooled-feature checkpoints (linear, mlp, ndlinear without --tokens)")
         with torch.no_grad():
             sets[f"after image projector ({meta['config']['projector']}, {checkpoint})"] = tuple(
                 model.embed_images(torch.from_numpy(x)).numpy() for x in (train_x, test_x))

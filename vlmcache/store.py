@@ -155,6 +155,12 @@ class Split:
     image_paths: list[str]
     captions: list[str]
     image_labels: np.ndarray | None
+    # Token states (rows, T, C) in the cache dtype (fp16 by default: kept so in memory, made float32 per
+    # batch by vlmcache.tokens.token_batch) and their (rows, T) masks; None unless asked for.
+    image_tokens: np.ndarray | None = None
+    image_token_mask: np.ndarray | None = None
+    text_tokens: np.ndarray | None = None
+    text_token_mask: np.ndarray | None = None
 
     def torch(self, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(image features, text features, caption→image) as tensors on `device`."""
@@ -337,6 +343,58 @@ class FeatureCache:
             return np.zeros((0,), dtype=np.float32)
         return np.concatenate(parts)
 
+    def read_tokens(self, modality: str, rows: slice, keep: np.ndarray,
+                    feature_set: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(token states, token masks) of the rows in [start, stop) where `keep` is True, in the cache dtype.
+
+        Filled shard by shard into one array of the kept rows, so memory peaks at the result plus one
+        shard. Refused in one line: a set extracted without --tokens, tokens whose width is not the
+        set's feature width, non-finite states, or a kept row whose mask is empty (nothing to attend to).
+        """
+        chosen = self.feature_set(modality, feature_set)
+        if not chosen.provenance.get("tokens"):
+            raise VlmcacheError(f"{self.path / chosen.folder}: has no {modality[:-1]} token states; re-extract with "
+                                "vlmcache extract ... --tokens (or use a pooled projector: linear, mlp, ndlinear)")
+        states = masks = None
+        filled = 0
+        for entry in chosen.shards:
+            start, stop = entry["row_start"], entry["row_start"] + entry["rows"]
+            lo, hi = max(start, rows.start), min(stop, rows.stop)
+            if lo >= hi:
+                continue
+            shard_path = self.path / chosen.folder / entry["file"]
+            kept = keep[lo - rows.start:hi - rows.start]
+            try:
+                with h5py.File(shard_path, "r") as shard:
+                    if "tokens" not in shard or "token_mask" not in shard:
+                        raise VlmcacheError(f"{shard_path}: has no token states; re-extract with vlmcache extract ... --tokens")
+                    block, mask = shard["tokens"][lo - start:hi - start][kept], shard["token_mask"][lo - start:hi - start][kept]
+            except OSError as error:  # includes a failed fletcher32 checksum
+                raise VlmcacheError(f"{shard_path}: corrupt shard ({error}); run vlmcache verify {self.path} "
+                                    "and re-extract") from None
+            if block.shape[2] != chosen.dim:
+                raise VlmcacheError(f"{shard_path}: token states are {block.shape[2]}-d but the set's features are "
+                                    f"{chosen.dim}-d (written by another encoder?); re-extract with --overwrite --tokens")
+            if states is None:
+                states = np.empty((int(keep.sum()), *block.shape[1:]), block.dtype)
+                masks = np.empty((int(keep.sum()), block.shape[1]), bool)
+            elif block.shape[1:] != states.shape[1:]:
+                raise VlmcacheError(f"{shard_path}: token states of shape {block.shape[1:]}, other shards "
+                                    f"{states.shape[1:]} (mixed extractions); re-extract with --overwrite --tokens")
+            empty = np.flatnonzero(~mask.any(axis=1))
+            if len(empty):
+                raise VlmcacheError(f"{shard_path}: {len(empty)} {modality[:-1]} rows have an empty token mask (first: "
+                                    f"row {lo + int(np.flatnonzero(kept)[empty[0]])}); run vlmcache verify {self.path} "
+                                    "and re-extract")
+            if not np.isfinite(block).all():
+                raise VlmcacheError(f"{shard_path}: NaN or infinite token states; run vlmcache verify {self.path} "
+                                    "and re-extract")
+            states[filled:filled + len(block)], masks[filled:filled + len(block)] = block, mask.astype(bool)
+            filled += len(block)
+        if states is None:
+            raise VlmcacheError(f"{self.path}: no {modality[:-1]} rows to read tokens from in rows {rows.start}-{rows.stop}")
+        return states, masks
+
     def iter_shards(self, modality: str, feature_set: str | None = None):
         """Lazy access: yield (row_start, open h5py shard) one shard at a time."""
         chosen = self.feature_set(modality, feature_set)
@@ -356,12 +414,14 @@ class FeatureCache:
         return tuple(self.feature_set(modality, name).dim for name in (names or (None,)))
 
     def split(self, name: str, image_sets: tuple[str, ...] | None = None,
-              text_sets: tuple[str, ...] | None = None, with_texts: bool = True) -> Split:
+              text_sets: tuple[str, ...] | None = None, with_texts: bool = True, image_tokens: bool = False,
+              text_tokens: bool = False) -> Split:
         """Load a whole split into memory as float32, dropping skipped images and captions.
 
         `image_sets`/`text_sets` name feature sets whose features are concatenated (in that order);
         None reads the default set of each modality. `with_texts=False` reads the images only (search):
-        the split then has no captions.
+        the split then has no captions. `image_tokens`/`text_tokens` also read that side's token states
+        (of its one set; see `read_tokens`).
         """
         image_rows, caption_rows = self.split_rows(name)
         if not with_texts:
@@ -376,7 +436,7 @@ class FeatureCache:
         # Renumber images after dropping skipped ones so caption_image points into the kept rows.
         new_row = np.cumsum(image_valid) - 1
         labels = self.index_rows("image_label", image_rows) if self.has_labels else None
-        return Split(
+        loaded = Split(
             name=name,
             image_features=images[image_valid],
             text_features=texts[caption_valid],
@@ -386,6 +446,17 @@ class FeatureCache:
             captions=[c for c, ok in zip(self.index_rows("caption", caption_rows), caption_valid, strict=True) if ok],
             image_labels=None if labels is None else np.asarray(labels)[image_valid],
         )
+        for side, modality, wanted, rows, keep, sets in (
+                ("image", "images", image_tokens, image_rows, image_valid, image_sets),
+                ("text", "texts", text_tokens, caption_rows, caption_valid, text_sets)):
+            if wanted:
+                if sets is not None and len(sets) > 1:
+                    raise VlmcacheError(f"--{side}-features {'+'.join(sets)}: token projectors read the tokens of one "
+                                        "feature set; name one")
+                states, masks = self.read_tokens(modality, rows, keep, sets[0] if sets else None)
+                setattr(loaded, f"{side}_tokens", states)
+                setattr(loaded, f"{side}_token_mask", masks)
+        return loaded
 
 
 def open_cache(path: str | Path, check_shards: bool = True) -> FeatureCache:
@@ -405,19 +476,23 @@ def check_same_dataset(first: FeatureCache, second: FeatureCache) -> None:
 
 
 def load_features(cache: FeatureCache, split: str, text_cache: FeatureCache | None = None,
-                  image_sets: tuple[str, ...] | None = None, text_sets: tuple[str, ...] | None = None) -> Split:
+                  image_sets: tuple[str, ...] | None = None, text_sets: tuple[str, ...] | None = None,
+                  image_tokens: bool = False, text_tokens: bool = False) -> Split:
     """A split of `cache`, its text features taken from `text_cache` when given (same dataset only).
 
     `image_sets`/`text_sets`: feature sets to concatenate (None: each modality's default set).
+    `image_tokens`/`text_tokens`: also read that side's token states (extract --tokens).
     Non-finite features (a corrupted shard, a broken encoder) are refused here, before any training.
     """
-    loaded = cache.split(split, image_sets, None if text_cache is not None else text_sets)
+    loaded = cache.split(split, image_sets, None if text_cache is not None else text_sets, image_tokens,
+                         text_tokens and text_cache is None)
     if text_cache is not None:
         check_same_dataset(cache, text_cache)
-        texts = text_cache.split(split, None, text_sets)
+        texts = text_cache.split(split, None, text_sets, text_tokens=text_tokens)
         if texts.caption_image.tolist() != loaded.caption_image.tolist():
             raise VlmcacheError(f"{cache.path} and {text_cache.path}: skipped different items; re-extract both")
         loaded.text_features = texts.text_features
+        loaded.text_tokens, loaded.text_token_mask = texts.text_tokens, texts.text_token_mask
     for modality, features in (("image", loaded.image_features), ("text", loaded.text_features)):
         bad = np.flatnonzero(~np.isfinite(features).all(axis=1)) if features.size else []
         if len(bad):

@@ -34,6 +34,7 @@ from vlmcache.files import FolderLock, remove_stale_temporaries, write_text_atom
 from vlmcache.model import initial_model
 from vlmcache.store import FeatureCache, Split, load_features, open_cache
 from vlmcache.stream import Batch, ShardStream, embed_split, in_memory_bytes, stream_buffer
+from vlmcache.tokens import batch_inputs, input_shape, token_options
 
 CHECKPOINT_STEPS = 1000  # a streamed epoch also saves `last` every this many steps (resume continues mid-epoch)
 
@@ -92,8 +93,12 @@ def train(
                                               for n in names or (None,)}}, world)
     generator = torch.Generator().manual_seed(config.seed)
     source, val_split = _training_data(cache, text_source, config, rank, world, generator, torch_device)
-    image_dim, text_dim = sum(cache.set_dims("images", config.image_sets)), sum(
-        (text_source or cache).set_dims("texts", config.text_sets))
+    if isinstance(source, InMemoryBatches):
+        (image_dim, image_tokens), (text_dim, text_tokens) = (input_shape(source.split, side) for side in ("image", "text"))
+    else:
+        image_dim, text_dim = sum(cache.set_dims("images", config.image_sets)), sum(
+            (text_source or cache).set_dims("texts", config.text_sets))
+        image_tokens = text_tokens = None
     out = Path(out)
     refusal = None
     if out.exists() and not out.is_dir():
@@ -110,7 +115,7 @@ def train(
         exists = (out / "last.safetensors").exists()
         distributed.share_error(f"{out}: already holds a run; pass --resume to continue it or --overwrite to start again"
                                 if rank == 0 and exists and not (resume or overwrite) else None, world)
-        model = initial_model(config, image_dim, text_dim)
+        model = initial_model(config, image_dim, text_dim, image_tokens, text_tokens)
         if config.standardize:
             model.fit_standardization(*source.split.torch()[:2], cache.set_dims("images", config.image_sets),
                                       (text_source or cache).set_dims("texts", config.text_sets))
@@ -121,6 +126,7 @@ def train(
         meta = {"config": config.to_dict(), "cache": str(cache.path.resolve()),
                 "text_cache": None if text_source is None else str(text_source.path.resolve()),
                 "fingerprint": cache.fingerprint, "image_dim": image_dim, "text_dim": text_dim,
+                "image_tokens": image_tokens, "text_tokens": text_tokens,
                 **feature_set_meta(cache, text_source or cache, config),
                 "parameters": model.projector_parameters(), "vlmcache_version": __version__,
                 "streamed": None if isinstance(source, InMemoryBatches) else {"buffer": source.buffer, "ranks": world}}
@@ -183,12 +189,16 @@ def _training_data(cache: FeatureCache, text_source: FeatureCache | None, config
     streaming = config.stream or world > 1 or (max_memory is not None and text_source is None and max_memory < in_memory_bytes(
         cache, (config.train_split, config.val_split), config.image_sets, config.text_sets))
     if not streaming:
-        train_split = load_features(cache, config.train_split, text_source, config.image_sets, config.text_sets)
-        val_split = load_features(cache, config.val_split, text_source, config.image_sets, config.text_sets)
+        sets = {"image_sets": config.image_sets, "text_sets": config.text_sets, **token_options(config)}
+        train_split = load_features(cache, config.train_split, text_source, **sets)
+        val_split = load_features(cache, config.val_split, text_source, **sets)
         if len(train_split.image_features) < 2 or len(train_split.text_features) < 2:
             raise VlmcacheError(f"{cache.path}: split {config.train_split!r} has fewer than 2 usable image–caption pairs")
         return InMemoryBatches(train_split, config, generator, device), val_split
     why = "--stream" if config.stream else "torchrun" if world > 1 else f"--max-memory {config.max_memory}"
+    if config.tokens or config.text_tokens:
+        raise VlmcacheError(f"{why}: token projectors read their token states in memory (≈1.6 GB for Flickr8k's "
+                            "train split), not streamed yet; drop the option")
     if text_source is not None or config.standardize:
         raise VlmcacheError(f"{why}: streaming does not support {'--text-cache' if text_source else '--standardize'} "
                             "yet; train in memory (drop the option) or on one cache without it")
@@ -225,7 +235,8 @@ class InMemoryBatches:
         """One epoch's batches (always from its start: in-memory checkpoints are written between epochs)."""
         for image_index, caption_index, ids in _batches(self.config, len(self.images), len(self.texts), self.owner,
                                                         self.starts, self.counts, self.generator, self.device):
-            yield Batch(self.images[image_index], self.texts[caption_index], ids)
+            yield Batch(batch_inputs(self.split, "image", image_index, self.images),
+                        batch_inputs(self.split, "text", caption_index, self.texts), ids)
 
 
 def _caption_ranges(split: Split, device) -> tuple[torch.Tensor, torch.Tensor]:
