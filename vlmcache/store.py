@@ -484,8 +484,8 @@ def load_features(cache: FeatureCache, split: str, text_cache: FeatureCache | No
     `image_tokens`/`text_tokens`: also read that side's token states (extract --tokens).
     Non-finite features (a corrupted shard, a broken encoder) are refused here, before any training.
     """
-    loaded = cache.split(split, image_sets, None if text_cache is not None else text_sets, image_tokens,
-                         text_tokens and text_cache is None)
+    loaded = cache.split(split, image_sets, None if text_cache is not None else text_sets, image_tokens=image_tokens,
+                         text_tokens=text_tokens and text_cache is None)
     if text_cache is not None:
         check_same_dataset(cache, text_cache)
         texts = text_cache.split(split, None, text_sets, text_tokens=text_tokens)
