@@ -21,7 +21,10 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/python -m pip install -q -e '.[offline,fast,plots,serve,formats,caption,dev]'
+	# compat: the checkout goes on sys.path through a .pth file. The default editable mode installs an import
+	# hook that costs ≈60 ms of every command's start (measured: an argument error 0.53 → 0.46 s).
+	$(BIN)/python -m pip install -q -e '.[offline,fast,plots,serve,formats,caption,dev]' \
+		--config-settings editable_mode=compat
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -60,8 +60,8 @@ def main() -> None:
         subprocess.run([*VLMCACHE, "train", str(cache), "--out", str(run), "--epochs", "3", "--overwrite"], check=True)
 
     rows = []
-    rows.append(("vlmcache --help", [wall([*VLMCACHE, "--help"]) for _ in range(5)], 0.5))
-    rows.append(("argument error (train --epochs x)", [wall([*VLMCACHE, "train", "x", "--epochs", "x"]) for _ in range(5)], 0.5))
+    rows.append(("vlmcache --help", [wall([*VLMCACHE, "--help"]) for _ in range(15)], 0.5))
+    rows.append(("argument error (train --epochs x)", [wall([*VLMCACHE, "train", "x", "--epochs", "x"]) for _ in range(15)], 0.5))
     wall([*VLMCACHE, "search", str(run), "warm-up"])  # a run trained before the index existed gets one here
     queries = [f"a photo of {uuid.uuid4().hex[:8]} on a beach" for _ in range(5)]
     rows.append(("one-off search, new query", [wall([*VLMCACHE, "search", str(run), q]) for q in queries], 3.0))
