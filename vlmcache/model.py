@@ -59,18 +59,18 @@ class AlignmentModel(nn.Module):
 
     def project_images(self, features: torch.Tensor | Tokens) -> torch.Tensor:
         """Cached image features -> the projector's output (standardised first when the config asks)."""
-        if isinstance(features, Tokens):
-            return self.image(features.states, features.mask)
-        if self.standardize:
-            features = (features - self.image_shift) * self.image_scale
-        return self.image(features)
+        return self._project("image", features)
 
     def project_texts(self, features: torch.Tensor | Tokens) -> torch.Tensor:
-        if isinstance(features, Tokens):
-            return self.text(features.states, features.mask)
+        return self._project("text", features)
+
+    def _project(self, side: str, features: torch.Tensor | Tokens) -> torch.Tensor:
+        projector = getattr(self, side)
+        if isinstance(features, Tokens):  # token states are never standardised (refused in TrainConfig)
+            return projector(features.states, features.mask)
         if self.standardize:
-            features = (features - self.text_shift) * self.text_scale
-        return self.text(features)
+            features = (features - getattr(self, f"{side}_shift")) * getattr(self, f"{side}_scale")
+        return projector(features)
 
     def embed_images(self, features: torch.Tensor | Tokens) -> torch.Tensor:
         """Cached image features -> unit vectors in the shared space."""
