@@ -98,14 +98,14 @@ def _header(path: Path) -> dict:
 def search_with_index(checkpoint: str | Path, query: str, top: int = 5, split: str | None = None,
                       cache: str | Path | None = None) -> list[SearchHit] | None:
     """The search answered from the run's index without PyTorch, or None when there is no usable index."""
-    import onnxruntime
-    from safetensors.numpy import load_file
-
     path = checkpoint_file(checkpoint)
     meta = json.loads(_header(path).get("vlmcache", "null")) if path.is_file() else None
     index = None if not isinstance(meta, dict) else index_path(path, meta, split, cache)
     if index is None or not index.is_file():
         return None
+    import onnxruntime  # only once there is an index: the PyTorch fallback has no use for it
+    from safetensors.numpy import load_file
+
     arrays, header = load_file(str(index)), _header(index)
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
