@@ -10,7 +10,9 @@ Parts (`--parts`, comma-separated; each writes <out>/<part>.json):
   vs gathered from memory;
 - ablate: one `vlmcache ablate` run (3 seeds, 20 epochs, InfoNCE, dev = split val) of the grid `--grid`;
   the ablation's cells are kept in <out>/ablation/cells, so an interrupted run resumes;
-- cost: `vlmcache train` of `--cost-projector` for 20 epochs in a child process: wall and CPU seconds, peak RSS.
+- cost: `vlmcache train` of `--cost-projector` for 20 epochs in a child process: wall and CPU seconds, peak RSS;
+- stream: the same projector for `--stream-epochs` epochs in memory and with `--stream` (token states read
+  from the shards a window at a time on a background thread): training pairs/s, CPU seconds, peak RSS.
 Timings on a shared machine are under contention: the CPU seconds are beside the wall seconds for that.
 """
 
@@ -82,11 +84,12 @@ def measure_read(cache, seconds: float = 20.0) -> dict:
             "train_token_bytes_in_memory": int(split.image_tokens.nbytes), "batch": BATCH}
 
 
-def measure_cost(cache: Path, spec: str, out: Path, epochs: int, threads: int | None) -> dict:
-    """20 epochs of one projector through the CLI in a child process: wall, CPU seconds and peak RSS."""
+def measure_cost(cache: Path, spec: str, out: Path, epochs: int, threads: int | None, *extra: str) -> dict:
+    """`epochs` epochs of one projector (+ `extra` train options) through the CLI in a child process: wall and
+    CPU seconds, peak RSS, training pairs/s."""
     options = projector_spec(spec)
     args = [sys.executable, "-m", "vlmcache", "train", str(cache), "--projector", options.pop("projector"),
-            "--epochs", str(epochs), "--out", str(out), "--overwrite"]
+            "--epochs", str(epochs), "--out", str(out), "--overwrite", *extra]
     for key, value in options.items():
         flag = "--" + key.replace("_", "-")
         args += [flag] if value is True else [flag, str(value)]
@@ -97,7 +100,10 @@ def measure_cost(cache: Path, spec: str, out: Path, epochs: int, threads: int | 
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     best = json.loads((out / "best.json").read_text())
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    pairs = open_cache(cache).manifest["dataset"]["splits"]["train"]["images"]  # one caption per image and epoch
     return {"projector": spec, "epochs": epochs, "threads": threads, "wall_s": wall,
+            "train_pairs_per_s": pairs * len(history) / sum(record["train_seconds"] for record in history),
             "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
             "peak_rss_gb": after.ru_maxrss / 1024 ** 2, "best_epoch": best["best_epoch"],
             "mean_recall": best["best_metrics"]["mean_recall"], "command": " ".join(args[1:])}
@@ -113,6 +119,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--cost-projector", default="cross-attention:queries=4")
+    parser.add_argument("--stream-epochs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per run [default: cores / jobs]; 1 is faster on a busy machine")
     args = parser.parse_args()
@@ -141,6 +148,9 @@ def main() -> None:
                                  for row in result.rows]})
     if "cost" in parts:
         keep("cost", measure_cost(args.cache, args.cost_projector, args.out / "cost-run", args.epochs, args.threads))
+    if "stream" in parts:
+        keep("stream", {how: measure_cost(args.cache, args.cost_projector, args.out / f"stream-{how}", args.stream_epochs,
+                                          args.threads, *extra) for how, extra in (("memory", ()), ("stream", ("--stream",)))})
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import h5py
@@ -201,8 +202,9 @@ def test_token_projector_on_a_cache_without_tokens(token_cache, tiny_models, tmp
 
     extract(token_cache.parent / "data", tmp_path / "pooled", image_model=str(tiny_models["vit"]),
             text_model=str(tiny_models["distilbert"]), progress=False)  # tiny encoders: seconds
-    _one_line_exit_2(["train", tmp_path / "pooled", "--projector", "cross-attention", "--out", tmp_path / "run"],
-                     capsys, "re-extract with vlmcache extract ... --tokens")
+    for streamed in ([], ["--stream"]):
+        _one_line_exit_2(["train", tmp_path / "pooled", "--projector", "cross-attention", "--out", tmp_path / "run",
+                          *streamed], capsys, "re-extract with vlmcache extract ... --tokens")
 
 
 def test_token_shapes_that_disagree_with_the_checkpoint(token_run, tmp_path, capsys):
@@ -222,6 +224,8 @@ def test_captions_whose_mask_is_empty(token_cache, tmp_path, capsys):
         shard["token_mask"][7] = np.zeros(shard["token_mask"].shape[1], bool)
     _one_line_exit_2(["train", cache, "--projector", "cross-attention", "--text-tokens", "--out", tmp_path / "run"],
                      capsys, "empty token mask", "row 7")
+    _one_line_exit_2(["train", cache, "--projector", "cross-attention", "--text-tokens", "--out", tmp_path / "streamed",
+                      "--stream", "--sampling", "caption"], capsys, "text rows with an empty token mask")
 
 
 def test_token_shard_written_by_another_encoder(token_cache, tiny_models, tmp_path, capsys):
@@ -235,3 +239,61 @@ def test_token_shard_written_by_another_encoder(token_cache, tiny_models, tmp_pa
     shutil.copy(other / "images" / "shard-00000.h5", cache / "images" / "shard-00000.h5")
     _one_line_exit_2(["train", cache, "--projector", "resampler", "--out", tmp_path / "run"], capsys,
                      "made by a different encoder")
+
+
+# ---- streamed token training ----
+
+def test_streamed_batches_carry_the_token_states_of_their_rows(token_cache):
+    from vlmcache.store import load_features, open_cache
+    from vlmcache.stream import ShardStream, token_bytes
+
+    cache = open_cache(token_cache)
+    split = load_features(cache, "train", image_tokens=True, text_tokens=True)
+    assert token_bytes(cache, "train", None, None, ("images", "texts")) == 6 * 49 * (1280 * 2 + 1) + 30 * 24 * (384 * 2 + 1)
+    seen = []
+    for batch in ShardStream(cache, "train", 4, seed=1, tokens=("images", "texts"), buffer=4).epoch(0):
+        assert not batch.extra and batch.images.states.dtype == torch.float32
+        for side, inputs in (("image", batch.images), ("text", batch.texts)):
+            stored = torch.from_numpy(getattr(split, f"{side}_tokens").astype(np.float32))
+            rows = [int(torch.nonzero((stored == states).all(dim=(1, 2)))[0]) for states in inputs.states]
+            assert torch.equal(inputs.mask, torch.from_numpy(getattr(split, f"{side}_token_mask")[rows]))
+            if side == "image":
+                seen += rows
+    assert sorted(seen) == list(range(6))  # sampling="image": every training image once
+
+
+def test_streamed_token_run_resumes_mid_epoch_and_validates_on_the_token_states(token_cache, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from vlmcache import stream as stream_module
+    from vlmcache.checkpoint import load_model
+    from vlmcache.evaluate import evaluate_model, retrieval_metrics
+    from vlmcache.store import load_features, open_cache
+    from vlmcache.stream import embed_split
+    from vlmcache.train import train
+
+    monkeypatch.setattr(sys.modules["vlmcache.train"], "CHECKPOINT_STEPS", 1)
+    config = TrainConfig(projector="cross-attention", text_tokens=True, epochs=2, batch_size=2, stream=True, stream_buffer=2)
+    straight = train(token_cache, tmp_path / "straight", config)
+    epoch, steps = stream_module.ShardStream.epoch, []
+
+    def dies_at_step_5(self, number, start=0):  # 3 steps per epoch: epoch 2 after its checkpoint at step 1
+        for batch in epoch(self, number, start):
+            steps.append(number)
+            if len(steps) == 5:
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(stream_module.ShardStream, "epoch", dies_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train(token_cache, tmp_path / "resumed", config)
+    monkeypatch.setattr(stream_module.ShardStream, "epoch", epoch)
+    train(token_cache, tmp_path / "resumed", config, resume=True)
+    first, second = (load_file(str(tmp_path / run / "last.safetensors")) for run in ("straight", "resumed"))
+    assert first.keys() == second.keys() and all(torch.equal(first[name], second[name]) for name in first)
+    model, meta = load_model(tmp_path / "straight" / "last.safetensors")
+    assert (meta["image_tokens"], meta["text_tokens"], meta["streamed"]["buffer"]) == (49, 24, 2)
+    val = load_features(open_cache(token_cache), "val", image_tokens=True, text_tokens=True)
+    chunked = retrieval_metrics(*embed_split(model, open_cache(token_cache), "val", tokens=("images", "texts")))
+    assert chunked == pytest.approx(evaluate_model(model, val))  # the run validated on the same token states
+    assert straight.history[-1]["val_mean_recall"] == pytest.approx(chunked["mean_recall"])

@@ -82,6 +82,11 @@ class TrainConfig:
             if wanted and self.projector not in TOKEN_CAPABLE:
                 raise VlmcacheError(f"--{option}: --projector {self.projector} reads pooled features; use one of "
                                     f"{', '.join(TOKEN_CAPABLE)}")
+        for option, wanted, sets in (("image-features", self.tokens, self.image_sets),
+                                     ("text-features", self.text_tokens, self.text_sets)):
+            if wanted and sets and len(sets) > 1:
+                raise VlmcacheError(f"--{option} {'+'.join(sets)}: token projectors read the tokens of one feature "
+                                    "set; name one")
         if self.standardize and (self.tokens or self.text_tokens):
             raise VlmcacheError("--standardize works on pooled features only; leave it off for token projectors")
         _check_range("queries", self.queries, 1, 1024)

@@ -343,6 +343,27 @@ class FeatureCache:
             return np.zeros((0,), dtype=np.float32)
         return np.concatenate(parts)
 
+    def _token_set(self, modality: str, feature_set: str | None) -> FeatureSet:
+        chosen = self.feature_set(modality, feature_set)
+        if not chosen.provenance.get("tokens"):
+            raise VlmcacheError(f"{self.path / chosen.folder}: has no {modality[:-1]} token states; re-extract with "
+                                "vlmcache extract ... --tokens (or use a pooled projector: linear, mlp, ndlinear)")
+        return chosen
+
+    def token_shape(self, modality: str, feature_set: str | None = None) -> tuple[int, int]:
+        """(tokens per row, token width) of a set's token states, from its first shard (a streamed run's
+        model is built from it before any row is read). Refused as `read_tokens` refuses."""
+        chosen = self._token_set(modality, feature_set)
+        shard_path = self.path / chosen.folder / chosen.shards[0]["file"]
+        with h5py.File(shard_path, "r") as shard:
+            if "tokens" not in shard or "token_mask" not in shard:
+                raise VlmcacheError(f"{shard_path}: has no token states; re-extract with vlmcache extract ... --tokens")
+            count, width = shard["tokens"].shape[1:]
+        if width != chosen.dim:
+            raise VlmcacheError(f"{shard_path}: token states are {width}-d but the set's features are {chosen.dim}-d "
+                                "(written by another encoder?); re-extract with --overwrite --tokens")
+        return int(count), int(width)
+
     def read_tokens(self, modality: str, rows: slice, keep: np.ndarray,
                     feature_set: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(token states, token masks) of the rows in [start, stop) where `keep` is True, in the cache dtype.
@@ -351,10 +372,7 @@ class FeatureCache:
         shard. Refused in one line: a set extracted without --tokens, tokens whose width is not the
         set's feature width, non-finite states, or a kept row whose mask is empty (nothing to attend to).
         """
-        chosen = self.feature_set(modality, feature_set)
-        if not chosen.provenance.get("tokens"):
-            raise VlmcacheError(f"{self.path / chosen.folder}: has no {modality[:-1]} token states; re-extract with "
-                                "vlmcache extract ... --tokens (or use a pooled projector: linear, mlp, ndlinear)")
+        chosen = self._token_set(modality, feature_set)
         states = masks = None
         filled = 0
         for entry in chosen.shards:

@@ -44,8 +44,10 @@ import torch
 
 from vlmcache.errors import VlmcacheError
 from vlmcache.store import FeatureCache
+from vlmcache.tokens import EMBED_BATCH, Tokens, token_batch
 
 DEFAULT_BUFFER = 65_536  # images per shuffle window
+TOKEN_CHUNK = 4096  # token rows read at once in chunked evaluation: 4,096 × 49 × 1280 fp16 is 0.5 GB
 
 
 @dataclass
@@ -53,8 +55,8 @@ class Batch:
     """One batch: image and text features (float32), the image row of each pair when same-image pairs
     must be masked (sampling="caption"; None otherwise), and any extra fields asked for."""
 
-    images: torch.Tensor
-    texts: torch.Tensor
+    images: torch.Tensor | Tokens
+    texts: torch.Tensor | Tokens
     image_ids: torch.Tensor | None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -65,6 +67,8 @@ class ShardStream:
     `extra_fields` names further per-row datasets to stream beside the features, e.g.
     {"images": ("tokens",), "texts": ("tokens", "token_mask")}; they are read from the first feature set of
     their modality and returned in `Batch.extra` as "images.tokens", ... in their stored dtype.
+    `tokens` names the modalities whose token states (extract --tokens) take the place of their pooled
+    features in each batch, as `Tokens` (float32 states and mask), for the token-level projectors.
     """
 
     resumable_mid_epoch = True  # `epoch(e, start)` continues exactly at batch `start`
@@ -72,11 +76,15 @@ class ShardStream:
     def __init__(self, cache: FeatureCache, split: str, batch_size: int, seed: int, *,
                  image_sets: tuple[str, ...] | None = None, text_sets: tuple[str, ...] | None = None,
                  sampling: str = "image", buffer: int = DEFAULT_BUFFER, prefetch: int = 1, rank: int = 0,
-                 world: int = 1, extra_fields: dict[str, tuple[str, ...]] | None = None):
+                 world: int = 1, extra_fields: dict[str, tuple[str, ...]] | None = None, tokens: tuple[str, ...] = ()):
         self.cache, self.split, self.batch_size, self.seed = cache, split, batch_size, seed
         self.sets = {"images": image_sets or (None,), "texts": text_sets or (None,)}
         self.sampling, self.buffer, self.prefetch, self.rank, self.world = sampling, buffer, prefetch, rank, world
-        self.extra_fields = extra_fields or {}
+        self.tokens = tokens
+        self.extra_fields = {m: (*(extra_fields or {}).get(m, ()), *(("tokens", "token_mask") if m in tokens else ()))
+                             for m in ("images", "texts")}
+        for modality in tokens:
+            cache.token_shape(modality, self.sets[modality][0])  # refused now, not at the first window
         self.image_rows, self.caption_rows = cache.split_rows(split)
         # Per-row metadata of the whole split (bytes per row): enough to plan every batch before reading features.
         image_valid = self._valid("images", self.image_rows)
@@ -195,9 +203,20 @@ class ShardStream:
         windows = _background(lambda: (self._read_window(epoch, number, window, offset)
                                        for number, window, offset in work), self.prefetch)
         try:
-            yield from _rechunk(windows, self.batch_size, steps - start)
+            for batch in _rechunk(windows, self.batch_size, steps - start):
+                yield self._with_tokens(batch)
         finally:
             windows.close()
+
+    def _with_tokens(self, batch: Batch) -> Batch:
+        """The batch with each of `self.tokens`' pooled features replaced by its token states."""
+        for modality in self.tokens:
+            states, mask = batch.extra.pop(f"{modality}.tokens"), batch.extra.pop(f"{modality}.token_mask").bool()
+            if not mask.any(dim=1).all():
+                raise VlmcacheError(f"{self.cache.path}: split {self.split!r} has {modality[:-1]} rows with an empty "
+                                    f"token mask; run vlmcache verify {self.cache.path} and re-extract")
+            setattr(batch, modality, Tokens(states.float(), mask))
+        return batch
 
 
 def _positions(held: np.ndarray, wanted: np.ndarray) -> np.ndarray:
@@ -301,21 +320,38 @@ def feature_bytes(cache: FeatureCache, split: str, image_sets, text_sets, itemsi
                        + counts["captions"] * sum(cache.set_dims("texts", text_sets)))
 
 
-def in_memory_bytes(cache: FeatureCache, splits: tuple[str, ...], image_sets, text_sets) -> int:
+def token_bytes(cache: FeatureCache, split: str, image_sets, text_sets, tokens: tuple[str, ...]) -> int:
+    """Bytes of a split's token states and masks in the stored dtype (kept so in memory, and so streamed) for
+    the modalities in `tokens`, read from each modality's first set."""
+    counts, total = cache.manifest["dataset"]["splits"][split], 0
+    for modality in tokens:
+        name = {"images": image_sets, "texts": text_sets}[modality]
+        name = name[0] if name else None
+        count, width = cache.token_shape(modality, name)
+        itemsize = 2 if cache.feature_set(modality, name).provenance["dtype"] == "float16" else 4
+        total += counts["images" if modality == "images" else "captions"] * count * (width * itemsize + 1)
+    return total
+
+
+def in_memory_bytes(cache: FeatureCache, splits: tuple[str, ...], image_sets, text_sets, tokens: tuple[str, ...] = ()) -> int:
     """Estimated peak memory of training with `splits` loaded: the base cost plus twice their float32 features
-    (a split is read in the stored dtype and converted, so both copies exist for a moment)."""
-    return BASE_BYTES + 2 * sum(feature_bytes(cache, split, image_sets, text_sets) for split in splits)
+    (a split is read in the stored dtype and converted, so both copies exist for a moment) plus their token
+    states in the stored dtype (turned into float32 a batch at a time)."""
+    return BASE_BYTES + sum(2 * feature_bytes(cache, split, image_sets, text_sets)
+                            + token_bytes(cache, split, image_sets, text_sets, tokens) for split in splits)
 
 
 def stream_buffer(cache: FeatureCache, split: str, image_sets, text_sets, batch_size: int, wanted: int,
-                  max_memory: int | None) -> int:
+                  max_memory: int | None, tokens: tuple[str, ...] = ()) -> int:
     """Images per shuffle window: `wanted`, made smaller to fit `max_memory` bytes; too small for one batch is
-    refused. One image row costs its features plus its captions' (at their average count) in the stored dtype."""
+    refused. One image row costs its features plus its captions' (at their average count) in the stored dtype,
+    and their token states when `tokens` streams them."""
     if max_memory is None:
         return wanted
     counts = cache.manifest["dataset"]["splits"][split]
     itemsize = 2 if cache.provenance["images"]["dtype"] == "float16" else 4
-    per_image = feature_bytes(cache, split, image_sets, text_sets, itemsize) / max(1, counts["images"])
+    per_image = (feature_bytes(cache, split, image_sets, text_sets, itemsize)
+                 + token_bytes(cache, split, image_sets, text_sets, tokens)) / max(1, counts["images"])
     fits = int((max_memory - BASE_BYTES) // (STREAM_COPIES * per_image))
     if fits < batch_size:
         need = BASE_BYTES + STREAM_COPIES * per_image * batch_size
@@ -326,18 +362,26 @@ def stream_buffer(cache: FeatureCache, split: str, image_sets, text_sets, batch_
 
 @torch.no_grad()
 def embed_split(model, cache: FeatureCache, split: str, image_sets=None, text_sets=None, device="cpu",
-                chunk: int = 65_536) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+                chunk: int = 65_536, tokens: tuple[str, ...] = ()) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """(image embeddings, text embeddings, caption → image row) of a split, reading `chunk` rows at a time: only
-    the embeddings are kept, never the split's features. Skipped rows are dropped as `FeatureCache.split` does."""
+    the embeddings are kept, never the split's features. Skipped rows are dropped as `FeatureCache.split` does.
+    The modalities in `tokens` go in as their token states (first set), `TOKEN_CHUNK` rows at a time."""
     model.eval()
     image_rows, caption_rows = cache.split_rows(split)
     embedded, valid = {}, {}
     for modality, rows, sets, embed in (("images", image_rows, image_sets, model.embed_images),
                                         ("texts", caption_rows, text_sets, model.embed_texts)):
         parts, flags = [], []
-        for start in range(rows.start, rows.stop, chunk):
-            features, ok = cache._read_sets(modality, slice(start, min(start + chunk, rows.stop)), sets)
-            parts.append(embed(torch.from_numpy(features[ok]).to(device)).cpu())
+        step = TOKEN_CHUNK if modality in tokens else chunk
+        for start in range(rows.start, rows.stop, step):
+            part = slice(start, min(start + step, rows.stop))
+            features, ok = cache._read_sets(modality, part, sets)
+            if modality not in tokens:
+                parts.append(embed(torch.from_numpy(features[ok]).to(device)).cpu())
+            elif ok.any():
+                states, mask = cache.read_tokens(modality, part, ok, sets[0] if sets else None)
+                parts += [embed(token_batch(states, mask, np.arange(i, min(i + EMBED_BATCH, len(states))), device)).cpu()
+                          for i in range(0, len(states), EMBED_BATCH)]
             flags.append(ok)
         embedded[modality] = torch.cat(parts) if parts else torch.zeros(0, 1)
         valid[modality] = np.concatenate(flags) if flags else np.zeros(0, bool)

@@ -39,6 +39,11 @@ def token_options(config) -> dict:
     return {"image_tokens": config.tokens, "text_tokens": config.text_tokens}
 
 
+def token_sides(config) -> tuple[str, ...]:
+    """The modalities ("images", "texts") whose token states a config's projectors read."""
+    return tuple(modality for modality, wanted in (("images", config.tokens), ("texts", config.text_tokens)) if wanted)
+
+
 def token_batch(states: np.ndarray, mask: np.ndarray, rows, device: str | torch.device = "cpu") -> Tokens:
     """Rows of a side's in-memory token states as one float32 batch on `device`."""
     index = rows.cpu().numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows)

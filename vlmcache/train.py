@@ -34,9 +34,10 @@ from vlmcache.files import FolderLock, remove_stale_temporaries, write_text_atom
 from vlmcache.model import initial_model
 from vlmcache.store import FeatureCache, Split, load_features, open_cache
 from vlmcache.stream import Batch, ShardStream, embed_split, in_memory_bytes, stream_buffer
-from vlmcache.tokens import batch_inputs, input_shape, token_options
+from vlmcache.tokens import batch_inputs, input_shape, token_options, token_sides
 
 CHECKPOINT_STEPS = 1000  # a streamed epoch also saves `last` every this many steps (resume continues mid-epoch)
+TOKEN_STREAM_MEMORY = 3 << 30  # streamed token windows' budget when --max-memory is not given
 
 
 @dataclass
@@ -98,7 +99,10 @@ def train(
     else:
         image_dim, text_dim = sum(cache.set_dims("images", config.image_sets)), sum(
             (text_source or cache).set_dims("texts", config.text_sets))
-        image_tokens = text_tokens = None
+        image_tokens = cache.token_shape("images", config.image_sets[0] if config.image_sets else None)[0] \
+            if config.tokens else None
+        text_tokens = cache.token_shape("texts", config.text_sets[0] if config.text_sets else None)[0] \
+            if config.text_tokens else None
     out = Path(out)
     refusal = None
     if out.exists() and not out.is_dir():
@@ -167,7 +171,8 @@ def train(
             state.update(epoch=state["epoch"] + 1, position=0, loss_sum=0.0)
             train_seconds = time.perf_counter() - epoch_started
             metrics = (evaluate_model(model, val_split, torch_device) if val_split is not None else retrieval_metrics(
-                *embed_split(model, cache, config.val_split, config.image_sets, config.text_sets, torch_device)))
+                *embed_split(model, cache, config.val_split, config.image_sets, config.text_sets, torch_device,
+                             tokens=token_sides(config))))
             record = {"epoch": state["epoch"], "train_loss": total / max(1, batches), "logit_scale": model.loss.scale(),
                       "lr": optimizer.param_groups[0]["lr"], **{f"val_{k}": v for k, v in metrics.items()},
                       "train_seconds": train_seconds, "seconds": time.perf_counter() - epoch_started}
@@ -186,8 +191,9 @@ def _training_data(cache: FeatureCache, text_source: FeatureCache | None, config
 
     In memory unless `--stream`, several ranks, or an estimated in-memory peak above `--max-memory`."""
     max_memory = None if config.max_memory is None else parse_size(config.max_memory, "--max-memory")
+    tokens = token_sides(config)
     streaming = config.stream or world > 1 or (max_memory is not None and text_source is None and max_memory < in_memory_bytes(
-        cache, (config.train_split, config.val_split), config.image_sets, config.text_sets))
+        cache, (config.train_split, config.val_split), config.image_sets, config.text_sets, tokens))
     if not streaming:
         sets = {"image_sets": config.image_sets, "text_sets": config.text_sets, **token_options(config)}
         train_split = load_features(cache, config.train_split, text_source, **sets)
@@ -196,9 +202,6 @@ def _training_data(cache: FeatureCache, text_source: FeatureCache | None, config
             raise VlmcacheError(f"{cache.path}: split {config.train_split!r} has fewer than 2 usable image–caption pairs")
         return InMemoryBatches(train_split, config, generator, device), val_split
     why = "--stream" if config.stream else "torchrun" if world > 1 else f"--max-memory {config.max_memory}"
-    if config.tokens or config.text_tokens:
-        raise VlmcacheError(f"{why}: token projectors read their token states in memory (≈1.6 GB for Flickr8k's "
-                            "train split), not streamed yet; drop the option")
     if text_source is not None or config.standardize:
         raise VlmcacheError(f"{why}: streaming does not support {'--text-cache' if text_source else '--standardize'} "
                             "yet; train in memory (drop the option) or on one cache without it")
@@ -207,10 +210,13 @@ def _training_data(cache: FeatureCache, text_source: FeatureCache | None, config
                             "batch is split evenly between them)")
     cache.split_rows(config.val_split)  # a missing val split is refused now, not after the first epoch
     local = config.batch_size // world
+    # Token states are ~100x the pooled features: without --max-memory their windows are still held to a budget.
+    budget = max_memory if max_memory is not None or not tokens else TOKEN_STREAM_MEMORY
     buffer = stream_buffer(cache, config.train_split, config.image_sets, config.text_sets, local, config.stream_buffer,
-                           max_memory)
+                           budget, tokens)
     stream = ShardStream(cache, config.train_split, local, config.seed, image_sets=config.image_sets,
-                         text_sets=config.text_sets, sampling=config.sampling, buffer=buffer, rank=rank, world=world)
+                         text_sets=config.text_sets, sampling=config.sampling, buffer=buffer, rank=rank, world=world,
+                         tokens=tokens)
     if stream.steps_per_epoch(0) < 1 or stream.rows_per_epoch(0) < 2:
         raise VlmcacheError(f"{cache.path}: split {config.train_split!r} has too few usable image–caption pairs for one "
                             f"batch of {local} per rank")
