@@ -108,7 +108,7 @@ class Killed(Exception):
 
 
 def test_an_interrupted_token_pass_resumes_to_the_same_cache(flickr_slice, tmp_path, tiny_models, monkeypatch):
-    extract(flickr_slice, tmp_path / "straight", backend="torch", **options(tiny_models))
+    extract(flickr_slice, tmp_path / "straight", **options(tiny_models))  # ONNX-pooled: resumes on the torch path
     shutil.copytree(tmp_path / "straight", tmp_path / "killed")
     extract(flickr_slice, tmp_path / "straight", tokens=True, **options(tiny_models))
 
@@ -138,8 +138,17 @@ def test_an_interrupted_token_pass_resumes_to_the_same_cache(flickr_slice, tmp_p
     manifests = [json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("killed", "straight")]
     for manifest in manifests:
         del manifest["finished"], manifest["created"], manifest["dataset"]["root"]
-    assert manifests[0] == manifests[1]
+    assert manifests[0] == manifests[1] and "token_compute_path" in manifests[0]["provenance"]["images"]
     assert verify_cache(tmp_path / "killed") == []
+
+
+def test_an_image_unreadable_since_is_refused_not_given_blank_tokens(flickr_slice, tmp_path, tiny_models):
+    extract(flickr_slice, tmp_path / "c", **options(tiny_models))
+    image = sorted((flickr_slice / "Images").iterdir())[0]
+    image.unlink()
+    image.write_bytes(b"not a jpeg")
+    with pytest.raises(VlmcacheError, match="was readable when the shard was made but is not now"):
+        extract(flickr_slice, tmp_path / "c", tokens=True, on_error="skip", **options(tiny_models))
 
 
 def test_cli_adds_tokens_in_one_line(flickr_slice, tmp_path, tiny_models, capsys):
