@@ -82,6 +82,8 @@ def extract(
         return
     console.print(f"[green]cache ready[/green] {result.path}: {result.images:,} images, {result.captions:,} captions "
                   f"({result.shards_written} shards written, {result.shards_reused} reused) in {result.seconds:.1f} s")
+    if result.shards_tokens_added:
+        console.print(f"token states added to {result.shards_tokens_added} existing shards (their pooled features kept)")
     if result.skipped:
         console.print(f"[yellow]skipped {len(result.skipped)} items[/yellow] (reasons in {result.path}/manifest.json)")
     if result.truncated_captions:
@@ -117,7 +119,8 @@ def info(cache: Annotated[Path, typer.Argument(help="Cache folder.")]) -> None:
             table.add_row(f"{what} preprocessing", json.dumps(extra))
             table.add_row(f"{what} storage", f"{prov['dtype']}, {len(feature_set.shards)} shards of "
                                              f"{prov['shard_size']} rows, tokens={prov['tokens']}")
-            table.add_row(f"{what} compute path", prov.get("compute_path", "eager"))
+            table.add_row(f"{what} compute path", prov.get("compute_path", "eager")
+                          + (f" (tokens: {prov['token_compute_path']})" if "token_compute_path" in prov else ""))
     table.add_row("libraries", ", ".join(f"{k} {v}" for k, v in manifest["libraries"].items()))
     table.add_row("created / finished", f"{manifest['created']} / {manifest.get('finished')}")
     table.add_row("skipped", f"{len(manifest['skipped'])} items" + "".join(

@@ -104,13 +104,14 @@ class ExtractResult:
     path: Path
     images: int
     captions: int
-    shards_written: int
+    shards_written: int  # shards computed now
     shards_reused: int
     skipped: list[dict] = field(default_factory=list)
     truncated_captions: int = 0
     seconds: float = 0.0
     image_seconds: float = 0.0  # wall time of the image pass (decode + forward + write), this process
     text_seconds: float = 0.0
+    shards_tokens_added: int = 0  # shards kept as they were but given token states (--tokens on a pooled cache)
 
 
 class _ImageRows(torch.utils.data.Dataset):
@@ -183,6 +184,8 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
 
     `config` (or its fields as keyword `options`) says how. Re-running on a partly written cache
     resumes it (complete shards are kept); a complete cache with the same settings is left as it is.
+    `tokens=True` on a complete set extracted without tokens adds token states to its shards and keeps
+    their pooled features and every other dataset bit for bit (resumable in the same way).
     `overwrite=True` starts afresh, deleting only the files a cache consists of. See the module
     docstring for torchrun.
     """
@@ -241,30 +244,36 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
             except OSError as failure:
                 error = f"--out {out}: cannot write the cache there ({failure.strerror})"
         _share_error(error, world)
-        if world > 1:  # the other ranks learn each set's folder and status from the manifest rank 0 wrote
-            _assign_folders(json.loads((out / "manifest.json").read_text()), sets)
+        if world > 1:  # the other ranks learn each set's folder, status and provenance from rank 0's manifest
+            shared = json.loads((out / "manifest.json").read_text())
+            _assign_folders(shared, sets)
+            for chosen in sets:
+                chosen.provenance = _recorded_provenance(shared, chosen)
         plans = {"images": shard_ranges(dataset.num_images, config.shard_size),
                  "texts": shard_ranges(dataset.num_captions, config.shard_size)}
         # A complete set with a shard gone (deleted after `vlmcache verify` named it bad) is worked on again.
         work = [c for c in sets if not c.complete or any(not (out / c.folder / shard_name(i)).exists()
                                                          for i in range(len(plans[c.modality])))]
-        pending = {id(c): [i for i, _ in enumerate(plans[c.modality]) if not (out / c.folder / shard_name(i)).exists()]
+        pending = {id(c): [i for i in range(len(plans[c.modality])) if _pending(out / c.folder / shard_name(i), c)]
                    for c in work}
+        adding = {id(c): sum((out / c.folder / shard_name(i)).exists() for i in pending[id(c)]) for c in work}
+        _barrier(world)  # every rank lists the pending shards before any rank rewrites one
         seconds = {"images": 0.0, "texts": 0.0}
         with make_progress(progress and rank == 0) as bars:
             for chosen in work:
                 mine = [i for n, i in enumerate(pending[id(chosen)]) if n % world == rank]
                 phase_started = time.perf_counter()
                 run = _extract_images if chosen.modality == "images" else _extract_texts
+                label = (f"{chosen.modality} {chosen.name}" if len(sets) > 2 else
+                         {"images": "images", "texts": "captions"}[chosen.modality])
                 run(out / chosen.folder, dataset, chosen.encoder, plans[chosen.modality], mine, chosen.provenance,
-                    config, bars, f"{chosen.modality} {chosen.name}" if len(sets) > 2 else
-                    {"images": "images", "texts": "captions"}[chosen.modality])
+                    config, bars, f"adding tokens: {label}" if adding[id(chosen)] else label)
                 seconds[chosen.modality] += time.perf_counter() - phase_started
         _barrier(world)
-        written = sum(len(shards) for shards in pending.values())
-        result = ExtractResult(out, dataset.num_images, dataset.num_captions, written,
+        written, added = sum(len(shards) for shards in pending.values()), sum(adding.values())
+        result = ExtractResult(out, dataset.num_images, dataset.num_captions, written - added,
                                sum(len(plans[c.modality]) for c in sets) - written,
-                               image_seconds=seconds["images"], text_seconds=seconds["texts"])
+                               image_seconds=seconds["images"], text_seconds=seconds["texts"], shards_tokens_added=added)
         if rank == 0 and work:
             finalize_cache(out, manifest, plans, work, result)
             if defaults["texts"].folder == "texts":
@@ -284,6 +293,35 @@ class FeatureSet:
     provenance: dict = field(default_factory=dict)
     folder: str = ""
     complete: bool = False
+
+
+def _recorded_provenance(manifest: dict, chosen: FeatureSet) -> dict | None:
+    """The provenance a manifest records for a set (None for a set it does not hold yet)."""
+    if chosen.folder == chosen.modality:
+        return manifest["provenance"][chosen.modality]
+    return manifest.get("feature_sets", {}).get(chosen.modality, {}).get(chosen.name, {}).get("provenance")
+
+
+def _token_pass(recorded: dict, requested: dict) -> dict:
+    """The provenance of a set whose token states were added to pooled features made earlier: the pooled
+    features keep their compute path; the token pass's own is recorded beside it when it differs (ONNX pooled)."""
+    provenance = {**requested, "compute_path": recorded["compute_path"]}
+    if requested["compute_path"] != recorded["compute_path"]:
+        provenance["token_compute_path"] = requested["compute_path"]
+    return provenance
+
+
+def _pending(path: Path, chosen: FeatureSet) -> bool:
+    """Whether a shard is still to be written: missing, or without the token states its set now holds."""
+    if not path.exists():
+        return True
+    if not chosen.provenance.get("tokens"):
+        return False
+    try:
+        with h5py.File(path, "r") as shard:
+            return "tokens" not in shard
+    except OSError as error:
+        raise VlmcacheError(f"{path}: unreadable shard ({error}); delete it and run the same extract again") from None
 
 
 def _assign_folders(manifest: dict, sets: list[FeatureSet]) -> None:
@@ -347,27 +385,35 @@ def prepare_cache(out: Path, dataset: datasets.PairDataset, manifest: dict, sets
             raise VlmcacheError(f"{out}: already holds a cache of other data (dataset.{', dataset.'.join(differing[:4])}); "
                                 "pass --overwrite to replace it, or choose another --out")
         _assign_folders(old, sets)
+        adding = []  # complete sets without token states that are asked for them: only the tokens are computed
         for chosen in sets:
-            recorded = (old["provenance"][chosen.modality] if chosen.folder == chosen.modality else
-                        old.get("feature_sets", {}).get(chosen.modality, {}).get(chosen.name, {}).get("provenance"))
+            recorded, requested = _recorded_provenance(old, chosen), chosen.provenance
             if recorded is None:
                 continue
+            if chosen.complete and requested["tokens"] and not recorded.get("tokens"):
+                adding.append(chosen)
+            if chosen in adding or "token_compute_path" in recorded:
+                requested = _token_pass(recorded, requested)
             # A complete set made by another backend holds the same features (within float rounding) and is
             # kept as it is. An incomplete one must resume on its own backend, so no set mixes two.
-            differing = [path for path in differences(recorded, chosen.provenance)
-                         if not (chosen.complete and path == "compute_path")]
+            differing = [path for path in differences(recorded, requested)
+                         if not (chosen.complete and path in ("compute_path", "token_compute_path"))
+                         and not (chosen in adding and path == "tokens")]
             if differing:
-                hint = (f" (or --backend as before: {recorded.get('compute_path')})"
-                        if differing == ["compute_path"] else "")
+                hint = (f" (or --backend as before: {recorded.get(differing[0])})"
+                        if differing in (["compute_path"], ["token_compute_path"]) else "")
                 raise VlmcacheError(f"{out}: already holds a {chosen.modality[:-1]} feature set {chosen.name!r} made "
                                     f"differently ({', '.join(differing[:4])}); pass --overwrite to replace the cache"
                                     f"{hint}, or choose another --out")
-            if chosen.complete:
-                chosen.provenance = recorded
+            chosen.provenance = requested if chosen in adding else recorded
+            chosen.complete = chosen.complete and chosen not in adding
         if old.get("status") != "complete" and {c.folder for c in sets} & set(MODALITIES) != set(MODALITIES):
             raise VlmcacheError(f"{out}: its extraction is incomplete; finish it first with the same --image-model and "
                                 f"--text-model as before ({old['provenance']['images']['encoder']['name']}, "
                                 f"{old['provenance']['texts']['encoder']['name']})")
+        for chosen in adding:  # a default set's shards change provenance: the cache reads as incomplete until done
+            if chosen.folder == chosen.modality:
+                old["provenance"][chosen.modality], old["status"] = chosen.provenance, "incomplete"
         manifest.clear()
         manifest.update(old)
     else:
@@ -438,7 +484,7 @@ def _extract_images(folder: Path, dataset, encoder, plan, shards, provenance, co
         arrays = {"features": features, "valid": valid, "error": errors}
         if tokens:
             arrays["tokens"], arrays["token_mask"] = np.concatenate(token_parts), np.concatenate(mask_parts)
-        write_shard(folder / shard_name(index), start, provenance, arrays, provenance["dtype"])
+        _write(folder / shard_name(index), start, provenance, arrays)
 
 
 def _extract_texts(folder: Path, dataset, encoder, plan, shards, provenance, config: ExtractConfig, bars,
@@ -474,7 +520,24 @@ def _extract_texts(folder: Path, dataset, encoder, plan, shards, provenance, con
         arrays = {"features": features, "valid": valid, "error": errors, "truncated": lengths > encoder.max_length}
         if tokens:
             arrays["tokens"], arrays["token_mask"] = token_array, mask_array
-        write_shard(folder / shard_name(index), start, provenance, arrays, provenance["dtype"])
+        _write(folder / shard_name(index), start, provenance, arrays)
+
+
+def _write(path: Path, row_start: int, provenance: dict, arrays: dict) -> None:
+    """Write a shard. One already there is a pooled shard being given token states: it keeps its own datasets
+    bit for bit (its features may come from another backend) and gains only `tokens` and `token_mask`."""
+    if path.exists():
+        try:
+            with h5py.File(path, "r") as old:
+                kept = {name: old[name].asstr()[()] if name == "error" else old[name][()] for name in old}
+        except OSError as error:  # includes a failed fletcher32 checksum
+            raise VlmcacheError(f"{path}: corrupt shard ({error}); delete it and run the same extract again") from None
+        lost = np.flatnonzero(kept["valid"].astype(bool) & ~arrays["valid"])
+        if len(lost):
+            raise VlmcacheError(f"{path}: row {row_start + lost[0]} was readable when the shard was made but is not now "
+                                f"({arrays['error'][lost[0]]}); restore it, or re-extract with --overwrite")
+        arrays = {**arrays, **kept}
+    write_shard(path, row_start, provenance, arrays, provenance["dtype"])
 
 
 def save_query_encoder(out: Path, encoder: encoders.TextEncoder) -> None:
@@ -513,6 +576,8 @@ def finalize_cache(out: Path, manifest: dict, plans: dict, work: list[FeatureSet
                                         "reason": shard["error"].asstr()[offset]})
                     if "truncated" in shard:
                         truncated += int(shard["truncated"][()].sum())
+                    if chosen.provenance.get("tokens") and "tokens" not in shard:
+                        raise VlmcacheError(f"{path}: no token states after extraction; run the same extract again")
                 shards.append({"file": shard_name(number), "row_start": start, "rows": stop - start,
                                "sha256": file_sha256(path)})
             if chosen.folder == chosen.modality:
