@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("features/flickr8k"))
     parser.add_argument("--out", type=Path, default=Path("runs/caption-bench"))
     parser.add_argument("--projector", default="mlp")
+    parser.add_argument("--image-features", default=None, help="image feature sets joined by '+', e.g. a+b+c")
     parser.add_argument("--prefix-tokens", type=int, default=4)
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--width", type=int, default=256)
@@ -46,7 +47,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write all numbers here")
     args = parser.parse_args()
     console = Console(width=160)
-    config = CaptionConfig(projector=args.projector, prefix_tokens=args.prefix_tokens, layers=args.layers,
+    config = CaptionConfig(projector=args.projector, image_features=args.image_features, prefix_tokens=args.prefix_tokens, layers=args.layers,
                            width=args.width, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
 
     def show(record: dict) -> None:

@@ -19,6 +19,7 @@ from vlmcache.caption import (
     SmallDecoder,
     beam_search,
     build_vocabulary,
+    caption_images,
     evaluate_captioner,
     greedy,
     length_batches,
@@ -26,7 +27,9 @@ from vlmcache.caption import (
     train_captioner,
 )
 from vlmcache.caption_metrics import java_available, most_frequent_caption, nearest_neighbour_captions, score_captions
+from vlmcache.errors import VlmcacheError
 from vlmcache.projectors import Resampler
+from vlmcache.store import open_cache
 
 TINY = {"width": 32, "layers": 1, "heads": 2, "min_count": 1, "batch_size": 8, "max_length": 8}
 
@@ -318,3 +321,23 @@ def test_bad_input_is_one_line_and_exit_2(caption_cache, caption_run, tiny_model
         code, out, err = run_cli(args, capsys)
         assert code == 2, (args, out, err)
         assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (args, err)
+
+
+def test_several_image_feature_sets_are_concatenated_in_training_eval_and_prediction(caption_cache, tiny_models, tmp_path):
+    cache = tmp_path / "cache"
+    extract(caption_cache.parent / "flickr", cache, image_model=str(tiny_models["vit"]),
+            text_model=str(tiny_models["distilbert"]), extra_image_models=(str(tiny_models["resnet"]),), progress=False)
+    opened = open_cache(cache)
+    names = list(opened.feature_sets("images"))
+    joined = "+".join(names)
+    train_captioner(cache, tmp_path / "run", CaptionConfig(epochs=1, image_features=joined, **TINY))
+    model, meta = load_captioner(tmp_path / "run")
+    assert meta["image_dim"] == sum(opened.set_dims("images", tuple(names))) and len(meta["image_encoders"]) == 2
+    report = evaluate_captioner(tmp_path / "run", beam=1)
+    assert len(report.rows) == 3  # trained, nearest neighbour (on the same concatenated features), constant
+    image = sorted((caption_cache.parent / "flickr" / "Images").iterdir())[0]
+    assert isinstance(caption_images(tmp_path / "run", [image], beam=1)[0], str)  # both encoders ran on the file
+    with pytest.raises(VlmcacheError, match="the resampler reads the tokens of one feature set"):
+        CaptionConfig(projector="resampler", image_features=joined)
+    with pytest.raises(VlmcacheError, match="has no such image feature set"):
+        evaluate_captioner(tmp_path / "run", cache=caption_cache, beam=1)

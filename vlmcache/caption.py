@@ -34,11 +34,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmcache.caption_metrics import words
-from vlmcache.checkpoint import check_encoders_match, finish_epoch, model_weights, read_checkpoint, restore, write_metrics_log
+from vlmcache.checkpoint import (
+    check_encoders_match,
+    finish_epoch,
+    model_weights,
+    read_checkpoint,
+    restore,
+    set_encoders,
+    write_metrics_log,
+)
 from vlmcache.errors import VlmcacheError
 from vlmcache.files import FolderLock, remove_stale_temporaries
 from vlmcache.projectors import Resampler, build_projector, count_parameters
-from vlmcache.store import FeatureCache, open_cache
+from vlmcache.store import FeatureCache, open_cache, parse_sets
 from vlmcache.train import lr_factor
 
 CAPTION_PROJECTORS = ("linear", "mlp", "resampler")
@@ -55,6 +63,7 @@ class CaptionConfig:
 
     decoder: str = "small"  # "small", or a Hugging Face causal LM name or folder
     projector: str = "mlp"
+    image_features: str | None = None  # image feature sets joined by '+' (concatenated); None: the default set
     prefix_tokens: int = 4
     tune_lm: bool | None = None  # None: train the small decoder, freeze a pretrained one
     layers: int = 3  # small decoder
@@ -89,6 +98,15 @@ class CaptionConfig:
             raise VlmcacheError("--epochs, --prefix-tokens, --batch-size and the decoder sizes must be ≥ 1, --lr > 0")
         if self.width % self.heads:
             raise VlmcacheError(f"width {self.width} is not divisible by {self.heads} heads")
+        self.image_features = None if self.image_sets is None else "+".join(self.image_sets)
+        if self.projector == "resampler" and self.image_sets and len(self.image_sets) > 1:
+            raise VlmcacheError(f"--image-features {self.image_features}: the resampler reads the tokens of one "
+                                "feature set; name one")
+
+    @property
+    def image_sets(self) -> tuple[str, ...] | None:
+        """The image feature sets as a tuple of names (None: the cache's default set)."""
+        return parse_sets(self.image_features)
 
     @property
     def trains_lm(self) -> bool:
@@ -304,22 +322,24 @@ class CaptionData:
         return found
 
 
-def load_split(cache: FeatureCache, split: str, tokens: bool) -> CaptionData:
-    """A split of a cache for captioning; `tokens` reads the image token states (extract --tokens)."""
+def load_split(cache: FeatureCache, split: str, tokens: bool, image_sets: tuple[str, ...] | None = None) -> CaptionData:
+    """A split of a cache for captioning: its `image_sets` (None: the default set) concatenated, or with
+    `tokens` the token states of its one set (extract --tokens)."""
     if cache.classes:
         raise VlmcacheError(f"{cache.path}: a labelled image folder (classes, no captions) cannot train or score a "
                             "captioner; extract an image–caption dataset (Flickr8k, Karpathy JSON, CSV/JSONL pairs)")
-    loaded = cache.split(split)
+    loaded = cache.split(split, image_sets)
     if len(loaded.captions) == 0:
         raise VlmcacheError(f"{cache.path}: split {split!r} has no captions; a captioner needs image–caption pairs")
     images = torch.from_numpy(loaded.image_features)
     if tokens:
-        if not cache.provenance["images"].get("tokens"):
+        chosen = cache.feature_set("images", image_sets[0] if image_sets else None).name
+        if not cache.feature_set("images", chosen).provenance.get("tokens"):
             raise VlmcacheError(f"{cache.path}: has no image tokens for --projector resampler; re-extract with "
                                 "vlmcache extract ... --tokens (or use --projector linear or mlp)")
         rows, _ = cache.split_rows(split)
-        valid = cache.read("images", rows, "valid").astype(bool)
-        images = torch.from_numpy(cache.read("images", rows, "tokens")[valid])
+        valid = cache.read("images", rows, "valid", chosen).astype(bool)
+        images = torch.from_numpy(cache.read("images", rows, "tokens", chosen)[valid])
     return CaptionData(images, loaded.image_features, loaded.text_features, loaded.captions,
                        loaded.caption_image, loaded.image_ids)
 
@@ -463,8 +483,8 @@ def train_captioner(
     config = config or CaptionConfig()
     cache = cache if isinstance(cache, FeatureCache) else open_cache(cache)
     tokens = config.projector == "resampler"
-    train_data = load_split(cache, config.train_split, tokens)
-    val_data = load_split(cache, config.val_split, tokens)
+    train_data = load_split(cache, config.train_split, tokens, config.image_sets)
+    val_data = load_split(cache, config.val_split, tokens, config.image_sets)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise VlmcacheError(f"--out {out}: is a file; pass a folder for the run")
@@ -484,9 +504,11 @@ def train_captioner(
     total_steps = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step, total_steps))
     generator = torch.Generator().manual_seed(config.seed)
+    image_encoders = set_encoders(cache, "images", config.image_sets)
     meta = {"kind": "captioner", "config": json.loads(json.dumps(asdict(config))), "cache": str(cache.path.resolve()),
             "fingerprint": cache.fingerprint, "image_dim": image_dim, "text_dim": None, "token_count": token_count,
-            "vocabulary": vocabulary, "image_encoder": cache.provenance["images"]["encoder"],
+            "vocabulary": vocabulary, "image_encoder": image_encoders[0],
+            "image_encoders": image_encoders,
             "parameters": count_parameters(trainable)}
     state = {"epoch": 0, "best_epoch": 0, "best_metrics": {}, "bad_epochs": 0, "history": [], "stopped_early": False}
     out.mkdir(parents=True, exist_ok=True)
@@ -568,7 +590,7 @@ def evaluate_captioner(checkpoint: str | Path, cache: str | Path | None = None, 
     check_encoders_match(meta, opened, modalities=("images",))
     config = model.config
     split = split or opened.default_split()
-    data = load_split(opened, split, config.projector == "resampler")
+    data = load_split(opened, split, config.projector == "resampler", config.image_sets)
     if data.images.shape[-1] != meta["image_dim"]:
         raise VlmcacheError(f"{opened.path}: image inputs are {data.images.shape[-1]}-d, the checkpoint expects "
                             f"{meta['image_dim']}-d")
@@ -579,7 +601,7 @@ def evaluate_captioner(checkpoint: str | Path, cache: str | Path | None = None, 
     rows = {f"trained ({config.projector} → {name}, {decoding})":
             score_captions(generated, references)}
     if with_baselines:
-        train_data = load_split(open_cache(meta["cache"]), config.train_split, tokens=False)
+        train_data = load_split(open_cache(meta["cache"]), config.train_split, False, config.image_sets)
         rows[f"nearest neighbour (consensus of {nn_k} images)"] = score_captions(nearest_neighbour_captions(
             train_data.pooled, train_data.texts, train_data.captions, train_data.caption_image, data.pooled, nn_k),
             references)
@@ -596,7 +618,8 @@ class CaptionPredictor:
         from vlmcache import encoders
 
         self.model, self.meta = load_captioner(checkpoint)
-        self.encoder = encoders.image_encoder_from_provenance(self.meta["image_encoder"], "cpu")
+        self.encoders = [encoders.image_encoder_from_provenance(provenance, "cpu")
+                         for provenance in self.meta.get("image_encoders") or [self.meta["image_encoder"]]]
 
     def caption(self, images: list[str | Path], beam: int = 5) -> list[str]:
         """One caption per image file (the image encoder runs on each, as `extract` would)."""
@@ -608,11 +631,12 @@ class CaptionPredictor:
             if not Path(image).is_file():
                 raise VlmcacheError(f"{image}: image file not found")
             try:
-                pixels = torch.from_numpy(self.encoder.preprocess(load_rgb(image)))[None]
+                picture = load_rgb(image)
             except ImageDecodeError as error:
                 raise VlmcacheError(f"{image}: {error}") from None
-            encoded = self.encoder.encode(pixels, tokens)
-            inputs.append(encoded.tokens if tokens else encoded.pooled)
+            encoded = [encoder.encode(torch.from_numpy(encoder.preprocess(picture))[None], tokens)
+                       for encoder in self.encoders]  # every feature set's encoder, concatenated as in the cache
+            inputs.append(encoded[0].tokens if tokens else torch.cat([output.pooled for output in encoded], dim=1))
         return generate(self.model, torch.cat(inputs), beam)
 
 

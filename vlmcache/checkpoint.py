@@ -156,12 +156,17 @@ def restore(path: Path, meta: dict, model: nn.Module, optimizer, scheduler, gene
                             "start again with --overwrite") from None
 
 
+def set_encoders(cache: FeatureCache, modality: str, names: tuple[str, ...] | None) -> list[dict]:
+    """The encoder provenance of each named feature set (None: the default set), in order."""
+    return [cache.feature_set(modality, name).provenance["encoder"] for name in names or (None,)]
+
+
 def feature_set_meta(cache: FeatureCache, text_cache: FeatureCache, config: TrainConfig) -> dict:
     """What a checkpoint records of its inputs: the encoder of every feature set it reads, in order.
 
     `image_encoder`/`text_encoder` (the first set's) stay for readers that know one encoder per side."""
-    image_encoders = [cache.feature_set("images", name).provenance["encoder"] for name in config.image_sets or (None,)]
-    text_encoders = [text_cache.feature_set("texts", name).provenance["encoder"] for name in config.text_sets or (None,)]
+    image_encoders, text_encoders = set_encoders(cache, "images", config.image_sets), set_encoders(
+        text_cache, "texts", config.text_sets)
     return {"image_encoder": image_encoders[0], "text_encoder": text_encoders[0],
             "image_encoders": image_encoders, "text_encoders": text_encoders}
 

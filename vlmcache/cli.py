@@ -20,6 +20,8 @@ app = typer.Typer(
          "projectors on the cache in minutes on a CPU.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
 console = Console()
+IMAGE_FEATURES_HELP = ("Image feature sets of the cache to train on, joined by '+' (concatenated), e.g. "
+                       "efficientnet-lite0+efficientnet-lite2 [default: the default set; vlmcache info lists them]")
 if not console.is_terminal and "COLUMNS" not in os.environ:
     console.width = 160  # piped into a file or CI log: keep whole tables rather than 80 truncated columns
 
@@ -213,7 +215,7 @@ def train(
     image_grid: Annotated[str | None, typer.Option(help="NdLinear grid for image features, e.g. 32x40 [default: most square]")] = None,
     text_grid: Annotated[str | None, typer.Option(help="NdLinear grid for text features, e.g. 16x24.")] = None,
     text_cache: Annotated[Path | None, typer.Option(help="Take text features from this cache (same dataset).")] = None,
-    image_features: Annotated[str | None, typer.Option(help="Image feature sets of the cache to train on, joined by '+' (concatenated), e.g. efficientnet-lite0+efficientnet-lite2 [default: the default set; vlmcache info lists them]")] = None,
+    image_features: Annotated[str | None, typer.Option(help=IMAGE_FEATURES_HELP)] = None,
     text_features: Annotated[str | None, typer.Option(help="Text feature sets, joined by '+' [default: the default set]")] = None,
     standardize: Annotated[bool, typer.Option(help="Centre each feature set and scale it to unit RMS (training-split statistics, kept in the checkpoint).")] = False,
     stream: Annotated[bool, typer.Option("--stream", help="Stream the training split a window of shards at a time (background reads, exact mid-epoch resume) instead of loading it; for splits larger than memory.")] = False,
@@ -650,6 +652,7 @@ def caption_train(
     out: Annotated[Path, typer.Option(help="Run folder for checkpoints and metrics.jsonl.")] = Path("runs/caption"),
     decoder: Annotated[str, typer.Option(help="'small' (trained from scratch) or a Hugging Face causal LM name or folder.")] = "small",
     projector: Annotated[str, typer.Option(help="linear | mlp (pooled features) | resampler (the cache's tokens; extract --tokens)")] = "mlp",
+    image_features: Annotated[str | None, typer.Option(help=IMAGE_FEATURES_HELP)] = None,
     prefix_tokens: Annotated[int, typer.Option(help="K: image prefix vectors fed to the decoder.")] = 4,
     tune_lm: Annotated[bool | None, typer.Option("--tune-lm/--freeze-lm", help="Train the language model too [default: small decoder trained, a pretrained LM frozen]")] = None,
     layers: Annotated[int, typer.Option(help="Small decoder: transformer blocks.")] = 3,
@@ -665,7 +668,8 @@ def caption_train(
     """Train a captioner on cached image features; the best epoch by validation CIDEr (greedy) is kept."""
     from vlmcache.caption import CaptionConfig, train_captioner
 
-    config = CaptionConfig(decoder=decoder, projector=projector, prefix_tokens=prefix_tokens, tune_lm=tune_lm,
+    config = CaptionConfig(decoder=decoder, projector=projector, image_features=image_features,
+                           prefix_tokens=prefix_tokens, tune_lm=tune_lm,
                            layers=layers, width=width, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
 
     def show(record: dict) -> None:
