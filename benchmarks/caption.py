@@ -47,8 +47,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write all numbers here")
     args = parser.parse_args()
     console = Console(width=160)
-    config = CaptionConfig(projector=args.projector, image_features=args.image_features, prefix_tokens=args.prefix_tokens, layers=args.layers,
-                           width=args.width, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    config = CaptionConfig(projector=args.projector, image_features=args.image_features, prefix_tokens=args.prefix_tokens,
+                           layers=args.layers, width=args.width, epochs=args.epochs, batch_size=args.batch_size,
+                           lr=args.lr, seed=args.seed)
 
     def show(record: dict) -> None:
         console.print(f"epoch {record['epoch']}: loss {record['train_loss']:.3f}, val BLEU-4 {record['val_bleu4']:.1f}, "

@@ -11,8 +11,9 @@ Parts (`--parts`, comma-separated; each writes <out>/<part>.json):
 - ablate: one `vlmcache ablate` run (3 seeds, 20 epochs, InfoNCE, dev = split val) of the grid `--grid`;
   the ablation's cells are kept in <out>/ablation/cells, so an interrupted run resumes;
 - cost: `vlmcache train` of `--cost-projector` for 20 epochs in a child process: wall and CPU seconds, peak RSS;
-- stream: the same projector for `--stream-epochs` epochs in memory and with `--stream` (token states read
-  from the shards a window at a time on a background thread): training pairs/s, CPU seconds, peak RSS.
+- stream: the same projector for `--stream-epochs` epochs in memory, with `--stream` (token states read
+  from the shards a window at a time on a background thread; default 3 GiB window budget) and with
+  `--stream --max-memory 1.5GB`: training pairs/s, CPU seconds, peak RSS.
 Timings on a shared machine are under contention: the CPU seconds are beside the wall seconds for that.
 """
 
@@ -150,7 +151,8 @@ def main() -> None:
         keep("cost", measure_cost(args.cache, args.cost_projector, args.out / "cost-run", args.epochs, args.threads))
     if "stream" in parts:
         keep("stream", {how: measure_cost(args.cache, args.cost_projector, args.out / f"stream-{how}", args.stream_epochs,
-                                          args.threads, *extra) for how, extra in (("memory", ()), ("stream", ("--stream",)))})
+                                          args.threads, *extra) for how, extra in (("memory", ()), ("stream", ("--stream",)),
+                                                                   ("stream-1.5GB", ("--stream", "--max-memory", "1.5GB")))})
 
 
 if __name__ == "__main__":
