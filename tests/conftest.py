@@ -136,3 +136,24 @@ def real_run(real_cache, tmp_path_factory) -> Path:
 SNOW_DOGS = FLICKR / "Images" / "3265162450_5b4e3c5f1b.jpg"
 SNOW_DOGS_LABELS = ["dogs running in the snow", "a man riding a bicycle on a city street",
                     "a plate of food on a table", "people sitting in a boat on a lake"]
+
+
+def train_killed_at_step(monkeypatch, step: int, *args, **kwargs) -> None:
+    """`vlmcache.train.train(*args, **kwargs)` of a streamed run, killed (KeyboardInterrupt) as its stream hands out
+    batch number `step` (1-based, counted over all epochs); the stream is restored afterwards."""
+    from vlmcache import stream as stream_module
+    from vlmcache.train import train
+
+    epoch, handed = stream_module.ShardStream.epoch, []
+
+    def dies(self, number, start=0):
+        for batch in epoch(self, number, start):
+            handed.append(number)
+            if len(handed) == step:
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(stream_module.ShardStream, "epoch", dies)
+    with pytest.raises(KeyboardInterrupt):
+        train(*args, **kwargs)
+    monkeypatch.setattr(stream_module.ShardStream, "epoch", epoch)

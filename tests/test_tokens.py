@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import make_flickr_slice, run_cli
+from conftest import make_flickr_slice, run_cli, train_killed_at_step
 from safetensors.torch import save_file
 
 from vlmcache.config import TrainConfig
@@ -265,7 +265,6 @@ def test_streamed_batches_carry_the_token_states_of_their_rows(token_cache):
 def test_streamed_token_run_resumes_mid_epoch_and_validates_on_the_token_states(token_cache, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from vlmcache import stream as stream_module
     from vlmcache.checkpoint import load_model
     from vlmcache.evaluate import evaluate_model, retrieval_metrics
     from vlmcache.store import load_features, open_cache
@@ -275,19 +274,8 @@ def test_streamed_token_run_resumes_mid_epoch_and_validates_on_the_token_states(
     monkeypatch.setattr(sys.modules["vlmcache.train"], "CHECKPOINT_STEPS", 1)
     config = TrainConfig(projector="cross-attention", text_tokens=True, epochs=2, batch_size=2, stream=True, stream_buffer=2)
     straight = train(token_cache, tmp_path / "straight", config)
-    epoch, steps = stream_module.ShardStream.epoch, []
-
-    def dies_at_step_5(self, number, start=0):  # 3 steps per epoch: epoch 2 after its checkpoint at step 1
-        for batch in epoch(self, number, start):
-            steps.append(number)
-            if len(steps) == 5:
-                raise KeyboardInterrupt
-            yield batch
-
-    monkeypatch.setattr(stream_module.ShardStream, "epoch", dies_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        train(token_cache, tmp_path / "resumed", config)
-    monkeypatch.setattr(stream_module.ShardStream, "epoch", epoch)
+    # 3 steps per epoch: killed in epoch 2 after its checkpoint at step 1
+    train_killed_at_step(monkeypatch, 5, token_cache, tmp_path / "resumed", config)
     train(token_cache, tmp_path / "resumed", config, resume=True)
     first, second = (load_file(str(tmp_path / run / "last.safetensors")) for run in ("straight", "resumed"))
     assert first.keys() == second.keys() and all(torch.equal(first[name], second[name]) for name in first)

@@ -6,10 +6,9 @@ import sys
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, train_killed_at_step
 from safetensors.torch import load_file
 
-from vlmcache import stream as stream_module
 from vlmcache.checkpoint import read_checkpoint
 from vlmcache.config import TrainConfig
 from vlmcache.evaluate import evaluate_model, retrieval_metrics
@@ -30,22 +29,10 @@ def test_killed_mid_epoch_then_resumed_equals_uninterrupted(cache, tmp_path, mon
     monkeypatch.setattr(sys.modules["vlmcache.train"], "CHECKPOINT_STEPS", 3)
     config = TrainConfig(projector="mlp", epochs=2, batch_size=32, dropout=0.2, stream=True, stream_buffer=128)
     train(cache, tmp_path / "straight", config)
-    epoch = stream_module.ShardStream.epoch
-    seen = []
-
-    def dies_at_step_25(self, number, start=0):  # epoch 2, step 5 (20 steps per epoch): after the checkpoint at 3
-        for batch in epoch(self, number, start):
-            seen.append((number, start))
-            if len(seen) == 25:
-                raise KeyboardInterrupt
-            yield batch
-
-    monkeypatch.setattr(stream_module.ShardStream, "epoch", dies_at_step_25)
-    with pytest.raises(KeyboardInterrupt):
-        train(cache, tmp_path / "resumed", config)
+    # epoch 2, step 5 (20 steps per epoch): after the checkpoint at 3
+    train_killed_at_step(monkeypatch, 25, cache, tmp_path / "resumed", config)
     saved = read_checkpoint(tmp_path / "resumed" / "last.safetensors")[1]["vlmcache"]
     assert (saved["epoch"], saved["position"]) == (1, 3)  # mid-epoch: epoch 2 at batch 3
-    monkeypatch.setattr(stream_module.ShardStream, "epoch", epoch)
     torch.manual_seed(99)  # resume restores every RNG
     result = train(cache, tmp_path / "resumed", config, resume=True)
     assert [r["epoch"] for r in result.history] == [1, 2]
