@@ -101,10 +101,9 @@ def train(
     else:
         image_dim, text_dim = sum(cache.set_dims("images", config.image_sets)), sum(
             (text_source or cache).set_dims("texts", config.text_sets))
-        image_tokens = cache.token_shape("images", config.image_sets[0] if config.image_sets else None)[0] \
-            if config.tokens else None
-        text_tokens = cache.token_shape("texts", config.text_sets[0] if config.text_sets else None)[0] \
-            if config.text_tokens else None
+        image_tokens, text_tokens = (cache.token_shape(modality, sets[0] if sets else None)[0]
+                                     if modality in token_sides(config) else None
+                                     for modality, sets in (("images", config.image_sets), ("texts", config.text_sets)))
     out = Path(out)
     refusal = None
     if out.exists() and not out.is_dir():
