@@ -333,13 +333,13 @@ def load_split(cache: FeatureCache, split: str, tokens: bool, image_sets: tuple[
         raise VlmcacheError(f"{cache.path}: split {split!r} has no captions; a captioner needs image–caption pairs")
     images = torch.from_numpy(loaded.image_features)
     if tokens:
-        chosen = cache.feature_set("images", image_sets[0] if image_sets else None).name
+        chosen = image_sets[0] if image_sets else None
         if not cache.feature_set("images", chosen).provenance.get("tokens"):
             raise VlmcacheError(f"{cache.path}: has no image tokens for --projector resampler; re-extract with "
                                 "vlmcache extract ... --tokens (or use --projector linear or mlp)")
         rows, _ = cache.split_rows(split)
         valid = cache.read("images", rows, "valid", chosen).astype(bool)
-        images = torch.from_numpy(cache.read("images", rows, "tokens", chosen)[valid])
+        images = torch.from_numpy(cache.read_tokens("images", rows, valid, chosen)[0])  # the store's checked reader
     return CaptionData(images, loaded.image_features, loaded.text_features, loaded.captions,
                        loaded.caption_image, loaded.image_ids)
 

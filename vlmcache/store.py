@@ -356,9 +356,7 @@ class FeatureCache:
         chosen = self._token_set(modality, feature_set)
         shard_path = self.path / chosen.folder / chosen.shards[0]["file"]
         with h5py.File(shard_path, "r") as shard:
-            if "tokens" not in shard or "token_mask" not in shard:
-                raise VlmcacheError(f"{shard_path}: has no token states; re-extract with vlmcache extract ... --tokens")
-            count, width = shard["tokens"].shape[1:]
+            count, width = _token_datasets(shard, shard_path)[0].shape[1:]
         if width != chosen.dim:
             raise VlmcacheError(f"{shard_path}: token states are {width}-d but the set's features are {chosen.dim}-d "
                                 "(written by another encoder?); re-extract with --overwrite --tokens")
@@ -372,7 +370,8 @@ class FeatureCache:
         shard. Refused in one line: a set extracted without --tokens, tokens whose width is not the
         set's feature width, non-finite states, or a kept row whose mask is empty (nothing to attend to).
         """
-        chosen = self._token_set(modality, feature_set)
+        shape = self.token_shape(modality, feature_set)  # refuses a set without tokens, or of another width
+        chosen = self.feature_set(modality, feature_set)
         states = masks = None
         filled = 0
         for entry in chosen.shards:
@@ -384,21 +383,16 @@ class FeatureCache:
             kept = keep[lo - rows.start:hi - rows.start]
             try:
                 with h5py.File(shard_path, "r") as shard:
-                    if "tokens" not in shard or "token_mask" not in shard:
-                        raise VlmcacheError(f"{shard_path}: has no token states; re-extract with vlmcache extract ... --tokens")
-                    block, mask = shard["tokens"][lo - start:hi - start][kept], shard["token_mask"][lo - start:hi - start][kept]
+                    block, mask = (data[lo - start:hi - start][kept] for data in _token_datasets(shard, shard_path))
             except OSError as error:  # includes a failed fletcher32 checksum
                 raise VlmcacheError(f"{shard_path}: corrupt shard ({error}); run vlmcache verify {self.path} "
                                     "and re-extract") from None
-            if block.shape[2] != chosen.dim:
-                raise VlmcacheError(f"{shard_path}: token states are {block.shape[2]}-d but the set's features are "
-                                    f"{chosen.dim}-d (written by another encoder?); re-extract with --overwrite --tokens")
+            if block.shape[1:] != shape:
+                raise VlmcacheError(f"{shard_path}: token states of shape {block.shape[1:]}, the set's first shard "
+                                    f"{shape} (mixed extractions, or another encoder); re-extract with --overwrite --tokens")
             if states is None:
-                states = np.empty((int(keep.sum()), *block.shape[1:]), block.dtype)
-                masks = np.empty((int(keep.sum()), block.shape[1]), bool)
-            elif block.shape[1:] != states.shape[1:]:
-                raise VlmcacheError(f"{shard_path}: token states of shape {block.shape[1:]}, other shards "
-                                    f"{states.shape[1:]} (mixed extractions); re-extract with --overwrite --tokens")
+                states = np.empty((int(keep.sum()), *shape), block.dtype)
+                masks = np.empty((int(keep.sum()), shape[0]), bool)
             empty = np.flatnonzero(~mask.any(axis=1))
             if len(empty):
                 raise VlmcacheError(f"{shard_path}: {len(empty)} {modality[:-1]} rows have an empty token mask (first: "
@@ -475,6 +469,13 @@ class FeatureCache:
                 setattr(loaded, f"{side}_tokens", states)
                 setattr(loaded, f"{side}_token_mask", masks)
         return loaded
+
+
+def _token_datasets(shard: h5py.File, shard_path: Path) -> tuple[h5py.Dataset, h5py.Dataset]:
+    """A shard's `tokens` and `token_mask` datasets; a shard without them is refused in one line."""
+    if "tokens" not in shard or "token_mask" not in shard:
+        raise VlmcacheError(f"{shard_path}: has no token states; re-extract with vlmcache extract ... --tokens")
+    return shard["tokens"], shard["token_mask"]
 
 
 def open_cache(path: str | Path, check_shards: bool = True) -> FeatureCache:
