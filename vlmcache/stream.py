@@ -83,8 +83,8 @@ class ShardStream:
         self.tokens = tokens
         self.extra_fields = {m: (*(extra_fields or {}).get(m, ()), *(("tokens", "token_mask") if m in tokens else ()))
                              for m in ("images", "texts")}
-        for modality in tokens:
-            cache.token_shape(modality, self.sets[modality][0])  # refused now, not at the first window
+        # (tokens per row, width) of each token modality; a cache without them is refused now, not at the first window
+        self.token_shapes = {modality: cache.token_shape(modality, self.sets[modality][0]) for modality in tokens}
         self.image_rows, self.caption_rows = cache.split_rows(split)
         # Per-row metadata of the whole split (bytes per row): enough to plan every batch before reading features.
         image_valid = self._valid("images", self.image_rows)

@@ -101,9 +101,7 @@ def train(
     else:
         image_dim, text_dim = sum(cache.set_dims("images", config.image_sets)), sum(
             (text_source or cache).set_dims("texts", config.text_sets))
-        image_tokens, text_tokens = (cache.token_shape(modality, sets[0] if sets else None)[0]
-                                     if modality in token_sides(config) else None
-                                     for modality, sets in (("images", config.image_sets), ("texts", config.text_sets)))
+        image_tokens, text_tokens = (source.token_shapes.get(modality, (None,))[0] for modality in ("images", "texts"))
     out = Path(out)
     refusal = None
     if out.exists() and not out.is_dir():
