@@ -15,6 +15,7 @@ from conftest import FLICKR, require_shared_data, run_cli
 from vlmcache.datasets import load_dataset
 from vlmcache.errors import VlmcacheError
 from vlmcache.extract import extract
+from vlmcache.store import open_cache
 from vlmcache.tars import expand_braces
 
 
@@ -148,3 +149,45 @@ def test_truncated_tar_is_named(tmp_path, flickr_images):
     (tmp_path / "shards" / "00000.tar").write_bytes(b"not a tar at all" * 64)
     with pytest.raises(VlmcacheError, match=r"00000.tar"):
         load_dataset(tmp_path / "shards")
+
+
+def test_member_names_never_reach_the_file_system(tmp_path, flickr_images, tiny_models, capsys):
+    """A member named `x/../../secret.jpg` (or `/abs.jpg`) is refused naming shard and member, or skipped
+    under --on-error skip; no file outside the shard is read, and serve sends only a member's own bytes."""
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+
+    from vlmcache.config import TrainConfig
+    from vlmcache.serve import create_app
+    from vlmcache.train import train
+
+    secret = tmp_path / "private" / "secret.jpg"
+    secret.parent.mkdir()
+    secret.write_bytes(flickr_images[5].read_bytes())
+    write_shards(tmp_path / "data" / "shards", flickr_images[:4], per_shard=4)
+    hostile = ["x/../../../private/secret.jpg", f"{secret}", "x/..", "a\\..\\..\\b.jpg"]
+    models = ["--image-model", tiny_models["vit"], "--text-model", tiny_models["distilbert"]]
+    for number, name in enumerate(hostile, start=10):
+        shards = tmp_path / f"hostile{number}" / "shards"
+        write_shards(shards, flickr_images[:4], per_shard=4)
+        with tarfile.open(shards / "00000.tar", "a") as tar:
+            add(tar, name, b"")  # its own bytes are empty: only the path outside would decode
+            add(tar, name.rsplit(".", 1)[0] + ".txt", b"a stolen photo")
+        code, _, err = run_cli(["extract", shards, "--out", shards.parent / "cache", *models], capsys)
+        assert code == 2 and "00000.tar" in err and "member" in err and "Traceback" not in err, (name, err)
+        assert len(err.strip().splitlines()) == 1
+        code, _, err = run_cli(["extract", shards, "--out", shards.parent / "cache", "--on-error", "skip", *models], capsys)
+        assert code == 0, err
+        cache = open_cache(shards.parent / "cache")
+        paths = cache.index_rows("image_path", slice(None))
+        assert len(paths) == 4 and all(p.startswith(f"{shards.resolve()}/00000.tar#0") for p in paths), paths
+    # The page serves a shard's images from their bytes, and nothing outside.
+    shards = tmp_path / "hostile10" / "shards"
+    run = tmp_path / "run"
+    train(shards.parent / "cache", run, TrainConfig(projector="linear", epochs=1, batch_size=4))
+    client = TestClient(create_app(run, split="train"))
+    served = [client.get(f"/image/{row}") for row in range(3)]
+    assert [reply.status_code for reply in served] == [200, 200, 200]
+    stored = {image.read_bytes() for image in flickr_images[:4]}
+    assert all(reply.content in stored and reply.headers["content-type"] == "image/jpeg" for reply in served)
+    assert all(reply.content != secret.read_bytes() for reply in served)

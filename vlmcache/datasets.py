@@ -127,7 +127,7 @@ def load_dataset(
 @dataclass
 class _Record:
     image_id: str
-    image_path: Path
+    image_path: Path | str  # a str only for `<tar>#<member>` references, which are never resolved as paths
     split: str
     captions: list[str]
     label: int = -1
@@ -259,7 +259,7 @@ def _check_records(root: Path, records: list[_Record]) -> None:
     """One row per image file, and captions HDF5 can store: refuse the input otherwise, naming the item."""
     seen: dict[str, _Record] = {}
     for record in records:
-        key = os.path.normpath(os.path.abspath(record.image_path))
+        key = record.image_path if isinstance(record.image_path, str) else os.path.normpath(os.path.abspath(record.image_path))
         if key in seen:
             raise VlmcacheError(f"{root}: image {record.image_id} is listed twice (splits {seen[key].split!r} and "
                                 f"{record.split!r}); list each image once")
@@ -283,6 +283,10 @@ def _read_webdataset(source, caption_key: str | None, split_key: str, val_fracti
         raise VlmcacheError(f"--val-fraction {val_fraction}: use a number between 0 and 1")
     records, dropped = [], []
     for sample in tars.scan_shards(source):
+        if sample.unsafe_member is not None:
+            reason = f"member {sample.unsafe_member!r} has {tars.unsafe_member_name(sample.unsafe_member)}"
+            _drop(on_error, dropped, sample, reason)
+            continue
         meta = {}
         if sample.json_text is not None:
             try:
@@ -307,7 +311,8 @@ def _read_webdataset(source, caption_key: str | None, split_key: str, val_fracti
                 _drop(on_error, dropped, sample, f"no caption ({where}; --caption-key names the JSON field)")
                 continue
         split = str(meta.get(split_key, "train"))
-        records.append(_Record(sample.key, Path(sample.image_ref), split, [caption]))
+        # The reference stays a string: Path would normalise `..` and reach the file system.
+        records.append(_Record(sample.key, sample.image_ref, split, [caption]))
     if not records:
         raise VlmcacheError(f"{source}: no usable samples in the shards")
     if val_fraction is not None:  # replaces any split in the JSON
@@ -355,7 +360,7 @@ def _build(fmt: str, root: Path, records: list[_Record], classes: list[str],
     return PairDataset(
         format=fmt,
         root=root.resolve(),
-        image_paths=[str(record.image_path.resolve()) for record in records],
+        image_paths=[_absolute(record.image_path) for record in records],
         image_ids=[record.image_id for record in records],
         image_splits=[record.split for record in records],
         captions=captions,
@@ -363,6 +368,11 @@ def _build(fmt: str, root: Path, records: list[_Record], classes: list[str],
         classes=classes,
         image_labels=np.asarray([record.label for record in records], dtype=np.int64) if classes else None,
     )
+
+
+def _absolute(image_path: Path | str) -> str:
+    """An image file's resolved path; a `<tar>#<member>` reference as it is (its tar is already resolved)."""
+    return image_path if isinstance(image_path, str) else str(image_path.resolve())
 
 
 class ImageDecodeError(Exception):

@@ -13,6 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from vlmcache import tars
 from vlmcache.checkpoint import read_checkpoint
 from vlmcache.datasets import ImageDecodeError, load_rgb
 from vlmcache.errors import VlmcacheError
@@ -155,7 +156,7 @@ def create_app(checkpoint: str | Path, split: str | None = None, qbnorm: bool = 
     captioner checkpoint gets the caption page instead."""
     try:
         from starlette.applications import Starlette
-        from starlette.responses import FileResponse, HTMLResponse, JSONResponse
+        from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
         from starlette.routing import Route
     except ImportError:
         raise VlmcacheError("the web page needs starlette, uvicorn and python-multipart: pip install 'vlmcache[serve]'") from None
@@ -195,22 +196,52 @@ def create_app(checkpoint: str | Path, split: str | None = None, qbnorm: bool = 
     async def image(request):
         chosen, _ = predictor.searchable(split)
         number = request.path_params["number"]
-        path = servable_image(chosen.image_paths[number], root) if 0 <= number < len(chosen.image_paths) else None
-        if path is None:
+        found = servable_image(chosen.image_paths[number], root) if 0 <= number < len(chosen.image_paths) else None
+        if found is None:
             return JSONResponse({"error": "no such image"}, status_code=404)
-        return FileResponse(path)
+        if isinstance(found, bytes):  # an image inside a webdataset shard: its own bytes, never a path
+            return Response(found, media_type=_media_type(chosen.image_paths[number]))
+        return FileResponse(found)
 
-    # Images are served only from inside the folder that holds all of the split's recorded images.
-    root = Path(os.path.commonpath([os.path.dirname(path) for path in predictor.searchable(split)[0].image_paths]))
+    # Images are served only from inside the folder that holds all of the split's recorded images (for
+    # images inside tar shards, the folder that holds the shards).
+    root = Path(os.path.commonpath([os.path.dirname(_file_of(path)) for path in predictor.searchable(split)[0].image_paths]))
 
     return Starlette(routes=[Route("/", index), Route("/classify", classify, methods=["POST"]),
                              Route("/search", search), Route("/image/{number:int}", image)])
 
 
-def servable_image(recorded: str, root: Path) -> Path | None:
-    """The recorded image path if it is, right now, a regular file inside the dataset root that decodes as
-    an image; None otherwise. Symlinks are resolved first, so a swapped link cannot point outside."""
+def _file_of(recorded: str) -> str:
+    """The file on disk that holds a recorded image: the image itself, or the tar shard that contains it."""
+    parts = tars.split_member_ref(recorded)
+    return recorded if parts is None else str(parts[0])
+
+
+def _media_type(recorded: str) -> str:
+    extension = recorded.rsplit(".", 1)[-1].lower()
+    return {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}.get(extension,
+                                                                                                 "application/octet-stream")
+
+
+def servable_image(recorded: str, root: Path) -> Path | bytes | None:
+    """What the page may send for a recorded image, or None.
+
+    A file: its path if it is, right now, a regular file inside the dataset root that decodes as an image
+    (symlinks are resolved first, so a swapped link cannot point outside). An image inside a webdataset
+    shard: the member's own bytes, read from a shard inside the root, if they decode; its name is never
+    turned into a path.
+    """
     resolved_root = root.resolve()
+    parts = tars.split_member_ref(recorded)
+    if parts is not None:
+        if not Path(os.path.realpath(parts[0])).is_relative_to(resolved_root):
+            return None
+        try:
+            data = tars.read_member(recorded).getvalue()
+            load_rgb(recorded)
+        except (FileNotFoundError, ImageDecodeError):
+            return None
+        return data
     path = Path(os.path.realpath(recorded))
     if not path.is_relative_to(resolved_root) or not path.is_file():
         return None

@@ -89,6 +89,7 @@ class Sample:
     text: str | None = None  # the .txt member
     json_text: str | None = None  # the .json member
     other: list[str] = field(default_factory=list)  # extensions of members that are neither image nor caption
+    unsafe_member: str | None = None  # a member name that would leave the shard if used as a path (refused)
 
     @property
     def image_ref(self) -> str:
@@ -103,6 +104,21 @@ def _split_name(name: str) -> tuple[str, str]:
     folder, _, base = name.rpartition("/")
     stem, _, extension = base.partition(".")
     return (f"{folder}/{stem}" if folder else stem), extension.lower()
+
+
+def unsafe_member_name(name: str) -> str | None:
+    """Why a member name cannot name an image inside its shard, or None if it can.
+
+    A member name is data, not a path: `x/../../secret.jpg` joined to `shard.tar#` and normalised anywhere
+    would leave the shard. Absolute names, `..` components, backslashes and NUL are refused outright.
+    """
+    if name.startswith("/"):
+        return "an absolute member name"
+    if ".." in name.split("/"):
+        return "a '..' component in the member name"
+    if "\\" in name or "\x00" in name:
+        return "a backslash or NUL in the member name"
+    return None
 
 
 def scan_shard(path: Path) -> list[Sample]:
@@ -121,6 +137,9 @@ def scan_shard(path: Path) -> list[Sample]:
                 if not samples or samples[-1].key != key:
                     samples.append(Sample(path, len(samples), key))
                 sample = samples[-1]
+                if unsafe_member_name(member.name) is not None:
+                    sample.unsafe_member = sample.unsafe_member or member.name
+                    continue
                 if extension in IMAGE_EXTENSIONS:
                     if sample.image_member is None or IMAGE_EXTENSIONS.index(extension) < IMAGE_EXTENSIONS.index(
                             _split_name(sample.image_member)[1]):
@@ -153,10 +172,18 @@ def scan_shard(path: Path) -> list[Sample]:
     return samples
 
 
-def is_member_ref(path: str | Path) -> bool:
-    """True for an image path of the form `<tar>#<member>` whose tar exists."""
+def split_member_ref(path: str | Path) -> tuple[Path, str] | None:
+    """(tar, member) for an image path of the form `<tar>#<member>` whose tar exists and whose member name is
+    safe; None for any other path."""
     match = _MEMBER_REF.match(str(path))
-    return match is not None and Path(match["tar"]).is_file()
+    if match is None or unsafe_member_name(match["member"]) is not None or not Path(match["tar"]).is_file():
+        return None
+    return Path(match["tar"]), match["member"]
+
+
+def is_member_ref(path: str | Path) -> bool:
+    """True for an image path of the form `<tar>#<member>` whose tar exists (and whose member name is safe)."""
+    return split_member_ref(path) is not None
 
 
 @lru_cache(maxsize=16)
@@ -167,13 +194,17 @@ def _member_offsets(tar_path: str) -> dict[str, tuple[int, int]]:
 
 
 def read_member(ref: str | Path) -> io.BytesIO:
-    """The bytes of `<tar>#<member>` (one seek, one read). Raises FileNotFoundError if the member is absent."""
-    match = _MEMBER_REF.match(str(ref))
-    offsets = _member_offsets(match["tar"])
-    if match["member"] not in offsets:
-        raise FileNotFoundError(f"no member {match['member']} in {match['tar']}")
-    offset, size = offsets[match["member"]]
-    with open(match["tar"], "rb") as handle:
+    """The bytes of `<tar>#<member>` (one seek, one read). Raises FileNotFoundError if the member is absent
+    or the reference is not a safe member reference."""
+    parts = split_member_ref(ref)
+    if parts is None:
+        raise FileNotFoundError(f"{ref}: not a member of an existing tar")
+    tar, member = parts
+    offsets = _member_offsets(str(tar))
+    if member not in offsets:
+        raise FileNotFoundError(f"no member {member} in {tar}")
+    offset, size = offsets[member]
+    with open(tar, "rb") as handle:
         handle.seek(offset)
         return io.BytesIO(handle.read(size))
 
