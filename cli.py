@@ -1,6 +1,6 @@
 """Run the vlmcache CLI from a checkout: `python cli.py extract ...` (same as the `vlmcache` command)."""
 
-from vlmcache.cli import main
+from vlmcache.app.cli import main
 
 if __name__ == "__main__":
     main()

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from vlmcache.ablate import ablate
-from vlmcache.cli import ablation_table
+from vlmcache.align.ablate import ablate
+from vlmcache.app.cli import ablation_table
 
 
 def main() -> None:

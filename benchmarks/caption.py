@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from vlmcache.caption import CaptionConfig, evaluate_captioner, train_captioner
-from vlmcache.cli import _caption_table
+from vlmcache.app.cli import _caption_table
+from vlmcache.caption.captioner import CaptionConfig, evaluate_captioner, train_captioner
 
 
 def cpu_seconds() -> float:

@@ -14,10 +14,10 @@ from pathlib import Path
 from caption import cpu_seconds  # benchmarks/caption.py (this folder is on the path when run as a script)
 from rich.console import Console
 
-from vlmcache.caption import generate, load_captioner, load_split
-from vlmcache.caption_metrics import score_captions
-from vlmcache.cli import _caption_table
-from vlmcache.store import open_cache
+from vlmcache.app.cli import _caption_table
+from vlmcache.cache.store import open_cache
+from vlmcache.caption.captioner import generate, load_captioner, load_split
+from vlmcache.metrics.captions import score_captions
 
 
 def main() -> None:

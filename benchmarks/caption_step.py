@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from vlmcache.caption import CaptionConfig, Captioner
+from vlmcache.caption.captioner import CaptionConfig, Captioner
 
 
 def step_seconds(projector: str, steps: int, batch: int, words: int, width: int, tokens: int) -> float:

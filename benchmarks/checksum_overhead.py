@@ -18,7 +18,7 @@ from pathlib import Path
 
 import h5py
 
-from vlmcache.store import open_cache
+from vlmcache.cache.store import open_cache
 
 
 def copy_without_checksums(source: Path, target: Path) -> None:

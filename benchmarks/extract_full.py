@@ -12,7 +12,7 @@ import os
 import threading
 from pathlib import Path
 
-from vlmcache.extract import extract
+from vlmcache.encode.extract import extract
 
 FLICKR = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"
 

@@ -25,8 +25,8 @@ from rich.console import Console
 from rich.table import Table
 
 from vlmcache import extract
-from vlmcache.datasets import load_rgb
-from vlmcache.encoders import load_image_encoder, load_text_encoder
+from vlmcache.data.datasets import load_rgb
+from vlmcache.encode.encoders import load_image_encoder, load_text_encoder
 
 FLICKR = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"
 

@@ -62,7 +62,7 @@ def make_source(folder: Path, rows: int, dim: int) -> None:
 
 def step(name: str, source: str, target: str) -> None:
     """Run one timed step in this (child) process and print its seconds and peak RSS as JSON."""
-    from vlmcache.formats import export_cache, import_embeddings
+    from vlmcache.data.formats import export_cache, import_embeddings
 
     started = time.perf_counter()
     if name == "import":
@@ -114,7 +114,7 @@ def extract_comparison(work: Path, count: int, repeats: int) -> dict:
     sources = {"image files (pairs JSONL)": work / "pairs.jsonl", "webdataset shards": work / "shards"}
     # The only code path that differs: reading an image's bytes from its file or from its tar. CPU time of
     # this process, so other jobs on the machine do not move it (best of `repeats`, interleaved).
-    from vlmcache.datasets import load_dataset, load_rgb
+    from vlmcache.data.datasets import load_dataset, load_rgb
 
     paths = {name: load_dataset(source).image_paths for name, source in sources.items()}
     decode = {name: float("inf") for name in sources}
@@ -186,7 +186,7 @@ def main() -> None:
                           f"read + decode CPU {shards['decode_cpu_ms'] / files['decode_cpu_ms']:.3f}x", "<= 1.10x")
         if "probe" in only:
             from vlmcache import extract
-            from vlmcache.probe import probe
+            from vlmcache.eval.probe import probe
 
             cache = work / "cifar"
             shutil.rmtree(cache, ignore_errors=True)

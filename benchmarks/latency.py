@@ -26,7 +26,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from vlmcache.search_index import FOLDER
+from vlmcache.app.search_index import FOLDER
 
 VLMCACHE = [sys.executable, "-m", "vlmcache"]
 
@@ -73,8 +73,8 @@ def main() -> None:
 
     from starlette.testclient import TestClient
 
-    from vlmcache.serve import create_app
-    from vlmcache.store import open_cache
+    from vlmcache.app.serve import create_app
+    from vlmcache.cache.store import open_cache
 
     started = time.perf_counter()
     client = TestClient(create_app(run))

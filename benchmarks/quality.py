@@ -22,10 +22,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from vlmcache.config import TrainConfig
-from vlmcache.evaluate import CCA_ROW, evaluate_checkpoint, trained_row
-from vlmcache.qbnorm import QBNORM_SUFFIX
-from vlmcache.train import train
+from vlmcache.align.config import TrainConfig
+from vlmcache.align.inputs import trained_row
+from vlmcache.align.train import train
+from vlmcache.eval.evaluate import evaluate_checkpoint
+from vlmcache.metrics.baselines import CCA_ROW
+from vlmcache.metrics.qbnorm import QBNORM_SUFFIX
 
 
 def main() -> None:

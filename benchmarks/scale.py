@@ -4,7 +4,7 @@
     python benchmarks/scale.py --work /tmp/scale-bench --sizes 10000000 --skip-in-memory      # N = 1e7 (~20 GB)
     python benchmarks/scale.py --work /tmp/scale-bench --only eval,search
 
-Caches are written by `vlmcache.synthetic.write_synthetic_cache` (the real store API: index, manifest,
+Caches are written by `vlmcache.data.synthetic.write_synthetic_cache` (the real store API: index, manifest,
 fletcher32-checked HDF5 shards of 16,384 rows): N training pairs (one caption per image) of 512-d
 float16 image and text features sharing a latent, plus 2,000 val images. Every measurement runs in its
 own child process, so its peak RSS (`os.wait4`'s ru_maxrss) and CPU seconds (user + system) are its own:
@@ -14,7 +14,7 @@ own child process, so its peak RSS (`os.wait4`'s ru_maxrss) and CPU seconds (use
   in memory happens before it and is in the wall time);
 - read: the streaming reader alone (batches of 4,096, no training): the rate it could feed a faster trainer;
 - eval: R@1/5/10 and median ranks of the 1e5-train-pairs model on a split of 100,000 images × 500,000
-  captions (5 each), embedded chunk by chunk (`vlmcache.stream.embed_split`) and ranked in tiles;
+  captions (5 each), embedded chunk by chunk (`vlmcache.cache.stream.embed_split`) and ranked in tiles;
 - search: a 1,000,000-image split embedded once (`Predictor.searchable`), then exact top-5 of 50 random
   query vectors (matrix product + top-k; the text encoder's cost per query is measured in benchmarks/latency.py).
 One torch thread per child (the machine's two cores are shared). Synthetic caches are deleted at the end
@@ -57,14 +57,14 @@ def run_child(mode: str, args: list[str]) -> None:
     """The measurement itself (in the child)."""
     import torch
 
-    from vlmcache.checkpoint import load_model
-    from vlmcache.config import TrainConfig
-    from vlmcache.evaluate import retrieval_metrics
-    from vlmcache.model import initial_model
-    from vlmcache.store import open_cache
-    from vlmcache.stream import embed_split
-    from vlmcache.synthetic import write_synthetic_cache
-    from vlmcache.train import train
+    from vlmcache.align.config import TrainConfig
+    from vlmcache.align.load import load_model
+    from vlmcache.align.model import initial_model
+    from vlmcache.align.train import train
+    from vlmcache.cache.store import open_cache
+    from vlmcache.cache.stream import embed_split
+    from vlmcache.data.synthetic import write_synthetic_cache
+    from vlmcache.metrics.retrieval import retrieval_metrics
 
     if mode == "write":
         out, train_images, val_images, captions = args[0], int(args[1]), int(args[2]), int(args[3])
@@ -81,7 +81,7 @@ def run_child(mode: str, args: list[str]) -> None:
         print(json.dumps({"rows": rows, "train_seconds": record["train_seconds"], "rows_per_s": rows / record["train_seconds"],
                           "val_mean_recall": record["val_mean_recall"], "epoch_seconds": record["seconds"]}))
     elif mode == "read":  # the streaming reader alone: how fast it can feed a faster trainer (a GPU)
-        from vlmcache.stream import ShardStream
+        from vlmcache.cache.stream import ShardStream
 
         stream = ShardStream(open_cache(args[0]), "train", 4096, seed=0)
         started, rows, size = time.perf_counter(), 0, 0
@@ -103,7 +103,7 @@ def run_child(mode: str, args: list[str]) -> None:
         print(json.dumps({"images": len(image_emb), "captions": len(text_emb), "embed_seconds": embedded,
                           "seconds": time.perf_counter() - started, **metrics}))
     elif mode == "search":
-        from vlmcache.predictor import Predictor
+        from vlmcache.app.predictor import Predictor
 
         checkpoint, cache = args
         started = time.perf_counter()

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from vlmcache.config import TrainConfig
-from vlmcache.train import train
+from vlmcache.align.config import TrainConfig
+from vlmcache.align.train import train
 
 VARIANTS = {"in memory": {}, "streamed, window 65,536 images": {"stream": True},
             "streamed, window 1,024 images (one shard)": {"stream": True, "stream_buffer": 1024}}

@@ -31,8 +31,8 @@ import h5py
 import numpy as np
 
 from vlmcache import open_cache
-from vlmcache.ablate import ablate, projector_spec
-from vlmcache.tokens import token_batch
+from vlmcache.align.ablate import ablate, projector_spec
+from vlmcache.cache.tokens import token_batch
 
 GRID = ("linear,mlp,cross-attention,cross-attention:queries=4,ndlinear:tokens,resampler:queries=4:resampler-depth=1,"
         "cross-attention:text-tokens")

@@ -21,11 +21,11 @@ from rich.console import Console
 from rich.table import Table
 
 from vlmcache import open_cache
-from vlmcache.config import TrainConfig
-from vlmcache.datasets import load_rgb
-from vlmcache.encoders import image_encoder_from_provenance, text_encoder_from_provenance
-from vlmcache.model import initial_model
-from vlmcache.train import train
+from vlmcache.align.config import TrainConfig
+from vlmcache.align.model import initial_model
+from vlmcache.align.train import train
+from vlmcache.data.datasets import load_rgb
+from vlmcache.encode.encoders import image_encoder_from_provenance, text_encoder_from_provenance
 
 
 def main() -> None:

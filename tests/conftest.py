@@ -84,7 +84,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     """Run the vlmcache CLI in-process; returns (exit code, stdout, stderr)."""
-    from vlmcache.cli import main
+    from vlmcache.app.cli import main
 
     old_argv = sys.argv
     sys.argv = ["vlmcache", *[str(a) for a in args]]
@@ -124,8 +124,8 @@ def real_cache() -> Path:
 @pytest.fixture(scope="session")
 def real_run(real_cache, tmp_path_factory) -> Path:
     """A linear + InfoNCE checkpoint trained on the real-feature cache (seconds)."""
-    from vlmcache.config import TrainConfig
-    from vlmcache.train import train
+    from vlmcache.align.config import TrainConfig
+    from vlmcache.align.train import train
 
     out = tmp_path_factory.mktemp("real-run") / "run"
     train(real_cache, out, TrainConfig(projector="linear", loss="infonce", epochs=10, batch_size=128))
@@ -139,10 +139,10 @@ SNOW_DOGS_LABELS = ["dogs running in the snow", "a man riding a bicycle on a cit
 
 
 def train_killed_at_step(monkeypatch, step: int, *args, **kwargs) -> None:
-    """`vlmcache.train.train(*args, **kwargs)` of a streamed run, killed (KeyboardInterrupt) as its stream hands out
+    """`vlmcache.align.train.train(*args, **kwargs)` of a streamed run, killed (KeyboardInterrupt) as its stream hands out
     batch number `step` (1-based, counted over all epochs); the stream is restored afterwards."""
-    from vlmcache import stream as stream_module
-    from vlmcache.train import train
+    from vlmcache.align.train import train
+    from vlmcache.cache import stream as stream_module
 
     epoch, handed = stream_module.ShardStream.epoch, []
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import run_cli
 
 from vlmcache import extract
-from vlmcache.ablate import ablate
+from vlmcache.align.ablate import ablate
 
 
 @pytest.fixture
@@ -71,8 +71,8 @@ def test_plots_of_a_run_and_an_ablation(tiny_caches, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     from PIL import Image
 
-    from vlmcache.config import TrainConfig
-    from vlmcache.train import train
+    from vlmcache.align.config import TrainConfig
+    from vlmcache.align.train import train
 
     vit, _ = tiny_caches
     train(vit, tmp_path / "run", TrainConfig(epochs=3, batch_size=4))

@@ -21,29 +21,21 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from vlmcache import extract, open_cache
-from vlmcache.baselines import asif_embeddings, fit_cca, relative_representation
-from vlmcache.checkpoint import load_model
-from vlmcache.config import TrainConfig
+from vlmcache.align.config import TrainConfig
+from vlmcache.align.load import load_model
+from vlmcache.align.train import train
+from vlmcache.app.predictor import Predictor
+from vlmcache.cache.store import Split, load_features
+from vlmcache.encode.prompts import PromptStore
 from vlmcache.errors import VlmcacheError
-from vlmcache.evaluate import (
-    ASIF_ROW,
-    CCA_ROW,
-    RETRIEVAL_KEYS,
-    ZERO_SHOT_KEYS,
-    baseline_metrics,
-    clean_class_name,
-    evaluate_checkpoint,
-    retrieval_metrics,
-    zero_shot,
-)
-from vlmcache.predictor import Predictor
-from vlmcache.prompts import PromptStore
-from vlmcache.store import Split, load_features
-from vlmcache.train import lr_factor, train
+from vlmcache.eval.evaluate import clean_class_name, evaluate_checkpoint, zero_shot
+from vlmcache.metrics.baselines import ASIF_ROW, CCA_ROW, asif_embeddings, baseline_metrics, fit_cca, relative_representation
+from vlmcache.metrics.retrieval import RETRIEVAL_KEYS, ZERO_SHOT_KEYS, retrieval_metrics
+from vlmcache.run.schedule import lr_factor
 
 REPO = Path(__file__).resolve().parents[1]
-ablate_module = importlib.import_module("vlmcache.ablate")  # `vlmcache.ablate` is the function
-train_module = importlib.import_module("vlmcache.train")
+ablate_module = importlib.import_module("vlmcache.align.ablate")  # `vlmcache.ablate` is the function
+train_module = importlib.import_module("vlmcache.align.train")
 
 
 def tiny(tiny_models, text="distilbert", **options) -> dict:
@@ -148,7 +140,7 @@ def test_search_and_predictor_of_a_text_cache_run(text_cache_run, vit_cache, ber
     pytest.importorskip("starlette")
     from starlette.testclient import TestClient
 
-    from vlmcache.serve import create_app
+    from vlmcache.app.serve import create_app
 
     served = TestClient(create_app(text_cache_run)).get("/search", params={"q": query, "top": 4}).json()["hits"]
     assert [hit["row"] for hit in served] == [hit.row for hit in hits]
@@ -553,7 +545,7 @@ def test_prompt_store_stops_growing_at_max_rows(vit_cache, tmp_path, counted_enc
 
 
 def test_cli_import_and_help_do_not_import_torch_or_h5py():
-    probe = subprocess.run([sys.executable, "-c", "import sys, vlmcache.cli; "
+    probe = subprocess.run([sys.executable, "-c", "import sys, vlmcache.app.cli; "
                             "print('torch' in sys.modules, 'h5py' in sys.modules)"],
                            cwd=REPO, capture_output=True, text=True, timeout=120)
     assert probe.returncode == 0, probe.stderr
@@ -570,4 +562,4 @@ def test_bad_config_file_is_one_line(tmp_path, capsys):
     code, _, err = run_cli(["train", "x", "--config", tmp_path / "bad.toml"], capsys)
     assert code == 2 and "--config" in err and "Traceback" not in err
     with pytest.raises(VlmcacheError, match="file not found"):
-        importlib.import_module("vlmcache.config").read_config_file(tmp_path / "missing.toml")
+        importlib.import_module("vlmcache.align.config").read_config_file(tmp_path / "missing.toml")

@@ -14,7 +14,9 @@ from conftest import CIFAR, run_cli
 from safetensors.torch import load_file
 
 from vlmcache import extract
-from vlmcache.caption import (
+from vlmcache.align.projectors import Resampler
+from vlmcache.cache.store import open_cache
+from vlmcache.caption.captioner import (
     CaptionConfig,
     SmallDecoder,
     beam_search,
@@ -26,10 +28,8 @@ from vlmcache.caption import (
     load_captioner,
     train_captioner,
 )
-from vlmcache.caption_metrics import java_available, most_frequent_caption, nearest_neighbour_captions, score_captions
 from vlmcache.errors import VlmcacheError
-from vlmcache.projectors import Resampler
-from vlmcache.store import open_cache
+from vlmcache.metrics.captions import java_available, most_frequent_caption, nearest_neighbour_captions, score_captions
 
 TINY = {"width": 32, "layers": 1, "heads": 2, "min_count": 1, "batch_size": 8, "max_length": 8}
 
@@ -59,7 +59,7 @@ def test_identical_candidates_and_references_score_the_maximum():
 
 
 def test_without_java_meteor_is_skipped_with_a_warning_not_a_crash(monkeypatch):
-    monkeypatch.setattr("vlmcache.caption_metrics.java_available", lambda: False)
+    monkeypatch.setattr("vlmcache.metrics.captions.java_available", lambda: False)
     with pytest.warns(UserWarning, match="METEOR is skipped"):
         scores = score_captions(["A dog runs ."], [["a dog runs fast"]])
     assert scores["meteor"] is None
@@ -199,7 +199,7 @@ def test_web_page_captions_an_uploaded_image(caption_run, caption_cache):
     pytest.importorskip("starlette")
     from starlette.testclient import TestClient
 
-    from vlmcache.serve import create_app
+    from vlmcache.app.serve import create_app
 
     client = TestClient(create_app(caption_run))
     assert "captioner" in client.get("/").text
@@ -303,8 +303,8 @@ def test_bad_input_is_one_line_and_exit_2(caption_cache, caption_run, tiny_model
     pooled = tmp_path / "pooled"
     extract(caption_cache.parent / "flickr", pooled, image_model=str(tiny_models["vit"]),
             text_model=str(tiny_models["distilbert"]), progress=False)
-    from vlmcache.config import TrainConfig
-    from vlmcache.train import train
+    from vlmcache.align.config import TrainConfig
+    from vlmcache.align.train import train
 
     train(caption_cache, tmp_path / "retrieval", TrainConfig(epochs=1, batch_size=4))
     cases = [

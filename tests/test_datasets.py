@@ -9,7 +9,7 @@ import pytest
 from conftest import CIFAR, FLICKR, require_shared_data
 from PIL import Image
 
-from vlmcache.datasets import ImageDecodeError, load_dataset, load_rgb
+from vlmcache.data.datasets import ImageDecodeError, load_dataset, load_rgb
 from vlmcache.errors import VlmcacheError
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from conftest import run_cli
 from PIL import Image
 
-from vlmcache.datasets import load_dataset
-from vlmcache.demo import make_shapes_dataset
+from vlmcache.app.demo import make_shapes_dataset
+from vlmcache.data.datasets import load_dataset
 
 
 def test_shapes_dataset_has_matching_captions(tmp_path):

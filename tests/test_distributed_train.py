@@ -17,11 +17,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from vlmcache.checkpoint import read_checkpoint
-from vlmcache.config import TrainConfig
+from vlmcache.align.config import TrainConfig
+from vlmcache.align.model import initial_model
+from vlmcache.data.synthetic import write_synthetic_cache
 from vlmcache.distributed import gather, reduce_gradients
-from vlmcache.model import initial_model
-from vlmcache.synthetic import write_synthetic_cache
+from vlmcache.run.checkpoint import read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 LOSSES = (("infonce", False), ("sigmoid", False), ("infonce", True))  # (loss, with same-image masking ids)

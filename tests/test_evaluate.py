@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from vlmcache.evaluate import class_embeddings, recall_from_ranks, retrieval_metrics, retrieval_ranks, zero_shot_metrics
+from vlmcache.metrics.retrieval import class_embeddings, recall_from_ranks, retrieval_metrics, retrieval_ranks, zero_shot_metrics
 
 
 def scores_as_embeddings(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -17,9 +17,9 @@ from conftest import make_flickr_slice, run_cli
 from PIL import Image
 
 from vlmcache import extract, open_cache
+from vlmcache.cache.store import check_same_dataset, check_same_encoders
 from vlmcache.errors import VlmcacheError
 from vlmcache.files import FolderLock
-from vlmcache.store import check_same_dataset, check_same_encoders
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
+from vlmcache.cache.store import MODALITIES, load_features, open_cache, verify_cache
+from vlmcache.encode.extract import extract
 from vlmcache.errors import VlmcacheError
-from vlmcache.extract import extract
-from vlmcache.store import MODALITIES, load_features, open_cache, verify_cache
 
 
 def options(tiny_models, *images: str) -> dict:
@@ -112,7 +112,7 @@ def test_an_interrupted_token_pass_resumes_to_the_same_cache(flickr_slice, tmp_p
     shutil.copytree(tmp_path / "straight", tmp_path / "killed")
     extract(flickr_slice, tmp_path / "straight", tokens=True, **options(tiny_models))
 
-    module = importlib.import_module("vlmcache.extract")  # the package exports a function of the same name
+    module = importlib.import_module("vlmcache.encode.extract")  # the package exports a function of the same name
     real = module.write_shard
 
     def write_then_die(*args, **kwargs):

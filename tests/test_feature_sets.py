@@ -9,14 +9,14 @@ import pytest
 import torch
 from conftest import SNOW_DOGS, make_flickr_slice, run_cli
 
-from vlmcache.checkpoint import load_model
-from vlmcache.config import TrainConfig
+from vlmcache.align.config import TrainConfig
+from vlmcache.align.load import load_model
+from vlmcache.align.train import train
+from vlmcache.app.predictor import Predictor
+from vlmcache.cache.store import load_features, open_cache, verify_cache
+from vlmcache.encode.extract import extract
 from vlmcache.errors import VlmcacheError
-from vlmcache.evaluate import evaluate_checkpoint
-from vlmcache.extract import extract
-from vlmcache.predictor import Predictor
-from vlmcache.store import load_features, open_cache, verify_cache
-from vlmcache.train import train
+from vlmcache.eval.evaluate import evaluate_checkpoint
 
 
 def two_set_cache(flickr_slice, out, tiny_models):
@@ -115,7 +115,7 @@ def test_train_on_a_combination_records_it_and_every_use_follows(flickr_slice, t
 
 
 def test_ablate_has_a_features_axis(flickr_slice, tmp_path, tiny_models):
-    from vlmcache.ablate import ablate
+    from vlmcache.align.ablate import ablate
 
     two_set_cache(flickr_slice, tmp_path / "c", tiny_models)
     result = ablate([tmp_path / "c"], tmp_path / "abl", projectors=("linear",), losses=("infonce",), seeds=(0,),

@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import run_cli
 
-from vlmcache.datasets import PairDataset
+from vlmcache.cache.store import open_cache
+from vlmcache.data.datasets import PairDataset
+from vlmcache.data.formats import export_cache, hash_files, import_embeddings
 from vlmcache.errors import VlmcacheError
-from vlmcache.formats import export_cache, hash_files, import_embeddings
-from vlmcache.store import open_cache
 
 
 def write_clip_retrieval(folder, parts=(30, 20), image_dim=16, text_dim=12, seed=0, splits=True, caption="caption"):
@@ -78,7 +78,7 @@ def test_clip_retrieval_import_then_raw_export_round_trips(tmp_path):
 @pytest.fixture
 def tiny_cache(flickr_slice, tiny_models, tmp_path):
     """6 train + 4 val real Flickr8k images with 5 captions each, encoded by the tiny config-built models."""
-    from vlmcache.extract import extract
+    from vlmcache.encode.extract import extract
 
     extract(flickr_slice, tmp_path / "tiny-cache", image_model=str(tiny_models["vit"]),
             text_model=str(tiny_models["distilbert"]), progress=False)
@@ -172,10 +172,10 @@ def test_import_resumes_and_a_complete_cache_is_kept(tmp_path):
 
 
 def test_train_eval_and_ablate_run_on_an_imported_cache(tmp_path):
-    from vlmcache.ablate import ablate
-    from vlmcache.config import TrainConfig
-    from vlmcache.evaluate import evaluate_checkpoint
-    from vlmcache.train import train
+    from vlmcache.align.ablate import ablate
+    from vlmcache.align.config import TrainConfig
+    from vlmcache.align.train import train
+    from vlmcache.eval.evaluate import evaluate_checkpoint
 
     write_clip_retrieval(tmp_path / "src", parts=(300, 100), image_dim=32, text_dim=24)
     import_embeddings(tmp_path / "src", tmp_path / "cache", "clip-retrieval", progress=False)

@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vlmcache import extract
-from vlmcache.config import TrainConfig
-from vlmcache.train import train
+from vlmcache.align.config import TrainConfig
+from vlmcache.align.train import train
 
 # VLMCACHE_FUZZ_EXAMPLES=500 fuzzes harder (minutes); 25 per command keeps the suite fast.
 FUZZ = settings(max_examples=int(os.environ.get("VLMCACHE_FUZZ_EXAMPLES", "25")), deadline=None, database=None,

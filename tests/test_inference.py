@@ -9,14 +9,14 @@ import pytest
 import torch
 from conftest import CIFAR, SNOW_DOGS, SNOW_DOGS_LABELS, require_shared_data, run_cli
 
-from vlmcache import encoders, extract, open_cache
-from vlmcache.checkpoint import load_model
-from vlmcache.config import TrainConfig
+from vlmcache import extract, open_cache
+from vlmcache.align.config import TrainConfig
+from vlmcache.align.load import load_model
+from vlmcache.align.train import train
+from vlmcache.app.predictor import classify_image, search_images
+from vlmcache.encode import encoders
 from vlmcache.errors import VlmcacheError
-from vlmcache.evaluate import evaluate_checkpoint, zero_shot
-from vlmcache.predictor import classify_image
-from vlmcache.search_index import search_images
-from vlmcache.train import train
+from vlmcache.eval.evaluate import evaluate_checkpoint, zero_shot
 
 
 @pytest.fixture

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from conftest import CIFAR, make_flickr_slice, require_shared_data, run_cli
 
-from vlmcache.config import TrainConfig
+from vlmcache.align.config import TrainConfig
+from vlmcache.align.train import train
+from vlmcache.encode.extract import extract
 from vlmcache.errors import VlmcacheError
-from vlmcache.extract import extract
-from vlmcache.probe import C_SWEEP, class_accuracy, linear_probe, probe, stratified_split
-from vlmcache.train import train
+from vlmcache.eval.probe import C_SWEEP, class_accuracy, linear_probe, probe, stratified_split
 
 
 def test_class_accuracy_by_hand():

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlmcache.losses import InfoNCELoss, SigmoidLoss
-from vlmcache.projectors import MLPProjector, NdLinear, NdLinearProjector, build_projector, count_parameters, grid_shape
+from vlmcache.align.losses import InfoNCELoss, SigmoidLoss
+from vlmcache.align.projectors import MLPProjector, NdLinear, NdLinearProjector, build_projector, count_parameters, grid_shape
 
 
 def test_ndlinear_matches_the_published_package_for_the_same_weights():

@@ -10,14 +10,13 @@ import pytest
 import torch
 from conftest import run_cli
 
-from vlmcache.config import TrainConfig
+from vlmcache.align.config import TrainConfig
+from vlmcache.align.train import train
+from vlmcache.app.predictor import Predictor, search_images
+from vlmcache.encode.extract import extract
 from vlmcache.errors import VlmcacheError
-from vlmcache.evaluate import qbnorm_metrics, retrieval_metrics, retrieval_ranks
-from vlmcache.extract import extract
-from vlmcache.predictor import Predictor
-from vlmcache.qbnorm import query_bank
-from vlmcache.search_index import search_images
-from vlmcache.train import train
+from vlmcache.metrics.qbnorm import query_bank
+from vlmcache.metrics.retrieval import qbnorm_metrics, retrieval_metrics, retrieval_ranks
 
 
 def test_normaliser_and_dynamic_activation_by_hand():

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from conftest import make_flickr_slice
 
-from vlmcache.config import TrainConfig
-from vlmcache.extract import extract
-from vlmcache.predictor import Predictor
-from vlmcache.search_index import FOLDER, build_index, search_images, search_with_index
-from vlmcache.train import train
+from vlmcache.align.config import TrainConfig
+from vlmcache.align.train import train
+from vlmcache.app.predictor import Predictor, build_index, search_images
+from vlmcache.app.search_index import FOLDER, search_with_index
+from vlmcache.encode.extract import extract
 
 QUERY = "a dog runs on the grass"
 
@@ -48,7 +48,7 @@ def test_the_index_answers_like_the_predictor(run):
 
 def test_a_one_off_search_with_an_index_never_imports_torch(run):
     build_index(run)
-    code = ("import sys; from vlmcache.search_index import search_images; "
+    code = ("import sys; from vlmcache.app.predictor import search_images; "
             f"hits = search_images({str(run)!r}, 'a brand new query about a red car', 2); "
             "assert len(hits) == 2 and 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

@@ -13,7 +13,7 @@ from conftest import SNOW_DOGS, SNOW_DOGS_LABELS, require_shared_data
 pytest.importorskip("starlette")
 from starlette.testclient import TestClient  # noqa: E402
 
-from vlmcache.serve import MAX_UPLOAD_BYTES, create_app  # noqa: E402
+from vlmcache.app.serve import MAX_UPLOAD_BYTES, create_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from conftest import FLICKR, require_shared_data
 
-from vlmcache.datasets import load_rgb
-from vlmcache.encoders import fold_batchnorm, lite_preprocess, load_image_encoder, load_text_encoder
+from vlmcache.data.datasets import load_rgb
+from vlmcache.encode.encoders import fold_batchnorm, lite_preprocess, load_image_encoder, load_text_encoder
 
 
 def real_pixels(preprocess, count: int = 8) -> torch.Tensor:

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from vlmcache.cache.store import open_cache
+from vlmcache.cache.stream import ShardStream
+from vlmcache.data.synthetic import write_synthetic_cache
 from vlmcache.errors import VlmcacheError
-from vlmcache.store import open_cache
-from vlmcache.stream import ShardStream
-from vlmcache.synthetic import write_synthetic_cache
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlmcache.evaluate import recall_from_ranks, retrieval_ranks, tiled_ranks
+from vlmcache.metrics.retrieval import recall_from_ranks, retrieval_ranks, tiled_ranks
 
 
 class Identity:

@@ -15,9 +15,9 @@ import torch
 from conftest import make_flickr_slice, run_cli, train_killed_at_step
 from safetensors.torch import save_file
 
-from vlmcache.config import TrainConfig
+from vlmcache.align.config import TrainConfig
+from vlmcache.align.projectors import CrossAttentionProjector, NdLinear, ResamplerProjector, TokenNdLinearProjector
 from vlmcache.errors import VlmcacheError
-from vlmcache.projectors import CrossAttentionProjector, NdLinear, ResamplerProjector, TokenNdLinearProjector
 
 
 def _tokens(batch=5, count=7, channels=12, seed=0):
@@ -109,7 +109,7 @@ def token_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def token_run(token_cache, tmp_path_factory) -> Path:
-    from vlmcache.train import train
+    from vlmcache.align.train import train
 
     out = tmp_path_factory.mktemp("token-run") / "run"
     train(token_cache, out, TrainConfig(projector="cross-attention", queries=2, epochs=3, batch_size=4))
@@ -117,7 +117,7 @@ def token_run(token_cache, tmp_path_factory) -> Path:
 
 
 def test_mixed_pair_token_images_pooled_text(token_run):
-    from vlmcache.checkpoint import load_model
+    from vlmcache.align.load import load_model
 
     model, meta = load_model(token_run)
     assert (meta["image_tokens"], meta["text_tokens"]) == (49, None)
@@ -127,7 +127,7 @@ def test_mixed_pair_token_images_pooled_text(token_run):
 def test_resume_continues_exactly_and_eval_reads_the_checkpoint(token_cache, token_run, tmp_path, capsys):
     from safetensors.torch import load_file
 
-    from vlmcache.train import train
+    from vlmcache.align.train import train
 
     def interrupt_after_first_epoch(record):
         if record["epoch"] == 1:
@@ -151,7 +151,7 @@ def test_resume_continues_exactly_and_eval_reads_the_checkpoint(token_cache, tok
 def test_search_and_classify_with_a_token_checkpoint(token_run):
     from conftest import SNOW_DOGS, SNOW_DOGS_LABELS
 
-    from vlmcache.predictor import Predictor
+    from vlmcache.app.predictor import Predictor
 
     predictor = Predictor(token_run)
     hits = predictor.search("a dog", top=3, split="val")
@@ -166,7 +166,7 @@ def test_search_and_classify_with_a_token_checkpoint(token_run):
 
 
 def test_text_token_checkpoints_are_refused_for_new_queries(token_cache, tmp_path, capsys):
-    from vlmcache.train import train
+    from vlmcache.align.train import train
 
     train(token_cache, tmp_path / "run", TrainConfig(projector="ndlinear", tokens=True, text_tokens=True, epochs=1,
                                                      batch_size=4))
@@ -175,7 +175,7 @@ def test_text_token_checkpoints_are_refused_for_new_queries(token_cache, tmp_pat
 
 
 def test_ablate_grid_takes_token_projectors(token_cache, tmp_path):
-    from vlmcache.ablate import ablate
+    from vlmcache.align.ablate import ablate
 
     result = ablate([token_cache], tmp_path / "ablation", projectors=("cross-attention:queries=2", "ndlinear:tokens"),
                     losses=("infonce",), seeds=(0,), epochs=1, jobs=1, with_baselines=False, progress=False,
@@ -208,7 +208,7 @@ def test_token_projector_on_a_cache_without_tokens(token_cache, tiny_models, tmp
 
 
 def test_token_shapes_that_disagree_with_the_checkpoint(token_run, tmp_path, capsys):
-    from vlmcache.checkpoint import read_checkpoint
+    from vlmcache.run.checkpoint import read_checkpoint
 
     tensors, header = read_checkpoint(token_run)
     meta = {**header["vlmcache"], "image_tokens": 36}  # as if trained on a 6×6 map
@@ -244,8 +244,8 @@ def test_token_shard_written_by_another_encoder(token_cache, tiny_models, tmp_pa
 # ---- streamed token training ----
 
 def test_streamed_batches_carry_the_token_states_of_their_rows(token_cache):
-    from vlmcache.store import load_features, open_cache
-    from vlmcache.stream import ShardStream, token_bytes
+    from vlmcache.cache.store import load_features, open_cache
+    from vlmcache.cache.stream import ShardStream, token_bytes
 
     cache = open_cache(token_cache)
     split = load_features(cache, "train", image_tokens=True, text_tokens=True)
@@ -265,13 +265,14 @@ def test_streamed_batches_carry_the_token_states_of_their_rows(token_cache):
 def test_streamed_token_run_resumes_mid_epoch_and_validates_on_the_token_states(token_cache, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from vlmcache.checkpoint import load_model
-    from vlmcache.evaluate import evaluate_model, retrieval_metrics
-    from vlmcache.store import load_features, open_cache
-    from vlmcache.stream import embed_split
-    from vlmcache.train import train
+    from vlmcache.align.inputs import evaluate_model
+    from vlmcache.align.load import load_model
+    from vlmcache.align.train import train
+    from vlmcache.cache.store import load_features, open_cache
+    from vlmcache.cache.stream import embed_split
+    from vlmcache.metrics.retrieval import retrieval_metrics
 
-    monkeypatch.setattr(sys.modules["vlmcache.train"], "CHECKPOINT_STEPS", 1)
+    monkeypatch.setattr(sys.modules["vlmcache.align.train"], "CHECKPOINT_STEPS", 1)
     config = TrainConfig(projector="cross-attention", text_tokens=True, epochs=2, batch_size=2, stream=True, stream_buffer=2)
     straight = train(token_cache, tmp_path / "straight", config)
     # 3 steps per epoch: killed in epoch 2 after its checkpoint at step 1

@@ -10,12 +10,13 @@ from conftest import run_cli
 from safetensors.torch import load_file, save_file
 
 from vlmcache import extract
-from vlmcache.checkpoint import load_model, read_checkpoint
-from vlmcache.config import TrainConfig
+from vlmcache.align.config import TrainConfig
+from vlmcache.align.inputs import evaluate_model
+from vlmcache.align.load import load_model
+from vlmcache.align.model import initial_model
+from vlmcache.align.train import train
 from vlmcache.errors import VlmcacheError
-from vlmcache.evaluate import evaluate_model
-from vlmcache.model import initial_model
-from vlmcache.train import train
+from vlmcache.run.checkpoint import read_checkpoint
 
 
 @pytest.fixture

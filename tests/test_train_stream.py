@@ -9,14 +9,15 @@ import torch
 from conftest import run_cli, train_killed_at_step
 from safetensors.torch import load_file
 
-from vlmcache.checkpoint import read_checkpoint
-from vlmcache.config import TrainConfig
-from vlmcache.evaluate import evaluate_model, retrieval_metrics
-from vlmcache.model import initial_model
-from vlmcache.store import open_cache
-from vlmcache.stream import BASE_BYTES, embed_split, feature_bytes, in_memory_bytes
-from vlmcache.synthetic import write_synthetic_cache
-from vlmcache.train import train
+from vlmcache.align.config import TrainConfig
+from vlmcache.align.inputs import evaluate_model
+from vlmcache.align.model import initial_model
+from vlmcache.align.train import train
+from vlmcache.cache.store import open_cache
+from vlmcache.cache.stream import BASE_BYTES, embed_split, feature_bytes, in_memory_bytes
+from vlmcache.data.synthetic import write_synthetic_cache
+from vlmcache.metrics.retrieval import retrieval_metrics
+from vlmcache.run.checkpoint import read_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def cache(tmp_path_factory):
 
 
 def test_killed_mid_epoch_then_resumed_equals_uninterrupted(cache, tmp_path, monkeypatch):
-    monkeypatch.setattr(sys.modules["vlmcache.train"], "CHECKPOINT_STEPS", 3)
+    monkeypatch.setattr(sys.modules["vlmcache.align.train"], "CHECKPOINT_STEPS", 3)
     config = TrainConfig(projector="mlp", epochs=2, batch_size=32, dropout=0.2, stream=True, stream_buffer=128)
     train(cache, tmp_path / "straight", config)
     # epoch 2, step 5 (20 steps per epoch): after the checkpoint at 3

@@ -25,11 +25,12 @@ from conftest import make_flickr_slice, run_cli
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from vlmcache import datasets, extract, open_cache
-from vlmcache.config import TrainConfig
-from vlmcache.evaluate import retrieval_metrics, zero_shot_metrics
-from vlmcache.store import verify_cache
-from vlmcache.train import train
+from vlmcache import extract, open_cache
+from vlmcache.align.config import TrainConfig
+from vlmcache.align.train import train
+from vlmcache.cache.store import verify_cache
+from vlmcache.data import datasets
+from vlmcache.metrics.retrieval import retrieval_metrics, zero_shot_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 VLMCACHE = [sys.executable, "-m", "vlmcache"]
@@ -247,7 +248,7 @@ def test_kill_9_of_ablate_leaves_no_worker_behind(cache, tmp_path):
 def test_ablate_in_this_process_does_not_tie_the_caller_to_its_parent(cache, tmp_path):
     import ctypes
 
-    from vlmcache.ablate import ablate
+    from vlmcache.align.ablate import ablate
 
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     signal_number = ctypes.c_int(-1)
@@ -433,10 +434,10 @@ def test_nul_in_a_caption_gives_one_line_and_leaves_no_lock_or_temporary(tmp_pat
 
 
 def test_eval_json_output_that_cannot_be_written_fails_before_the_work(run, tmp_path, capsys, monkeypatch):
-    import vlmcache.evaluate
+    import vlmcache.eval.evaluate
 
     called = []
-    monkeypatch.setattr(vlmcache.evaluate, "evaluate_checkpoint", lambda *a, **k: called.append(a))
+    monkeypatch.setattr(vlmcache.eval.evaluate, "evaluate_checkpoint", lambda *a, **k: called.append(a))
     (tmp_path / "a-file").write_text("x")
     for target in (tmp_path / "no-such-folder" / "r.json", tmp_path / "a-file" / "r.json", tmp_path):
         code, _, err = run_cli(["eval", run, "--json", target], capsys)
@@ -504,7 +505,7 @@ def client(run):
     pytest.importorskip("starlette")
     from starlette.testclient import TestClient
 
-    from vlmcache.serve import create_app
+    from vlmcache.app.serve import create_app
 
     return TestClient(create_app(run))
 
@@ -531,7 +532,7 @@ def test_web_serves_images_only_from_the_dataset_not_a_swapped_symlink(client, c
 def test_web_page_escapes_the_checkpoint_path_and_search_shows_no_server_paths(run, client, data, tmp_path):
     from starlette.testclient import TestClient
 
-    from vlmcache.serve import create_app
+    from vlmcache.app.serve import create_app
 
     hostile = Path(shutil.copytree(run, tmp_path / "run<script>alert(1)<"))
     page = TestClient(create_app(hostile)).get("/").text
@@ -542,7 +543,7 @@ def test_web_page_escapes_the_checkpoint_path_and_search_shows_no_server_paths(r
 
 
 def test_web_refuses_a_huge_chunked_upload_without_reading_it_all(client):
-    from vlmcache.serve import MAX_UPLOAD_BYTES
+    from vlmcache.app.serve import MAX_UPLOAD_BYTES
 
     offered, chunk = 50 * 1024 * 1024, 64 * 1024
     head = (b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="big.jpg"\r\n'

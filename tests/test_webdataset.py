@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from conftest import FLICKR, require_shared_data, run_cli
 
-from vlmcache.datasets import load_dataset
+from vlmcache.cache.store import open_cache
+from vlmcache.data.datasets import load_dataset
+from vlmcache.data.tars import expand_braces
+from vlmcache.encode.extract import extract
 from vlmcache.errors import VlmcacheError
-from vlmcache.extract import extract
-from vlmcache.store import open_cache
-from vlmcache.tars import expand_braces
 
 
 def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -157,9 +157,9 @@ def test_member_names_never_reach_the_file_system(tmp_path, flickr_images, tiny_
     pytest.importorskip("starlette")
     from starlette.testclient import TestClient
 
-    from vlmcache.config import TrainConfig
-    from vlmcache.serve import create_app
-    from vlmcache.train import train
+    from vlmcache.align.config import TrainConfig
+    from vlmcache.align.train import train
+    from vlmcache.app.serve import create_app
 
     secret = tmp_path / "private" / "secret.jpg"
     secret.parent.mkdir()

@@ -1,5 +1,5 @@
 """`python -m vlmcache ...` (and `torchrun -m vlmcache extract ...`) run the CLI."""
 
-from vlmcache.cli import main
+from vlmcache.app.cli import main
 
 main()

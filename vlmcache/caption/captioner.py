@@ -33,21 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmcache.caption_metrics import words
-from vlmcache.checkpoint import (
-    check_encoders_match,
-    finish_epoch,
-    model_weights,
-    read_checkpoint,
-    restore,
-    set_encoders,
-    write_metrics_log,
-)
+from vlmcache.align.load import check_encoders_match, set_encoders
+from vlmcache.align.projectors import Resampler, build_projector, count_parameters
+from vlmcache.cache.store import FeatureCache, open_cache, parse_sets
 from vlmcache.errors import VlmcacheError
 from vlmcache.files import FolderLock, remove_stale_temporaries
-from vlmcache.projectors import Resampler, build_projector, count_parameters
-from vlmcache.store import FeatureCache, open_cache, parse_sets
-from vlmcache.train import lr_factor
+from vlmcache.metrics.captions import words
+from vlmcache.run.checkpoint import finish_epoch, model_weights, read_checkpoint, restore, write_metrics_log
+from vlmcache.run.schedule import lr_factor
 
 CAPTION_PROJECTORS = ("linear", "mlp", "resampler")
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
@@ -457,7 +450,7 @@ class CaptionResult:
 
 def validate(model: Captioner, data: CaptionData, beam: int = 1, meteor: bool = False) -> dict:
     """Caption metrics of a model's captions for every image of a split."""
-    from vlmcache.caption_metrics import score_captions
+    from vlmcache.metrics.captions import score_captions
 
     return score_captions(generate(model, data.images, beam), data.references(), meteor=meteor)
 
@@ -581,7 +574,7 @@ def evaluate_captioner(checkpoint: str | Path, cache: str | Path | None = None, 
                        beam: int = 5, nn_k: int = 5, with_baselines: bool = True) -> CaptionReport:
     """The trained captioner beside the nearest-neighbour and constant baselines on one split (default: test
     when the cache has it, else val), all scored against every reference caption of each image."""
-    from vlmcache.caption_metrics import most_frequent_caption, nearest_neighbour_captions, score_captions
+    from vlmcache.metrics.captions import most_frequent_caption, nearest_neighbour_captions, score_captions
 
     if beam < 1:
         raise VlmcacheError(f"--beam {beam}: give 1 (greedy) or more")
@@ -615,7 +608,7 @@ class CaptionPredictor:
     """A captioner with its frozen image encoder, loaded once: captions for image files."""
 
     def __init__(self, checkpoint: str | Path):
-        from vlmcache import encoders
+        from vlmcache.encode import encoders
 
         self.model, self.meta = load_captioner(checkpoint)
         self.encoders = [encoders.image_encoder_from_provenance(provenance, "cpu")
@@ -623,7 +616,7 @@ class CaptionPredictor:
 
     def caption(self, images: list[str | Path], beam: int = 5) -> list[str]:
         """One caption per image file (the image encoder runs on each, as `extract` would)."""
-        from vlmcache.datasets import ImageDecodeError, load_rgb
+        from vlmcache.data.datasets import ImageDecodeError, load_rgb
 
         tokens = self.model.config.projector == "resampler"
         inputs = []

@@ -1,7 +1,7 @@
 """Train image and text projectors on cached features (never an image or a frozen encoder in the loop).
 
 By default all features of a split sit in memory as one tensor; with `stream` (or when they would pass
-`max_memory`, or under torchrun) the split is streamed a window of shards at a time (vlmcache.stream),
+`max_memory`, or under torchrun) the split is streamed a window of shards at a time (vlmcache.cache.stream),
 validation embeds the val split chunk by chunk, and `last` is also saved every CHECKPOINT_STEPS steps
 with the stream position, so `resume` continues mid-epoch exactly. Under torchrun each rank streams its
 part of the shards and the loss is taken over the global batch (vlmcache.distributed); rank 0 writes.
@@ -25,18 +25,22 @@ from pathlib import Path
 import torch
 
 from vlmcache import __version__, distributed
-from vlmcache.checkpoint import feature_set_meta, finish_epoch, restore, save_checkpoint, write_metrics_log
-from vlmcache.config import TrainConfig, parse_size, to_toml
-from vlmcache.encoders import pick_device
+from vlmcache.align.config import TrainConfig, parse_size, to_toml
+from vlmcache.align.inputs import batch_inputs, evaluate_model, input_shape, token_options, token_sides
+from vlmcache.align.load import feature_set_meta
+from vlmcache.align.model import initial_model
+from vlmcache.cache.store import FeatureCache, Split, load_features, open_cache
+from vlmcache.cache.stream import Batch, ShardStream, embed_split, in_memory_bytes, stream_buffer
+from vlmcache.encode.encoders import pick_device
 from vlmcache.errors import VlmcacheError
-from vlmcache.evaluate import evaluate_model, retrieval_metrics
 from vlmcache.files import FolderLock, remove_stale_temporaries, write_text_atomic
-from vlmcache.model import initial_model
-from vlmcache.store import FeatureCache, Split, load_features, open_cache
-from vlmcache.stream import Batch, ShardStream, embed_split, in_memory_bytes, stream_buffer
-from vlmcache.tokens import batch_inputs, input_shape, token_options, token_sides
+from vlmcache.metrics.retrieval import retrieval_metrics
+from vlmcache.run.checkpoint import finish_epoch, restore, save_checkpoint, write_metrics_log
+from vlmcache.run.schedule import lr_factor
 
 CHECKPOINT_STEPS = 1000  # a streamed epoch also saves `last` every this many steps (resume continues mid-epoch)
+
+
 # Streamed token windows' budget when --max-memory is not given. Measured on Flickr8k (README): 1.5 GiB windows
 # (~1,500 images) train at 93% of in-memory speed; one 3 GiB window of the whole split at 57% (no read-ahead).
 TOKEN_STREAM_MEMORY = 3 << 29
@@ -53,19 +57,6 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     parameters: int = 0
     seconds: float = 0.0
-
-
-def lr_factor(config: TrainConfig, step: int, total_steps: int) -> float:
-    """The learning-rate multiplier at optimiser step `step` (0-based) of `total_steps`."""
-    if config.schedule == "constant":
-        return 1.0
-    if config.schedule == "onecycle":  # linear up over the first 30%, cosine down to 0
-        peak = max(1, int(0.3 * total_steps))
-        return step / peak if step < peak else 0.5 * (1 + math.cos(math.pi * (step - peak) / max(1, total_steps - peak)))
-    if step < config.warmup:
-        return (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(1, total_steps - config.warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def train(
@@ -267,3 +258,4 @@ def _batches(config: TrainConfig, n_images: int, n_texts: int, owner, starts, co
         for begin in range(0, n_texts, config.batch_size):
             captions = order[begin:begin + config.batch_size]
             yield owner[captions], captions, owner[captions]
+

@@ -15,11 +15,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from vlmcache.datasets import PairDataset
+from vlmcache.cache.store import FORMAT_VERSION, MODALITIES, now_iso, shard_name, shard_ranges, write_shard
+from vlmcache.cache.writer import ExtractResult, PendingSet, finalize_cache, prepare_cache
+from vlmcache.data.datasets import PairDataset
 from vlmcache.errors import VlmcacheError
-from vlmcache.extract import ExtractResult, FeatureSet, finalize_cache, prepare_cache
 from vlmcache.files import FolderLock
-from vlmcache.store import FORMAT_VERSION, MODALITIES, now_iso, shard_name, shard_ranges, write_shard
 
 LATENT = 64
 
@@ -67,7 +67,7 @@ def write_synthetic_cache(out: str | Path, images: int, *, val_images: int = 0, 
     text_map = maps.standard_normal((LATENT, text_dim)).astype(np.float32) / np.sqrt(LATENT)
     out.mkdir(parents=True, exist_ok=True)
     with FolderLock(out, "synthetic cache"):
-        sets = [FeatureSet(modality, provenance[modality]["encoder"]["name"], None, "synthetic", provenance[modality])
+        sets = [PendingSet(modality, provenance[modality]["encoder"]["name"], None, "synthetic", provenance[modality])
                 for modality in MODALITIES]
         prepare_cache(out, dataset, manifest, sets, overwrite=True)
         plans = {"images": shard_ranges(total, shard_size), "texts": shard_ranges(len(caption_image), shard_size)}

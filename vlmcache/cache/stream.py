@@ -42,9 +42,9 @@ import h5py
 import numpy as np
 import torch
 
+from vlmcache.cache.store import FeatureCache
+from vlmcache.cache.tokens import EMBED_BATCH, Tokens, token_batch
 from vlmcache.errors import VlmcacheError
-from vlmcache.store import FeatureCache
-from vlmcache.tokens import EMBED_BATCH, Tokens, token_batch
 
 DEFAULT_BUFFER = 65_536  # images per shuffle window
 TOKEN_CHUNK = 4096  # token rows read at once in chunked evaluation: 4,096 × 49 × 1280 fp16 is 0.5 GB

@@ -68,8 +68,8 @@ def extract(
     backend: Annotated[str, typer.Option(help="Image encoder backend: auto (onnxruntime on a CPU when installed, else torch) | onnxruntime | torch (CNNs: BatchNorm folded, channels_last) | eager. All give the same features within float rounding.")] = "auto",
 ) -> None:
     """Encode a dataset once with frozen encoders and write a sharded HDF5 feature cache (resumable)."""
-    from vlmcache.extract import ExtractConfig
-    from vlmcache.extract import extract as run_extract
+    from vlmcache.encode.extract import ExtractConfig
+    from vlmcache.encode.extract import extract as run_extract
 
     image_models, text_models = image_model or ["efficientnet-lite0"], text_model or ["minilm"]
     config = ExtractConfig(image_model=image_models[0], text_model=text_models[0], extra_image_models=tuple(image_models[1:]),
@@ -95,7 +95,7 @@ def extract(
 @app.command(epilog="Example:\n\n  vlmcache info features/flickr8k")
 def info(cache: Annotated[Path, typer.Argument(help="Cache folder.")]) -> None:
     """Show a cache's provenance: dataset, splits, encoders, preprocessing, libraries, skipped items."""
-    from vlmcache.store import open_cache
+    from vlmcache.cache.store import open_cache
 
     opened = open_cache(cache)
     manifest = opened.manifest
@@ -134,7 +134,7 @@ def info(cache: Annotated[Path, typer.Argument(help="Cache folder.")]) -> None:
 @app.command(epilog="Example:\n\n  vlmcache verify features/flickr8k")
 def verify(cache: Annotated[Path, typer.Argument(help="Cache folder.")]) -> None:
     """Check every shard of a cache (checksums, content hashes, row ranges, provenance, finite features)."""
-    from vlmcache.store import verify_cache
+    from vlmcache.cache.store import verify_cache
 
     problems = verify_cache(cache)
     if not problems:
@@ -169,7 +169,7 @@ def _with_config_file(context: typer.Context, config_file: Path | None, options:
     """
     if config_file is None:
         return options, {}
-    from vlmcache.config import read_config_file
+    from vlmcache.align.config import read_config_file
 
     values = read_config_file(config_file)
     # Compared by name: typer ≥ 0.2x has its own copy of click, with its own ParameterSource enum.
@@ -231,9 +231,9 @@ def train(
     """Train image and text projectors on cached features (seconds on a CPU); checkpoints as safetensors."""
     from rich.live import Live
 
-    from vlmcache.config import TrainConfig
-    from vlmcache.evaluate import RETRIEVAL_KEYS, RETRIEVAL_LABELS
-    from vlmcache.train import train as run_train
+    from vlmcache.align.config import TrainConfig
+    from vlmcache.align.train import train as run_train
+    from vlmcache.metrics.retrieval import RETRIEVAL_KEYS, RETRIEVAL_LABELS
 
     options, rest = _with_config_file(context, config_file, {
         "projector": projector, "loss": loss, "dim": dim, "epochs": epochs, "batch_size": batch_size, "lr": lr,
@@ -267,13 +267,13 @@ def train(
     console.print(f"best epoch {result.best_epoch}: val mean recall {best['mean_recall']:.2f} "
                   f"(R@1 i→t {best['i2t_r1']:.1f}, t→i {best['t2i_r1']:.1f}); {result.parameters:,} projector "
                   f"parameters; {result.seconds:.1f} s; checkpoints in {result.out}")
-    from vlmcache.search_index import build_index
+    from vlmcache.app.predictor import build_index
 
     build_index(result.out)  # so that the first `vlmcache search` of this run starts without PyTorch
 
 
 def _metrics_table(title: str, rows: dict[str, dict]) -> Table:
-    from vlmcache.evaluate import MEDIAN_RANK_KEYS, MEDIAN_RANK_LABELS, RETRIEVAL_KEYS, RETRIEVAL_LABELS
+    from vlmcache.metrics.retrieval import MEDIAN_RANK_KEYS, MEDIAN_RANK_LABELS, RETRIEVAL_KEYS, RETRIEVAL_LABELS
 
     table = Table(title=title, title_justify="left")
     table.add_column("model", no_wrap=True)
@@ -301,9 +301,10 @@ def eval_command(
     qbnorm_bank: Annotated[str | None, typer.Option(help="Split whose queries form the QB-Norm bank [default: the run's train split]; never the evaluated split.")] = None,
 ) -> None:
     """Image↔text Recall@1/5/10 (5 captions per image) of a checkpoint beside untrained and training-free baselines."""
-    from vlmcache.evaluate import ZERO_SHOT_KEYS, ZERO_SHOT_LABELS, evaluate_checkpoint, read_class_names
-    from vlmcache.evaluate import zero_shot as run_zero_shot
+    from vlmcache.eval.evaluate import evaluate_checkpoint, read_class_names
+    from vlmcache.eval.evaluate import zero_shot as run_zero_shot
     from vlmcache.files import check_writable, write_json_atomic
+    from vlmcache.metrics.retrieval import ZERO_SHOT_KEYS, ZERO_SHOT_LABELS
 
     if json_out is not None:
         check_writable(json_out, "--json")  # before the work, not after it
@@ -351,7 +352,7 @@ def classify(
     label_list: Annotated[list[str] | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Rank text labels for one image: rank, prompt, cosine similarity and softmax probability."""
-    from vlmcache.predictor import classify_image
+    from vlmcache.app.predictor import classify_image
 
     if not label_list:
         label_list = _read_labels(labels, labels_file)
@@ -375,7 +376,7 @@ def search(
     qbnorm: Annotated[bool, typer.Option("--qbnorm", help="Rescore with querybank normalisation (bank: the run's training captions; beta chosen on val).")] = False,
 ) -> None:
     """Find the cached images that best match a text query (cross-modal retrieval)."""
-    from vlmcache.search_index import search_images
+    from vlmcache.app.predictor import search_images
 
     table = Table(title=f"top {top} images for {query!r}", title_justify="left")
     for column, justify in (("rank", "right"), ("score", "right"), ("image", "left"), ("path", "left")):
@@ -400,8 +401,8 @@ def ablation_table(rows: list[dict], split: str) -> Table:
     several_caches = len({row["encoders"] for row in rows}) > 1
     if several_caches:
         table.add_column("encoders")
-    from vlmcache.evaluate import RETRIEVAL_KEYS as metric_names
-    from vlmcache.evaluate import RETRIEVAL_LABELS
+    from vlmcache.metrics.retrieval import RETRIEVAL_KEYS as metric_names
+    from vlmcache.metrics.retrieval import RETRIEVAL_LABELS
 
     for column in ("projector", "loss", "dim"):
         table.add_column(column)
@@ -441,8 +442,8 @@ def ablate(
     config_file: Annotated[Path | None, typer.Option("--config", help="TOML file of these options (lists allowed, e.g. seeds = [0, 1]); any other train option in it (lr, dropout, ...) applies to every cell. Options given here override it.")] = None,
 ) -> None:
     """Train the projector × loss grid on cached features (several seeds) and print one comparison table."""
-    from vlmcache.ablate import ablate as run_ablate
-    from vlmcache.config import TrainConfig
+    from vlmcache.align.ablate import ablate as run_ablate
+    from vlmcache.align.config import TrainConfig
 
     options, rest = _with_config_file(context, config_file, {
         "caches": caches, "out": out, "projectors": projectors, "losses": losses, "seeds": seeds, "dims": dims,
@@ -474,8 +475,8 @@ def demo(
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 20,
 ) -> None:
     """The whole pipeline on the offline default encoders: extract → train (MLP + InfoNCE) → eval → classify."""
-    from vlmcache.demo import find_demo_data, make_shapes_dataset
-    from vlmcache.store import open_cache
+    from vlmcache.app.demo import find_demo_data, make_shapes_dataset
+    from vlmcache.cache.store import open_cache
 
     source = find_demo_data(data)
     if source is None:
@@ -485,8 +486,8 @@ def demo(
     console.rule(f"1/4 extract {source} (first {limit} images per split) with efficientnet-lite0 + minilm")
     extract(source, out=out / "cache", limit=limit)
     console.rule("2/4 train an MLP projector with InfoNCE on the cached features")
-    from vlmcache.config import TrainConfig
-    from vlmcache.train import train as run_train
+    from vlmcache.align.config import TrainConfig
+    from vlmcache.align.train import train as run_train
 
     run_train(out / "cache", out / "run", TrainConfig(projector="mlp", loss="infonce", epochs=epochs), overwrite=True)
     console.rule("3/4 evaluate: trained vs untrained projector and training-free baselines")
@@ -508,7 +509,7 @@ def plot(
     out: Annotated[Path | None, typer.Option(help="PNG to write [default: beside the input]")] = None,
 ) -> None:
     """Plot training curves of a run, or the ablation as bars with error bars, to a PNG."""
-    from vlmcache.plots import plot_ablation, plot_training
+    from vlmcache.app.plots import plot_ablation, plot_training
 
     is_ablation = path.name == "ablation.json" or (path / "ablation.json").exists()
     written = plot_ablation(path, out) if is_ablation else plot_training(path, out)
@@ -524,7 +525,7 @@ def serve(
     qbnorm: Annotated[bool, typer.Option("--qbnorm", help="Search with querybank normalisation (bank: the run's training captions).")] = False,
 ) -> None:
     """A local web page: upload an image and rank labels, or search the cached images by text."""
-    from vlmcache.serve import serve as run_server
+    from vlmcache.app.serve import serve as run_server
 
     console.print(f"serving {checkpoint} at http://{host}:{port} (Ctrl-C to stop)")
     run_server(checkpoint, host, port, split, qbnorm)
@@ -542,7 +543,7 @@ def export_command(
     rows_per_file: Annotated[int, typer.Option(help="Rows per img_emb_N.npy / metadata_N.parquet.")] = 1_000_000,
 ) -> None:
     """Write a cache's embeddings and metadata in clip-retrieval's layout (chunked, memory-bounded)."""
-    from vlmcache.formats import export_cache
+    from vlmcache.data.formats import export_cache
 
     result = export_cache(cache, out, format, raw=raw, captions=captions, splits=_split_list(splits),
                           rows_per_file=rows_per_file)
@@ -567,7 +568,7 @@ def import_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing cache instead of resuming it.")] = False,
 ) -> None:
     """Make a vlmcache cache from precomputed embeddings (no extraction); train, eval and ablate then run on it."""
-    from vlmcache.formats import import_embeddings
+    from vlmcache.data.formats import import_embeddings
 
     result = import_embeddings(source, out, format, features=features, caption_column=caption_column,
                                split_column=split_column, val_fraction=val_fraction, shard_size=shard_size,
@@ -593,7 +594,7 @@ def probe(
     """Linear-probe accuracy (scikit-learn LogisticRegression, C swept on a validation split) of cached image features."""
     from dataclasses import asdict
 
-    from vlmcache.probe import probe as run_probe
+    from vlmcache.eval.probe import probe as run_probe
 
     result = run_probe(cache, checkpoint, train_split=train_split, test_split=test_split, test_fraction=test_fraction,
                        val_fraction=val_fraction, seed=seed)
@@ -633,7 +634,7 @@ app.add_typer(caption_app, name="caption")
 
 
 def _caption_table(title: str, rows: dict[str, dict]) -> Table:
-    from vlmcache.caption_metrics import METRIC_LABELS, METRICS
+    from vlmcache.metrics.captions import METRIC_LABELS, METRICS
 
     table = Table(title=title, title_justify="left")
     table.add_column("captioner", no_wrap=True)
@@ -666,7 +667,7 @@ def caption_train(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the run in --out again.")] = False,
 ) -> None:
     """Train a captioner on cached image features; the best epoch by validation CIDEr (greedy) is kept."""
-    from vlmcache.caption import CaptionConfig, train_captioner
+    from vlmcache.caption.captioner import CaptionConfig, train_captioner
 
     config = CaptionConfig(decoder=decoder, projector=projector, image_features=image_features,
                            prefix_tokens=prefix_tokens, tune_lm=tune_lm,
@@ -693,9 +694,9 @@ def caption_eval(
 ) -> None:
     """BLEU-1..4, METEOR, ROUGE-L, CIDEr (×100, all references) of a captioner beside the nearest-neighbour
     and most-frequent-caption baselines."""
-    from vlmcache.caption import evaluate_captioner
-    from vlmcache.caption_metrics import java_available
+    from vlmcache.caption.captioner import evaluate_captioner
     from vlmcache.files import write_json_atomic
+    from vlmcache.metrics.captions import java_available
 
     report = evaluate_captioner(run, cache, split, beam)
     if not java_available():
@@ -717,7 +718,7 @@ def caption_predict(
     beam: Annotated[int, typer.Option(help="Beam width; 1 is greedy decoding.")] = 5,
 ) -> None:
     """Caption image files (also: vlmcache caption IMAGE... --checkpoint RUN)."""
-    from vlmcache.caption import caption_images
+    from vlmcache.caption.captioner import caption_images
 
     for image, text in zip(images, caption_images(checkpoint, images, beam), strict=True):
         console.print(f"{image}: {text}", highlight=False)

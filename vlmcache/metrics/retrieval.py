@@ -1,4 +1,4 @@
-"""Evaluation: retrieval and zero-shot metrics, the one metric schema, and evaluating checkpoints.
+"""Retrieval and zero-shot metrics, and the one metric schema (keys and labels of every table).
 
 Retrieval with several captions per image (Flickr/COCO protocol, as CLIP_benchmark):
 - image→text R@K: an image scores if ANY of its captions is among its top-K texts;
@@ -11,47 +11,47 @@ are computed in chunks, so the full images×captions matrix never exists in memo
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vlmcache import baselines
-from vlmcache.checkpoint import check_encoders_match, checkpoint_caches, load_model
-from vlmcache.config import TrainConfig
-from vlmcache.errors import VlmcacheError
-from vlmcache.model import AlignmentModel, initial_model
-from vlmcache.prompts import PromptStore, prompt_folder
-from vlmcache.qbnorm import BETAS, QBNORM_SUFFIX, QueryBank, check_bank_split, query_bank
-from vlmcache.store import Split, load_features, open_cache
-from vlmcache.tokens import embed_side, input_shape, token_options
+from vlmcache.cache.store import Split
+from vlmcache.metrics.qbnorm import BETAS, QueryBank, query_bank
 
 # The metric schema: keys (JSON, metrics.jsonl with a "val_" prefix, ablation.csv) and their column labels.
 KS = (1, 5, 10)
+
+
 RECALL_KEYS = tuple(f"{direction}_r{k}" for direction in ("i2t", "t2i") for k in KS)
+
+
 RETRIEVAL_KEYS = (*RECALL_KEYS, "mean_recall")
+
+
 RETRIEVAL_LABELS = ("i→t R@1", "R@5", "R@10", "t→i R@1", "R@5", "R@10", "mean")
+
+
 MEDIAN_RANK_KEYS = ("i2t_median_rank", "t2i_median_rank")
+
+
 MEDIAN_RANK_LABELS = ("medR i→t", "medR t→i")
+
+
 ZERO_SHOT_KEYS = ("top1", "top5", "mean_per_class")
+
+
 ZERO_SHOT_LABELS = ("top-1 %", "top-5 %", "mean per-class %")
+
+
 # Row names of the baselines that sit beside every trained number.
 UNTRAINED_ROW = "untrained (same init)"
-CCA_ROW = "CCA (closed form)"
-ASIF_ROW = "ASIF (no training)"
-
-
-def trained_row(config: TrainConfig) -> str:
-    """The table row name of a trained model."""
-    return f"trained ({config.projector} + {config.loss})"
 
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
 # A short ensemble in the spirit of CLIP's ImageNet prompts, for when one template is too brittle.
 ENSEMBLE_TEMPLATES = (
     "a photo of a {}.", "a blurry photo of a {}.", "a photo of the {}.", "a close-up photo of a {}.",
@@ -59,15 +59,15 @@ ENSEMBLE_TEMPLATES = (
 )
 
 
+SCORE_BUDGET = 1 << 24  # similarity entries per chunk (64 MB of float32): memory stays bounded at any size
+TILE = (2048, 8192)  # (images, captions) per score tile: 64 MB of float32, large enough to run at matmul speed
+
 def _as_tensor(array) -> torch.Tensor:
     return array if isinstance(array, torch.Tensor) else torch.from_numpy(np.asarray(array))
 
 
 def _finite_or_worst(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(scores), scores, torch.tensor(-torch.inf))
-
-
-SCORE_BUDGET = 1 << 24  # similarity entries per chunk (64 MB of float32): memory stays bounded at any size
 
 
 def retrieval_ranks(image_emb, text_emb, caption_image, chunk_size: int = 1024, text_bank: QueryBank | None = None,
@@ -78,7 +78,7 @@ def retrieval_ranks(image_emb, text_emb, caption_image, chunk_size: int = 1024, 
     Embeddings are compared by dot product; pass L2-normalised ones for cosine similarity. Queries go
     in chunks of at most `chunk_size` rows, fewer when the other side is large (SCORE_BUDGET). With
     `text_bank` (the captions' QB-Norm normaliser from a bank of image queries) image→text scores are
-    rescored by QB-Norm, and with `image_bank` text→image scores (see vlmcache.qbnorm).
+    rescored by QB-Norm, and with `image_bank` text→image scores (see vlmcache.metrics.qbnorm).
     Without QB-Norm (whose rescoring needs whole rows) the ranks come from `tiled_ranks`, in one pass.
     """
     images, texts = _as_tensor(image_emb).float(), _as_tensor(text_emb).float()
@@ -106,9 +106,6 @@ def retrieval_ranks(image_emb, text_emb, caption_image, chunk_size: int = 1024, 
         # (scores >= correct) counts the correct image itself, which makes the count a 1-based rank.
         text_ranks[rows.numpy()] = (scores >= correct_score).sum(dim=1).numpy()
     return image_ranks, text_ranks
-
-
-TILE = (2048, 8192)  # (images, captions) per score tile: 64 MB of float32, large enough to run at matmul speed
 
 
 def tiled_ranks(images: torch.Tensor, texts: torch.Tensor, owner: torch.Tensor,
@@ -203,13 +200,6 @@ def qbnorm_row(embed: Callable[[Split], tuple], bank: Split, val: Split, evaluat
     return qbnorm_metrics(*embed(evaluated), evaluated.caption_image, bank_images, bank_texts, beta)
 
 
-def model_embeddings(model: AlignmentModel) -> Callable[[Split], tuple[torch.Tensor, torch.Tensor]]:
-    """split -> (unit image embeddings, unit text embeddings) of a model, without autograd."""
-    def embed(split: Split) -> tuple[torch.Tensor, torch.Tensor]:
-        return embed_side(model, split, "image"), embed_side(model, split, "text")
-    return embed
-
-
 def class_embeddings(encode_texts, classnames: list[str], templates=DEFAULT_TEMPLATES) -> torch.Tensor:
     """One unit vector per class: the mean of its normalised template embeddings, renormalised.
 
@@ -238,136 +228,3 @@ def zero_shot_metrics(image_emb, labels, class_emb, classnames: list[str]) -> di
             "top5": float(100.0 * (rank <= 5).float().mean()) if len(classnames) >= 5 else None,
             "mean_per_class": float(np.mean(list(per_class.values()))), "per_class": per_class}
 
-
-def clean_class_name(folder: str) -> str:
-    """A folder name as words for a prompt: 'car_side' → 'car side', 'Faces_easy' → 'faces easy'."""
-    words = re.sub(r"([a-z])([A-Z])", r"\1 \2", folder).replace("_", " ").replace("-", " ").split()
-    return " ".join(word if word.isupper() and len(word) > 1 else word.lower() for word in words)
-
-
-@torch.no_grad()
-def evaluate_model(model: AlignmentModel, split: Split, device: str | torch.device = "cpu") -> dict[str, float]:
-    """Retrieval metrics of a model on a split of cached features."""
-    model.eval()
-    return retrieval_metrics(embed_side(model, split, "image", device), embed_side(model, split, "text", device),
-                             torch.from_numpy(split.caption_image).to(device))
-
-
-def baseline_metrics(train: Split, evaluated: Split, dim: int) -> dict[str, dict]:
-    """The training-free baselines fitted on `train`, evaluated on `evaluated`: {row name: metrics}."""
-    owner = evaluated.caption_image
-    return {CCA_ROW: retrieval_metrics(*baselines.cca_embeddings(train, evaluated, dim), owner),
-            ASIF_ROW: retrieval_metrics(*baselines.asif_embeddings(train, evaluated), owner)}
-
-
-def check_input_shapes(meta: dict, split: Split, path, sides=("image", "text")) -> None:
-    """Refuse features (or token states) whose width or token count is not what the checkpoint was trained on."""
-    for side in sides:
-        found, expected = input_shape(split, side), (meta[f"{side}_dim"], meta.get(f"{side}_tokens"))
-        if found != expected:
-            raise VlmcacheError(f"{path}: {side} inputs are {_describe_input(*found)} but the checkpoint expects "
-                                f"{_describe_input(*expected)}; use a cache extracted like the run's")
-
-
-def _describe_input(dim: int, count: int | None) -> str:
-    return f"{count}×{dim} token states" if count else f"{dim}-d features"
-
-
-def refuse_text_tokens(config: TrainConfig, command: str) -> None:
-    """New text (prompts, queries) is encoded to pooled features only: a text-token checkpoint cannot rank it."""
-    if config.text_tokens:
-        raise VlmcacheError(f"{command}: this checkpoint's text side reads token states (--text-tokens), but new "
-                            "prompts and queries are encoded as pooled features; train with --no-text-tokens for it")
-
-
-@dataclass
-class EvalReport:
-    """Retrieval metrics per model on one split of one cache."""
-
-    cache: Path
-    split: str
-    rows: dict[str, dict]
-
-
-def evaluate_checkpoint(checkpoint: str | Path, split: str | None = None, cache: str | Path | None = None,
-                        with_baselines: bool = True, qbnorm: bool = True, qbnorm_bank: str | None = None) -> EvalReport:
-    """Retrieval metrics on a split for the trained projectors, the untrained ones (same seed), and the
-    training-free baselines (CCA, ASIF), always fitted on the train split of the run's own caches.
-
-    With `qbnorm`, the trained model and CCA again with QB-Norm (rows named "... + QB-Norm"): the bank is
-    the `qbnorm_bank` split's queries (default: the run's train split; never the evaluated split), β
-    chosen on the run's validation split.
-    """
-    model, meta = load_model(checkpoint)
-    opened, text_cache = checkpoint_caches(meta, cache)
-    config = TrainConfig.from_dict(meta["config"])
-    split = split or opened.default_split()
-    bank_split = qbnorm_bank or config.train_split
-    if qbnorm:
-        check_bank_split(bank_split, split)
-    sets = {"image_sets": config.image_sets, "text_sets": config.text_sets, **token_options(config)}
-    evaluated = load_features(opened, split, text_cache, **sets)
-    check_input_shapes(meta, evaluated, opened.path)
-    untrained = initial_model(config, meta["image_dim"], meta["text_dim"], meta.get("image_tokens"),
-                              meta.get("text_tokens"))
-    if config.standardize:  # the same standardised inputs, so the baseline differs only in the learned weights
-        untrained.load_state_dict({k: v for k, v in model.state_dict().items() if k.endswith(("_shift", "_scale"))},
-                                  strict=False)
-    rows = {trained_row(config): evaluate_model(model, evaluated), UNTRAINED_ROW: evaluate_model(untrained, evaluated)}
-    train_cache, train_text_cache = checkpoint_caches(meta) if cache is not None else (opened, text_cache)
-    train = (load_features(train_cache, config.train_split, train_text_cache, **sets)
-             if (with_baselines or qbnorm) and config.train_split in train_cache.splits else None)
-    if with_baselines and train is not None:
-        rows.update(baseline_metrics(train, evaluated, config.dim))
-    if qbnorm:
-        bank = train if bank_split == config.train_split else load_features(train_cache, bank_split, train_text_cache, **sets)
-        val = evaluated if split == config.val_split else load_features(train_cache, config.val_split, train_text_cache, **sets)
-        rows[trained_row(config) + QBNORM_SUFFIX] = qbnorm_row(model_embeddings(model), bank, val, evaluated)
-        if with_baselines and train is not None:
-            rows[CCA_ROW + QBNORM_SUFFIX] = qbnorm_row(
-                lambda s: baselines.cca_embeddings(train, s, config.dim), bank, val, evaluated)
-    return EvalReport(opened.path, split, rows)
-
-
-def read_class_names(path: str | Path | None) -> dict[str, str]:
-    """A JSON object mapping class folder names to the words used in prompts ({} without a file)."""
-    if path is None:
-        return {}
-    try:
-        names = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise VlmcacheError(f"--class-names {path}: not a readable JSON file ({error})") from None
-    if not isinstance(names, dict) or not all(isinstance(v, str) and v.strip() for v in names.values()):
-        raise VlmcacheError(f'--class-names {path}: give a JSON object {{"folder_name": "words for the prompt"}}')
-    return names
-
-
-def zero_shot(checkpoint: str | Path, folder_cache: str | Path, ensemble: bool = False,
-              split: str | None = None, class_names: dict[str, str] | None = None) -> dict[str, dict]:
-    """Zero-shot accuracy on a labelled image-folder cache, trained vs untrained projectors.
-
-    Class folder names are cleaned into words ('car_side' → 'car side'), or taken from `class_names`;
-    they become prompts "a photo of a {}." (or an 8-template ensemble with `ensemble=True`).
-    """
-    model, meta = load_model(checkpoint)
-    opened = open_cache(folder_cache)
-    if not opened.classes:
-        raise VlmcacheError(f"{opened.path}: has no class labels; extract a labelled image folder (root/<class>/*.jpg)")
-    check_encoders_match(meta, opened, modalities=("images",))
-    config = TrainConfig.from_dict(meta["config"])
-    refuse_text_tokens(config, "eval --zero-shot")
-    labelled = opened.split(split or opened.splits[0], config.image_sets, image_tokens=config.tokens)
-    check_input_shapes(meta, labelled, opened.path, sides=("image",))
-    words = [(class_names or {}).get(name) or clean_class_name(name) for name in opened.classes]
-    templates = ENSEMBLE_TEMPLATES if ensemble else DEFAULT_TEMPLATES
-    prompts = PromptStore(meta["text_encoder"], prompt_folder(meta))
-    results = {}
-    for name, candidate in (("trained", model),
-                            (UNTRAINED_ROW, initial_model(config, meta["image_dim"], meta["text_dim"],
-                                                          meta.get("image_tokens")).eval())):
-        with torch.no_grad():
-            class_emb = class_embeddings(lambda texts, m=candidate: m.embed_texts(torch.from_numpy(prompts.encode(texts))),
-                                         words, templates)
-            image_emb = embed_side(candidate, labelled, "image")
-        results[name] = zero_shot_metrics(image_emb, labelled.image_labels, class_emb, opened.classes)
-    return results

@@ -18,7 +18,7 @@ named after its encoder (see `set_name`); a combination of sets is written NAME+
 Each shard holds `features` (rows, dim) in the cache dtype, `valid` (rows,) bool, `error` (rows,)
 strings ("" when fine), for texts `truncated` (rows,) bool, optionally `tokens`/`token_mask`, and the
 attributes `row_start`, `rows` and `provenance` (JSON, the same as the manifest's for that modality).
-Row order is the dataset's (see vlmcache.datasets). A shard is written to a temporary name and renamed
+Row order is the dataset's (see vlmcache.data.datasets). A shard is written to a temporary name and renamed
 when complete, so a shard file that exists is whole.
 """
 
@@ -156,7 +156,7 @@ class Split:
     captions: list[str]
     image_labels: np.ndarray | None
     # Token states (rows, T, C) in the cache dtype (fp16 by default: kept so in memory, made float32 per
-    # batch by vlmcache.tokens.token_batch) and their (rows, T) masks; None unless asked for.
+    # batch by vlmcache.cache.tokens.token_batch) and their (rows, T) masks; None unless asked for.
     image_tokens: np.ndarray | None = None
     image_token_mask: np.ndarray | None = None
     text_tokens: np.ndarray | None = None

@@ -17,25 +17,19 @@ answers, and nothing is lost if the run folder is read-only.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import os
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vlmcache.encode.prompts import PromptStore, prompt_folder
 from vlmcache.errors import VlmcacheError
-from vlmcache.files import atomic_write
-from vlmcache.prompts import PromptStore, prompt_folder
-
-if TYPE_CHECKING:
-    from vlmcache.predictor import Predictor
 
 MAX_QUERY_CHARS = 1000
+
+
 FOLDER = "search-index"
 
 
@@ -76,10 +70,10 @@ def index_path(checkpoint: str | Path, meta: dict, split: str | None, cache: str
     digest = hashlib.sha256()
     for part in (path.read_bytes(), manifest, str(split).encode()):
         digest.update(hashlib.sha256(part).digest())
-    return path.parent / FOLDER / f"{_prefix(path, split)}{digest.hexdigest()[:20]}.safetensors"
+    return path.parent / FOLDER / f"{index_prefix(path, split)}{digest.hexdigest()[:20]}.safetensors"
 
 
-def _prefix(path: Path, split: str | None) -> str:
+def index_prefix(path: Path, split: str | None) -> str:
     """The start of every index name of this checkpoint file and split, current or stale."""
     return f"{path.stem}-{re.sub(r'[^A-Za-z0-9_-]', '_', split or 'default')}-"
 
@@ -116,62 +110,4 @@ def search_with_index(checkpoint: str | Path, query: str, top: int = 5, split: s
     best = np.argsort(-scores, kind="stable")[:top]
     ids, paths = json.loads(header["image_ids"]), json.loads(header["image_paths"])
     return [SearchHit(rank + 1, float(scores[row]), ids[row], paths[row], int(row)) for rank, row in enumerate(best)]
-
-
-def write_index(predictor: Predictor, checkpoint: str | Path, split: str | None = None,
-                cache: str | Path | None = None) -> Path | None:
-    """Keep the index of a split for later searches; returns its path (None where it cannot be written)."""
-    import torch
-    from safetensors.numpy import save_file
-
-    from vlmcache.model import TextEmbedding
-
-    path = checkpoint_file(checkpoint)
-    index = index_path(path, predictor.meta, split, cache)
-    several_text_sets = len(predictor.meta.get("text_encoders") or []) > 1
-    if index is None or several_text_sets or not os.access(path.parent, os.W_OK):
-        return None
-    chosen, image_emb = predictor.searchable(split, cache)
-    text_dim = int(predictor.meta["text_dim"])
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():  # the TorchScript-based exporter announces its deprecation
-        warnings.simplefilter("ignore")
-        torch.onnx.export(TextEmbedding(predictor.model).eval(), (torch.zeros(2, text_dim),), buffer,
-                          input_names=["features"], output_names=["embedding"],
-                          dynamic_axes={"features": {0: "rows"}}, opset_version=17, dynamo=False)
-    index.parent.mkdir(exist_ok=True)
-    for stale in index.parent.glob(f"{_prefix(path, split)}*.safetensors"):  # of older weights or caches
-        stale.unlink(missing_ok=True)
-    with atomic_write(index) as temporary:
-        save_file({"images": image_emb.numpy().astype(np.float32),
-                   "text_projector": np.frombuffer(buffer.getvalue(), dtype=np.uint8)}, str(temporary),
-                  metadata={"split": chosen.name, "image_ids": json.dumps(list(chosen.image_ids)),
-                            "image_paths": json.dumps(list(chosen.image_paths))})
-    return index
-
-
-def build_index(run: str | Path, split: str | None = None, cache: str | Path | None = None) -> Path | None:
-    """Write a run's index for a split (default: the one `search` searches by default), as `train` does."""
-    from vlmcache.predictor import Predictor
-
-    return write_index(Predictor(run), run, split, cache)
-
-
-def search_images(checkpoint: str | Path, query: str, top: int = 5, split: str | None = None,
-                  cache: str | Path | None = None, qbnorm: bool = False) -> list[SearchHit]:
-    """The `top` cached images of a split closest to a text query (see Predictor.search), by the fastest path
-    that gives the same answer: the run's index when it has one for this split (QB-Norm aside), else the
-    PyTorch predictor, which then writes the index for the next search."""
-    check_query(query, top)
-    if not qbnorm:
-        hits = search_with_index(checkpoint, query, top, split, cache)
-        if hits is not None:
-            return hits
-    from vlmcache.predictor import Predictor
-
-    predictor = Predictor(checkpoint)
-    hits = predictor.search(query, top, split, cache, qbnorm)
-    if not qbnorm:
-        write_index(predictor, checkpoint, split, cache)
-    return hits
 

@@ -13,33 +13,42 @@ import os
 import platform
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
 
-from vlmcache import datasets, encoders
-from vlmcache.errors import VlmcacheError
-from vlmcache.files import FolderLock, atomic_write, remove_stale_temporaries, write_json_atomic, write_text_atomic
-from vlmcache.progress import make_progress
-from vlmcache.store import (
+from vlmcache.cache.store import (
     FORMAT_VERSION,
     MODALITIES,
-    differences,
-    file_sha256,
     now_iso,
-    set_folder,
     set_name,
     shard_name,
     shard_ranges,
-    write_index,
-    write_shard,
 )
+from vlmcache.cache.writer import (
+    ExtractResult,
+    PendingSet,
+    _assign_folders,
+    _recorded_provenance,
+    check_out_folder,
+    finalize_cache,
+    prepare_cache,
+    shard_pending,
+    write_or_extend_shard,
+)
+from vlmcache.data import datasets
+from vlmcache.data.datasets import ON_ERROR
+from vlmcache.encode import encoders
+from vlmcache.errors import VlmcacheError
+from vlmcache.files import FolderLock, atomic_write, write_json_atomic, write_text_atomic
+from vlmcache.progress import make_progress
 
-ON_ERROR = ("fail", "skip")
 DTYPES = ("float16", "float32")
+
+
 MAX_WORKERS = 64
 
 
@@ -49,7 +58,7 @@ class ExtractConfig:
 
     image_model: str = encoders.DEFAULT_IMAGE_MODEL
     text_model: str = encoders.DEFAULT_TEXT_MODEL
-    # Further encoders: each becomes a feature set of its own in the same cache (see vlmcache.store).
+    # Further encoders: each becomes a feature set of its own in the same cache (see vlmcache.cache.store).
     extra_image_models: tuple[str, ...] = ()
     extra_text_models: tuple[str, ...] = ()
     image_pooling: str | None = None
@@ -95,23 +104,6 @@ class ExtractConfig:
                                     "give each encoder once")
         if self.tokens and self.backend == "onnxruntime":
             raise VlmcacheError("--tokens needs --backend torch or eager (the ONNX export gives pooled features only)")
-
-
-@dataclass
-class ExtractResult:
-    """What an extract did: where the cache is, its size, what was skipped, how long it took."""
-
-    path: Path
-    images: int
-    captions: int
-    shards_written: int  # shards computed now
-    shards_reused: int
-    skipped: list[dict] = field(default_factory=list)
-    truncated_captions: int = 0
-    seconds: float = 0.0
-    image_seconds: float = 0.0  # wall time of the image pass (decode + forward + write), this process
-    text_seconds: float = 0.0
-    shards_tokens_added: int = 0  # shards kept as they were but given token states (--tokens on a pooled cache)
 
 
 class _ImageRows(torch.utils.data.Dataset):
@@ -200,19 +192,19 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
                                     val_fraction=config.val_fraction, on_error=config.on_error)
     if dataset.num_images == 0:
         raise VlmcacheError(f"{data}: no images selected")
-    _check_out_folder(out, dataset)
+    check_out_folder(out, dataset)
     torch_device = encoders.pick_device(config.device)
     if torch_device.type == "cuda" and world > 1:
         torch_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     backend = "torch" if config.tokens and config.backend == "auto" else config.backend
     fingerprint = dataset.fingerprint()
-    sets = []  # one FeatureSet per requested encoder; the first of each modality is the default set of a new cache
+    sets = []  # one PendingSet per requested encoder; the first of each modality is the default set of a new cache
     for model in (config.image_model, *config.extra_image_models):
         encoder = encoders.load_image_encoder(model, config.image_pooling, str(torch_device), backend)
-        sets.append(FeatureSet("images", set_name(model), encoder, encoder.compute_path))
+        sets.append(PendingSet("images", set_name(model), encoder, encoder.compute_path))
     for model in (config.text_model, *config.extra_text_models):
         encoder = encoders.load_text_encoder(model, config.text_pooling, str(torch_device), config.max_length, backend)
-        sets.append(FeatureSet("texts", set_name(model), encoder, f"{encoder.compute_path}+length-sorted-batches"))
+        sets.append(PendingSet("texts", set_name(model), encoder, f"{encoder.compute_path}+length-sorted-batches"))
     for chosen in sets:
         chosen.provenance = json.loads(json.dumps(
             {"encoder": chosen.encoder.provenance(), "dataset_fingerprint": fingerprint, "dtype": config.dtype,
@@ -254,7 +246,7 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
         # A complete set with a shard gone (deleted after `vlmcache verify` named it bad) is worked on again.
         work = [c for c in sets if not c.complete or any(not (out / c.folder / shard_name(i)).exists()
                                                          for i in range(len(plans[c.modality])))]
-        pending = {id(c): [i for i in range(len(plans[c.modality])) if _pending(out / c.folder / shard_name(i), c)]
+        pending = {id(c): [i for i in range(len(plans[c.modality])) if shard_pending(out / c.folder / shard_name(i), c)]
                    for c in work}
         adding = {id(c): sum((out / c.folder / shard_name(i)).exists() for i in pending[id(c)]) for c in work}
         _barrier(world)  # every rank lists the pending shards before any rank rewrites one
@@ -280,164 +272,6 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
                 save_query_encoder(out, defaults["texts"].encoder)
     result.seconds = time.perf_counter() - started
     return result
-
-
-@dataclass
-class FeatureSet:
-    """One feature set an extract (or an import) works on: its encoder, and where its shards go."""
-
-    modality: str
-    name: str
-    encoder: object
-    compute_path: str
-    provenance: dict = field(default_factory=dict)
-    folder: str = ""
-    complete: bool = False
-
-
-def _recorded_provenance(manifest: dict, chosen: FeatureSet) -> dict | None:
-    """The provenance a manifest records for a set (None for a set it does not hold yet)."""
-    if chosen.folder == chosen.modality:
-        return manifest["provenance"][chosen.modality]
-    return manifest.get("feature_sets", {}).get(chosen.modality, {}).get(chosen.name, {}).get("provenance")
-
-
-def _token_pass(recorded: dict, requested: dict) -> dict:
-    """The provenance of a set whose token states were added to pooled features made earlier: the pooled
-    features keep their compute path; the token pass's own is recorded beside it when it differs (ONNX pooled)."""
-    provenance = {**requested, "compute_path": recorded["compute_path"]}
-    if requested["compute_path"] != recorded["compute_path"]:
-        provenance["token_compute_path"] = requested["compute_path"]
-    return provenance
-
-
-def _pending(path: Path, chosen: FeatureSet) -> bool:
-    """Whether a shard is still to be written: missing, or without the token states its set now holds."""
-    if not path.exists():
-        return True
-    if not chosen.provenance.get("tokens"):
-        return False
-    try:
-        with h5py.File(path, "r") as shard:
-            return "tokens" not in shard
-    except OSError as error:
-        raise VlmcacheError(f"{path}: unreadable shard ({error}); delete it and run the same extract again") from None
-
-
-def _assign_folders(manifest: dict, sets: list[FeatureSet]) -> None:
-    """Each requested set's folder and status from the manifest (default set, further set, or new)."""
-    for chosen in sets:
-        default = manifest["provenance"][chosen.modality]
-        if set_name(default["encoder"]["name"]) == chosen.name:
-            chosen.folder, chosen.complete = chosen.modality, manifest.get("status") == "complete"
-        else:
-            entry = manifest.get("feature_sets", {}).get(chosen.modality, {}).get(chosen.name, {})
-            chosen.folder, chosen.complete = set_folder(chosen.modality, chosen.name, False), entry.get("status") == "complete"
-
-
-CACHE_ENTRIES = {"images", "texts", "index.h5", "manifest.json", ".lock", "text-encoder.onnx", "text-encoder.json",
-                 "text-tokenizer.json"}
-
-
-def _is_set_folder(name: str) -> bool:
-    return name in MODALITIES or any(name.startswith(f"{modality}@") for modality in MODALITIES)
-
-
-def _set_folders(out: Path) -> list[Path]:
-    return [child for child in out.iterdir() if child.is_dir() and _is_set_folder(child.name)] if out.is_dir() else []
-
-
-def _is_cache_file(path: Path) -> bool:
-    """Whether vlmcache could have created this entry of a cache folder (so --overwrite may remove it)."""
-    name = path.name
-    return (name in CACHE_ENTRIES or name.startswith("prompt-features") or ".tmp-" in name
-            or (_is_set_folder(name) and path.is_dir())
-            or (_is_set_folder(path.parent.name) and (name.startswith("shard-") or name.startswith(".shard-"))))
-
-
-def _check_out_folder(out: Path, dataset: datasets.PairDataset) -> None:
-    """Refuse an --out that holds the dataset or files that are not a cache's (they would be at risk)."""
-    target = os.path.abspath(out)
-
-    def within(path: str) -> bool:
-        absolute = os.path.abspath(path)
-        return absolute == target or absolute.startswith(target + os.sep)
-
-    if within(str(dataset.root)) or any(within(path) for path in dataset.image_paths):
-        raise VlmcacheError(f"--out {out}: contains the dataset's files; write the cache to a folder of its own, "
-                            "e.g. features/NAME")
-    if out.is_dir():
-        foreign = [p for p in [*out.iterdir(), *[c for folder in _set_folders(out) for c in folder.iterdir()]]
-                   if not _is_cache_file(p)]
-        if foreign:
-            raise VlmcacheError(f"--out {out}: holds files that are not part of a vlmcache cache ({foreign[0]}); "
-                                "choose an empty or new folder")
-
-
-def prepare_cache(out: Path, dataset: datasets.PairDataset, manifest: dict, sets: list[FeatureSet], overwrite: bool) -> None:
-    """Check an existing cache holds the same data and, for each requested set it already has, the same
-    encoder (or wipe it with overwrite); record new sets; write index and manifest."""
-    manifest_path = out / "manifest.json"
-    if manifest_path.exists() and not overwrite:
-        old = json.loads(manifest_path.read_text())
-        differing = [path for path in differences(old.get("dataset", {}), manifest["dataset"]) if path != "root"]
-        if differing:  # the same data may be reached by another path
-            raise VlmcacheError(f"{out}: already holds a cache of other data (dataset.{', dataset.'.join(differing[:4])}); "
-                                "pass --overwrite to replace it, or choose another --out")
-        _assign_folders(old, sets)
-        adding = []  # complete sets without token states that are asked for them: only the tokens are computed
-        for chosen in sets:
-            recorded, requested = _recorded_provenance(old, chosen), chosen.provenance
-            if recorded is None:
-                continue
-            if chosen.complete and requested["tokens"] and not recorded.get("tokens"):
-                adding.append(chosen)
-            if chosen in adding or "token_compute_path" in recorded:
-                requested = _token_pass(recorded, requested)
-            # A complete set made by another backend holds the same features (within float rounding) and is
-            # kept as it is. An incomplete one must resume on its own backend, so no set mixes two.
-            differing = [path for path in differences(recorded, requested)
-                         if not (chosen.complete and path in ("compute_path", "token_compute_path"))
-                         and not (chosen in adding and path == "tokens")]
-            if differing:
-                hint = (f" (or --backend as before: {recorded.get(differing[0])})"
-                        if differing in (["compute_path"], ["token_compute_path"]) else "")
-                raise VlmcacheError(f"{out}: already holds a {chosen.modality[:-1]} feature set {chosen.name!r} made "
-                                    f"differently ({', '.join(differing[:4])}); pass --overwrite to replace the cache"
-                                    f"{hint}, or choose another --out")
-            chosen.provenance = requested if chosen in adding else recorded
-            chosen.complete = chosen.complete and chosen not in adding
-        if old.get("status") != "complete" and {c.folder for c in sets} & set(MODALITIES) != set(MODALITIES):
-            raise VlmcacheError(f"{out}: its extraction is incomplete; finish it first with the same --image-model and "
-                                f"--text-model as before ({old['provenance']['images']['encoder']['name']}, "
-                                f"{old['provenance']['texts']['encoder']['name']})")
-        for chosen in adding:  # a default set's shards change provenance: the cache reads as incomplete until done
-            if chosen.folder == chosen.modality:
-                old["provenance"][chosen.modality], old["status"] = chosen.provenance, "incomplete"
-        manifest.clear()
-        manifest.update(old)
-    else:
-        if overwrite:
-            # Only what a cache consists of (checked by _check_out_folder): shards, index and manifest.
-            for folder in _set_folders(out):
-                for shard in folder.glob("shard-*.h5"):
-                    shard.unlink()
-            for child in ("index.h5", "manifest.json"):
-                (out / child).unlink(missing_ok=True)
-        defaults = {m: next(c for c in sets if c.modality == m) for m in MODALITIES}
-        for chosen in sets:
-            chosen.folder, chosen.complete = set_folder(chosen.modality, chosen.name, chosen is defaults[chosen.modality]), False
-    for chosen in sets:
-        if chosen.folder != chosen.modality and not chosen.complete:
-            manifest.setdefault("feature_sets", {}).setdefault(chosen.modality, {})[chosen.name] = {
-                "folder": chosen.folder, "provenance": chosen.provenance, "status": "incomplete", "shards": []}
-    for folder in {c.folder for c in sets}:
-        (out / folder).mkdir(exist_ok=True)
-        remove_stale_temporaries(out / folder)  # half shards of a killed run
-    remove_stale_temporaries(out)
-    if not (out / "index.h5").exists():
-        write_index(out / "index.h5", dataset)
-    write_json_atomic(manifest_path, manifest)
 
 
 def _fail_or_record(on_error: str, what: str, reason: str) -> None:
@@ -484,7 +318,7 @@ def _extract_images(folder: Path, dataset, encoder, plan, shards, provenance, co
         arrays = {"features": features, "valid": valid, "error": errors}
         if tokens:
             arrays["tokens"], arrays["token_mask"] = np.concatenate(token_parts), np.concatenate(mask_parts)
-        _write(folder / shard_name(index), start, provenance, arrays)
+        write_or_extend_shard(folder / shard_name(index), start, provenance, arrays)
 
 
 def _extract_texts(folder: Path, dataset, encoder, plan, shards, provenance, config: ExtractConfig, bars,
@@ -520,30 +354,13 @@ def _extract_texts(folder: Path, dataset, encoder, plan, shards, provenance, con
         arrays = {"features": features, "valid": valid, "error": errors, "truncated": lengths > encoder.max_length}
         if tokens:
             arrays["tokens"], arrays["token_mask"] = token_array, mask_array
-        _write(folder / shard_name(index), start, provenance, arrays)
-
-
-def _write(path: Path, row_start: int, provenance: dict, arrays: dict) -> None:
-    """Write a shard. One already there is a pooled shard being given token states: it keeps its own datasets
-    bit for bit (its features may come from another backend) and gains only `tokens` and `token_mask`."""
-    if path.exists():
-        try:
-            with h5py.File(path, "r") as old:
-                kept = {name: old[name].asstr()[()] if name == "error" else old[name][()] for name in old}
-        except OSError as error:  # includes a failed fletcher32 checksum
-            raise VlmcacheError(f"{path}: corrupt shard ({error}); delete it and run the same extract again") from None
-        lost = np.flatnonzero(kept["valid"].astype(bool) & ~arrays["valid"])
-        if len(lost):
-            raise VlmcacheError(f"{path}: row {row_start + lost[0]} was readable when the shard was made but is not now "
-                                f"({arrays['error'][lost[0]]}); restore it, or re-extract with --overwrite")
-        arrays = {**arrays, **kept}
-    write_shard(path, row_start, provenance, arrays, provenance["dtype"])
+        write_or_extend_shard(folder / shard_name(index), start, provenance, arrays)
 
 
 def save_query_encoder(out: Path, encoder: encoders.TextEncoder) -> None:
     """Keep the text encoder's ONNX export and its tokenizer in the cache, when this extract made one.
 
-    Queries and prompts are then encoded with `tokenizers` + ONNX Runtime (vlmcache.prompts), which
+    Queries and prompts are then encoded with `tokenizers` + ONNX Runtime (vlmcache.encode.prompts), which
     starts in a fraction of the time that importing transformers takes.
     """
     if encoder.onnx_model is None or not getattr(encoder.tokenizer, "is_fast", False) or (out / "text-encoder.json").exists():
@@ -555,39 +372,3 @@ def save_query_encoder(out: Path, encoder: encoders.TextEncoder) -> None:
         "weights_sha256": encoder.weights_sha256, "max_length": encoder.max_length, "pooling": encoder.pooling,
         "pad_id": encoder.tokenizer.pad_token_id, "pad_token": encoder.tokenizer.pad_token})
 
-
-def finalize_cache(out: Path, manifest: dict, plans: dict, work: list[FeatureSet], result: ExtractResult) -> None:
-    """List the shards of every set computed now; for the default sets, gather skipped items and truncation
-    from their shards. Mark the manifest (and each new set) complete."""
-    with h5py.File(out / "index.h5", "r") as index:
-        ids = {"images": index["image_id"].asstr(), "texts": index["caption"].asstr()}  # read lazily, row by row
-        for chosen in work:
-            shards, skipped, truncated = [], [], 0
-            for number, (start, stop) in enumerate(plans[chosen.modality]):
-                path = out / chosen.folder / shard_name(number)
-                if not path.exists():
-                    raise VlmcacheError(f"{path}: shard missing after extraction; run the same extract again")
-                with h5py.File(path, "r") as shard:
-                    # A skipped row is always marked invalid; reading only those rows' strings keeps a
-                    # million-row cache from decoding two million strings here.
-                    for offset in np.flatnonzero(~shard["valid"][()].astype(bool)).tolist():
-                        skipped.append({"modality": chosen.modality, "row": start + offset,
-                                        "item": str(ids[chosen.modality][start + offset]),
-                                        "reason": shard["error"].asstr()[offset]})
-                    if "truncated" in shard:
-                        truncated += int(shard["truncated"][()].sum())
-                    if chosen.provenance.get("tokens") and "tokens" not in shard:
-                        raise VlmcacheError(f"{path}: no token states after extraction; run the same extract again")
-                shards.append({"file": shard_name(number), "row_start": start, "rows": stop - start,
-                               "sha256": file_sha256(path)})
-            if chosen.folder == chosen.modality:
-                manifest.setdefault("shards", {})[chosen.modality] = shards
-                manifest["skipped"] = [item for item in manifest.get("skipped", []) if item["modality"] != chosen.modality]
-                manifest["skipped"] += skipped
-                if chosen.modality == "texts":
-                    manifest["truncated_captions"] = truncated
-            else:
-                manifest["feature_sets"][chosen.modality][chosen.name].update(status="complete", shards=shards)
-    manifest.update({"status": "complete", "finished": now_iso()})
-    write_json_atomic(out / "manifest.json", manifest)
-    result.skipped, result.truncated_captions = manifest.get("skipped", []), manifest.get("truncated_captions", 0)

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vlmcache.store import Split
+from vlmcache.cache.store import Split
+from vlmcache.metrics.retrieval import retrieval_metrics
 
 
 def training_pairs(split: Split) -> tuple[np.ndarray, np.ndarray]:
@@ -79,3 +80,17 @@ def asif_embeddings(train: Split, evaluate_on: Split, k: int = 800,
     texts = relative_representation(torch.from_numpy(evaluate_on.text_features) - text_centre,
                                     anchor_texts - text_centre, k, power)
     return images, texts
+
+
+CCA_ROW = "CCA (closed form)"
+
+
+ASIF_ROW = "ASIF (no training)"
+
+
+def baseline_metrics(train: Split, evaluated: Split, dim: int) -> dict[str, dict]:
+    """The training-free baselines fitted on `train`, evaluated on `evaluated`: {row name: metrics}."""
+    owner = evaluated.caption_image
+    return {CCA_ROW: retrieval_metrics(*cca_embeddings(train, evaluated, dim), owner),
+            ASIF_ROW: retrieval_metrics(*asif_embeddings(train, evaluated), owner)}
+

@@ -13,11 +13,11 @@ import os
 import tempfile
 from pathlib import Path
 
-from vlmcache import tars
-from vlmcache.checkpoint import read_checkpoint
-from vlmcache.datasets import ImageDecodeError, load_rgb
+from vlmcache.app.predictor import Predictor
+from vlmcache.data import tars
+from vlmcache.data.datasets import ImageDecodeError, load_rgb
 from vlmcache.errors import VlmcacheError
-from vlmcache.predictor import Predictor
+from vlmcache.run.checkpoint import read_checkpoint
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 
@@ -135,7 +135,7 @@ def create_caption_app(checkpoint: str | Path):
     from starlette.responses import HTMLResponse
     from starlette.routing import Route
 
-    from vlmcache.caption import CaptionPredictor
+    from vlmcache.caption.captioner import CaptionPredictor
 
     predictor = CaptionPredictor(checkpoint)
     config = predictor.model.config

@@ -25,18 +25,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlmcache import __version__, encoders
-from vlmcache.checkpoint import load_model
-from vlmcache.config import TrainConfig
+from vlmcache import __version__
+from vlmcache.align.config import TrainConfig
+from vlmcache.align.inputs import evaluate_model, token_options
+from vlmcache.align.load import load_model
+from vlmcache.align.model import initial_model
+from vlmcache.align.projectors import TOKEN_PROJECTORS
+from vlmcache.align.train import train
+from vlmcache.cache.store import load_features, open_cache, parse_sets
+from vlmcache.encode import encoders
 from vlmcache.errors import VlmcacheError
-from vlmcache.evaluate import ASIF_ROW, CCA_ROW, RETRIEVAL_KEYS, baseline_metrics, evaluate_model
 from vlmcache.files import FolderLock, write_json_atomic, write_text_atomic
-from vlmcache.model import initial_model
+from vlmcache.metrics.baselines import ASIF_ROW, CCA_ROW, baseline_metrics
+from vlmcache.metrics.retrieval import RETRIEVAL_KEYS
 from vlmcache.progress import make_progress
-from vlmcache.projectors import TOKEN_PROJECTORS
-from vlmcache.store import load_features, open_cache, parse_sets
-from vlmcache.tokens import token_options
-from vlmcache.train import train
 
 UNTRAINED_LINEAR = "untrained linear"
 # Options a grid entry may give its projector after ':' (e.g. cross-attention:queries=4, ndlinear:tokens:lr=0.01);

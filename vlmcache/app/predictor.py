@@ -7,22 +7,29 @@ the searched split's image embeddings — so `serve` answers a new query with on
 
 from __future__ import annotations
 
+import io
+import json
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from vlmcache import encoders
-from vlmcache.checkpoint import checkpoint_caches, load_model
-from vlmcache.config import TrainConfig
-from vlmcache.datasets import ImageDecodeError, load_rgb
+from vlmcache.align.config import TrainConfig
+from vlmcache.align.inputs import check_input_shapes, embed_side, model_embeddings, refuse_text_tokens, token_options
+from vlmcache.align.load import checkpoint_caches, load_model
+from vlmcache.app.search_index import SearchHit, check_query, checkpoint_file, index_path, index_prefix, search_with_index
+from vlmcache.cache.store import Split, load_features
+from vlmcache.cache.tokens import Tokens
+from vlmcache.data.datasets import ImageDecodeError, load_rgb
+from vlmcache.encode import encoders
+from vlmcache.encode.prompts import PromptStore, prompt_folder
 from vlmcache.errors import VlmcacheError
-from vlmcache.evaluate import check_input_shapes, choose_beta, model_embeddings, refuse_text_tokens
-from vlmcache.prompts import PromptStore, prompt_folder
-from vlmcache.qbnorm import QueryBank, check_bank_split, query_bank
-from vlmcache.search_index import SearchHit, check_query
-from vlmcache.store import Split, load_features
-from vlmcache.tokens import Tokens, embed_side, token_options
+from vlmcache.files import atomic_write
+from vlmcache.metrics.qbnorm import QueryBank, check_bank_split, query_bank
+from vlmcache.metrics.retrieval import choose_beta
 
 MAX_LABELS = 100  # labels per request: bounds the work one request can ask for
 
@@ -147,4 +154,60 @@ def classify_image(checkpoint: str | Path, image: str | Path, labels: list[str],
     Returns the ranked rows and the softmax scale used (the checkpoint's learned logit scale).
     """
     return Predictor(checkpoint).rank_labels(image, labels, template)
+
+
+def build_index(run: str | Path, split: str | None = None, cache: str | Path | None = None) -> Path | None:
+    """Write a run's index for a split (default: the one `search` searches by default), as `train` does."""
+
+    return write_search_index(Predictor(run), run, split, cache)
+
+
+def search_images(checkpoint: str | Path, query: str, top: int = 5, split: str | None = None,
+                  cache: str | Path | None = None, qbnorm: bool = False) -> list[SearchHit]:
+    """The `top` cached images of a split closest to a text query (see Predictor.search), by the fastest path
+    that gives the same answer: the run's index when it has one for this split (QB-Norm aside), else the
+    PyTorch predictor, which then writes the index for the next search."""
+    check_query(query, top)
+    if not qbnorm:
+        hits = search_with_index(checkpoint, query, top, split, cache)
+        if hits is not None:
+            return hits
+
+    predictor = Predictor(checkpoint)
+    hits = predictor.search(query, top, split, cache, qbnorm)
+    if not qbnorm:
+        write_search_index(predictor, checkpoint, split, cache)
+    return hits
+
+
+def write_search_index(predictor: Predictor, checkpoint: str | Path, split: str | None = None,
+                cache: str | Path | None = None) -> Path | None:
+    """Keep the index of a split for later searches; returns its path (None where it cannot be written)."""
+    import torch
+    from safetensors.numpy import save_file
+
+    from vlmcache.align.model import TextEmbedding
+
+    path = checkpoint_file(checkpoint)
+    index = index_path(path, predictor.meta, split, cache)
+    several_text_sets = len(predictor.meta.get("text_encoders") or []) > 1
+    if index is None or several_text_sets or not os.access(path.parent, os.W_OK):
+        return None
+    chosen, image_emb = predictor.searchable(split, cache)
+    text_dim = int(predictor.meta["text_dim"])
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # the TorchScript-based exporter announces its deprecation
+        warnings.simplefilter("ignore")
+        torch.onnx.export(TextEmbedding(predictor.model).eval(), (torch.zeros(2, text_dim),), buffer,
+                          input_names=["features"], output_names=["embedding"],
+                          dynamic_axes={"features": {0: "rows"}}, opset_version=17, dynamo=False)
+    index.parent.mkdir(exist_ok=True)
+    for stale in index.parent.glob(f"{index_prefix(path, split)}*.safetensors"):  # of older weights or caches
+        stale.unlink(missing_ok=True)
+    with atomic_write(index) as temporary:
+        save_file({"images": image_emb.numpy().astype(np.float32),
+                   "text_projector": np.frombuffer(buffer.getvalue(), dtype=np.uint8)}, str(temporary),
+                  metadata={"split": chosen.name, "image_ids": json.dumps(list(chosen.image_ids)),
+                            "image_paths": json.dumps(list(chosen.image_paths))})
+    return index
 

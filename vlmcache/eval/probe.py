@@ -22,10 +22,10 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
-from vlmcache import encoders
-from vlmcache.checkpoint import check_encoders_match, load_model
+from vlmcache.align.load import check_encoders_match, load_model
+from vlmcache.cache.store import open_cache
+from vlmcache.encode import encoders
 from vlmcache.errors import VlmcacheError
-from vlmcache.store import open_cache
 
 C_SWEEP = tuple(float(c) for c in np.logspace(-2, 6, 9))  # 0.01 ... 1,000,000; features are unit vectors
 

@@ -12,10 +12,10 @@ import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from vlmcache.align.losses import LOSSES
+from vlmcache.align.projectors import PROJECTORS, TOKEN_CAPABLE, TOKEN_PROJECTORS
+from vlmcache.cache.store import parse_sets
 from vlmcache.errors import VlmcacheError
-from vlmcache.losses import LOSSES
-from vlmcache.projectors import PROJECTORS, TOKEN_CAPABLE, TOKEN_PROJECTORS
-from vlmcache.store import parse_sets
 
 SCHEDULES = ("cosine", "onecycle", "constant")
 SAMPLINGS = ("image", "caption")
@@ -55,7 +55,7 @@ class TrainConfig:
     # Per-set standardisation of the concatenated input: each set centred and scaled to unit RMS on the
     # training split, so no encoder dominates by its feature scale (README: measured on Flickr8k).
     standardize: bool = False
-    # Streaming (vlmcache.stream): read the training split a window of shards at a time instead of loading it.
+    # Streaming (vlmcache.cache.stream): read the training split a window of shards at a time instead of loading it.
     # `max_memory` ("4GB") turns streaming on when the splits' features would not fit, and bounds the window.
     stream: bool = False
     max_memory: str | None = None

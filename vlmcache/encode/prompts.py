@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:  # imported on first use: the one-off search path must start without PyTorch
-    from vlmcache.encoders import TextEncoder
+    from vlmcache.encode.encoders import TextEncoder
 
 MAX_ROWS = 20_000  # ~30 MB for 384-d features; past it, new prompts are encoded but not kept
 
@@ -51,7 +51,7 @@ class PromptStore:
         if self._encoder is None:
             self._encoder = OnnxTextEncoder.from_cache(self.folder, self.provenance)
         if self._encoder is None:
-            from vlmcache.encoders import text_encoder_from_provenance
+            from vlmcache.encode.encoders import text_encoder_from_provenance
 
             self._encoder = text_encoder_from_provenance(self.provenance, "cpu", backend="torch")
         return self._encoder

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmcache.config import TrainConfig
+from vlmcache.align.config import TrainConfig
+from vlmcache.align.losses import build_loss
+from vlmcache.align.projectors import build_projector, count_parameters
+from vlmcache.cache.tokens import Tokens
 from vlmcache.errors import VlmcacheError
-from vlmcache.losses import build_loss
-from vlmcache.projectors import build_projector, count_parameters
-from vlmcache.tokens import Tokens
 
 
 def side_projector(config: TrainConfig, tokens: int | None) -> str:

@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from vlmcache import tars
+from vlmcache.data import tars
 from vlmcache.errors import VlmcacheError
 
 SPLIT_ORDER = ("train", "val", "test")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+ON_ERROR = ("fail", "skip")  # what to do with an item that cannot be read: stop, or record and skip it
 FORMATS = ("auto", "flickr8k", "karpathy", "pairs", "imagefolder", "webdataset")
 log = logging.getLogger("vlmcache")
 

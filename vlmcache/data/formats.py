@@ -33,21 +33,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vlmcache import datasets
+from vlmcache.cache.store import FORMAT_VERSION, MODALITIES, now_iso, open_cache, set_name, shard_name, shard_ranges, write_shard
+from vlmcache.cache.writer import ExtractResult, PendingSet, finalize_cache, prepare_cache
+from vlmcache.data import datasets
+from vlmcache.data.datasets import ON_ERROR
 from vlmcache.errors import VlmcacheError
-from vlmcache.extract import ON_ERROR, ExtractResult, FeatureSet, finalize_cache, prepare_cache
 from vlmcache.files import FolderLock
 from vlmcache.progress import make_progress
-from vlmcache.store import (
-    FORMAT_VERSION,
-    MODALITIES,
-    now_iso,
-    open_cache,
-    set_name,
-    shard_name,
-    shard_ranges,
-    write_shard,
-)
 
 EXPORT_FORMATS = ("clip-retrieval",)
 IMPORT_FORMATS = ("clip-retrieval", "datacomp", "npy")
@@ -435,7 +427,7 @@ def import_embeddings(source: str | Path, out: str | Path, format: str, *, featu
     }))
     out.mkdir(parents=True, exist_ok=True)
     with FolderLock(out, "import"):
-        sets = [FeatureSet(modality, set_name(provenance[modality]["encoder"]["name"]), None, "imported",
+        sets = [PendingSet(modality, set_name(provenance[modality]["encoder"]["name"]), None, "imported",
                            provenance[modality]) for modality in MODALITIES]
         prepare_cache(out, dataset, manifest, sets, overwrite)
         plan = shard_ranges(rows, shard_size)

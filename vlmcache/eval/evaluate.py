@@ -1,0 +1,140 @@
+"""Evaluating a checkpoint: retrieval on a split beside its baselines (untrained, CCA, ASIF, QB-Norm rows),
+and zero-shot classification on a labelled image-folder cache. The metrics themselves are in
+vlmcache.metrics.retrieval.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vlmcache.align.config import TrainConfig
+from vlmcache.align.inputs import (
+    check_input_shapes,
+    embed_side,
+    evaluate_model,
+    model_embeddings,
+    refuse_text_tokens,
+    token_options,
+    trained_row,
+)
+from vlmcache.align.load import check_encoders_match, checkpoint_caches, load_model
+from vlmcache.align.model import initial_model
+from vlmcache.cache.store import load_features, open_cache
+from vlmcache.encode.prompts import PromptStore, prompt_folder
+from vlmcache.errors import VlmcacheError
+from vlmcache.metrics import baselines
+from vlmcache.metrics.baselines import CCA_ROW, baseline_metrics
+from vlmcache.metrics.qbnorm import QBNORM_SUFFIX, check_bank_split
+from vlmcache.metrics.retrieval import (
+    DEFAULT_TEMPLATES,
+    ENSEMBLE_TEMPLATES,
+    UNTRAINED_ROW,
+    class_embeddings,
+    qbnorm_row,
+    zero_shot_metrics,
+)
+
+
+def clean_class_name(folder: str) -> str:
+    """A folder name as words for a prompt: 'car_side' → 'car side', 'Faces_easy' → 'faces easy'."""
+    words = re.sub(r"([a-z])([A-Z])", r"\1 \2", folder).replace("_", " ").replace("-", " ").split()
+    return " ".join(word if word.isupper() and len(word) > 1 else word.lower() for word in words)
+
+
+@dataclass
+class EvalReport:
+    """Retrieval metrics per model on one split of one cache."""
+
+    cache: Path
+    split: str
+    rows: dict[str, dict]
+
+
+def evaluate_checkpoint(checkpoint: str | Path, split: str | None = None, cache: str | Path | None = None,
+                        with_baselines: bool = True, qbnorm: bool = True, qbnorm_bank: str | None = None) -> EvalReport:
+    """Retrieval metrics on a split for the trained projectors, the untrained ones (same seed), and the
+    training-free baselines (CCA, ASIF), always fitted on the train split of the run's own caches.
+
+    With `qbnorm`, the trained model and CCA again with QB-Norm (rows named "... + QB-Norm"): the bank is
+    the `qbnorm_bank` split's queries (default: the run's train split; never the evaluated split), β
+    chosen on the run's validation split.
+    """
+    model, meta = load_model(checkpoint)
+    opened, text_cache = checkpoint_caches(meta, cache)
+    config = TrainConfig.from_dict(meta["config"])
+    split = split or opened.default_split()
+    bank_split = qbnorm_bank or config.train_split
+    if qbnorm:
+        check_bank_split(bank_split, split)
+    sets = {"image_sets": config.image_sets, "text_sets": config.text_sets, **token_options(config)}
+    evaluated = load_features(opened, split, text_cache, **sets)
+    check_input_shapes(meta, evaluated, opened.path)
+    untrained = initial_model(config, meta["image_dim"], meta["text_dim"], meta.get("image_tokens"),
+                              meta.get("text_tokens"))
+    if config.standardize:  # the same standardised inputs, so the baseline differs only in the learned weights
+        untrained.load_state_dict({k: v for k, v in model.state_dict().items() if k.endswith(("_shift", "_scale"))},
+                                  strict=False)
+    rows = {trained_row(config): evaluate_model(model, evaluated), UNTRAINED_ROW: evaluate_model(untrained, evaluated)}
+    train_cache, train_text_cache = checkpoint_caches(meta) if cache is not None else (opened, text_cache)
+    train = (load_features(train_cache, config.train_split, train_text_cache, **sets)
+             if (with_baselines or qbnorm) and config.train_split in train_cache.splits else None)
+    if with_baselines and train is not None:
+        rows.update(baseline_metrics(train, evaluated, config.dim))
+    if qbnorm:
+        bank = train if bank_split == config.train_split else load_features(train_cache, bank_split, train_text_cache, **sets)
+        val = evaluated if split == config.val_split else load_features(train_cache, config.val_split, train_text_cache, **sets)
+        rows[trained_row(config) + QBNORM_SUFFIX] = qbnorm_row(model_embeddings(model), bank, val, evaluated)
+        if with_baselines and train is not None:
+            rows[CCA_ROW + QBNORM_SUFFIX] = qbnorm_row(
+                lambda s: baselines.cca_embeddings(train, s, config.dim), bank, val, evaluated)
+    return EvalReport(opened.path, split, rows)
+
+
+def read_class_names(path: str | Path | None) -> dict[str, str]:
+    """A JSON object mapping class folder names to the words used in prompts ({} without a file)."""
+    if path is None:
+        return {}
+    try:
+        names = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise VlmcacheError(f"--class-names {path}: not a readable JSON file ({error})") from None
+    if not isinstance(names, dict) or not all(isinstance(v, str) and v.strip() for v in names.values()):
+        raise VlmcacheError(f'--class-names {path}: give a JSON object {{"folder_name": "words for the prompt"}}')
+    return names
+
+
+def zero_shot(checkpoint: str | Path, folder_cache: str | Path, ensemble: bool = False,
+              split: str | None = None, class_names: dict[str, str] | None = None) -> dict[str, dict]:
+    """Zero-shot accuracy on a labelled image-folder cache, trained vs untrained projectors.
+
+    Class folder names are cleaned into words ('car_side' → 'car side'), or taken from `class_names`;
+    they become prompts "a photo of a {}." (or an 8-template ensemble with `ensemble=True`).
+    """
+    model, meta = load_model(checkpoint)
+    opened = open_cache(folder_cache)
+    if not opened.classes:
+        raise VlmcacheError(f"{opened.path}: has no class labels; extract a labelled image folder (root/<class>/*.jpg)")
+    check_encoders_match(meta, opened, modalities=("images",))
+    config = TrainConfig.from_dict(meta["config"])
+    refuse_text_tokens(config, "eval --zero-shot")
+    labelled = opened.split(split or opened.splits[0], config.image_sets, image_tokens=config.tokens)
+    check_input_shapes(meta, labelled, opened.path, sides=("image",))
+    words = [(class_names or {}).get(name) or clean_class_name(name) for name in opened.classes]
+    templates = ENSEMBLE_TEMPLATES if ensemble else DEFAULT_TEMPLATES
+    prompts = PromptStore(meta["text_encoder"], prompt_folder(meta))
+    results = {}
+    for name, candidate in (("trained", model),
+                            (UNTRAINED_ROW, initial_model(config, meta["image_dim"], meta["text_dim"],
+                                                          meta.get("image_tokens")).eval())):
+        with torch.no_grad():
+            class_emb = class_embeddings(lambda texts, m=candidate: m.embed_texts(torch.from_numpy(prompts.encode(texts))),
+                                         words, templates)
+            image_emb = embed_side(candidate, labelled, "image")
+        results[name] = zero_shot_metrics(image_emb, labelled.image_labels, class_emb, opened.classes)
+    return results
+

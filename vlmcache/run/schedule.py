@@ -1,0 +1,27 @@
+"""The learning-rate schedule shared by projector training and captioner training."""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+
+class ScheduleSettings(Protocol):
+    """What a schedule reads of a training config (TrainConfig and CaptionConfig both have these)."""
+
+    schedule: str  # "cosine" (linear warm-up, then cosine to 0), "onecycle" or "constant"
+    warmup: int  # warm-up steps of the cosine schedule
+
+
+def lr_factor(config: ScheduleSettings, step: int, total_steps: int) -> float:
+    """The learning-rate multiplier at optimiser step `step` (0-based) of `total_steps`."""
+    if config.schedule == "constant":
+        return 1.0
+    if config.schedule == "onecycle":  # linear up over the first 30%, cosine down to 0
+        peak = max(1, int(0.3 * total_steps))
+        return step / peak if step < peak else 0.5 * (1 + math.cos(math.pi * (step - peak) / max(1, total_steps - peak)))
+    if step < config.warmup:
+        return (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, total_steps - config.warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
