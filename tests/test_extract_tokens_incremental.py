@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
-from vlmcache.cache.store import MODALITIES, load_features, open_cache, verify_cache
+from vlmcache.cache.layout import MODALITIES
+from vlmcache.cache.store import load_features, open_cache, verify_cache
 from vlmcache.encode.extract import extract
 from vlmcache.errors import VlmcacheError
 

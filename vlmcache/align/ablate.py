@@ -17,6 +17,7 @@ import signal
 import sys
 import tempfile
 import time
+import typing
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
@@ -32,7 +33,8 @@ from vlmcache.align.load import load_model
 from vlmcache.align.model import initial_model
 from vlmcache.align.projectors import TOKEN_PROJECTORS
 from vlmcache.align.train import train
-from vlmcache.cache.store import load_features, open_cache, parse_sets
+from vlmcache.cache.layout import parse_sets
+from vlmcache.cache.store import load_features, open_cache
 from vlmcache.encode import encoders
 from vlmcache.errors import VlmcacheError
 from vlmcache.files import FolderLock, write_json_atomic, write_text_atomic
@@ -44,6 +46,7 @@ UNTRAINED_LINEAR = "untrained linear"
 # Options a grid entry may give its projector after ':' (e.g. cross-attention:queries=4, ndlinear:tokens:lr=0.01);
 # the table row is labelled the same way, with the options that differ from the defaults.
 PROJECTOR_OPTIONS = ("tokens", "text_tokens", "queries", "heads", "positions", "resampler_depth", "lr", "dropout")
+TYPES = typing.get_type_hints(TrainConfig)
 
 
 def projector_spec(spec: str) -> dict:
@@ -61,8 +64,9 @@ def projector_spec(spec: str) -> dict:
         elif value.strip().lower() in ("true", "false"):
             parsed[key] = value.strip().lower() == "true"
         else:
+            kind = float if TYPES[key] is float else int  # the option's own type (vlmcache.options)
             try:
-                parsed[key] = float(value) if key in ("lr", "dropout") else int(value)
+                parsed[key] = kind(value)
             except ValueError:
                 raise VlmcacheError(f"--projectors {spec}: {key}={value!r} is not a number or true/false") from None
     return parsed

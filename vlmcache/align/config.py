@@ -8,107 +8,118 @@ underscores); options given on the command line override it. Each run saves its 
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from vlmcache.align.losses import LOSSES
-from vlmcache.align.projectors import PROJECTORS, TOKEN_CAPABLE, TOKEN_PROJECTORS
-from vlmcache.cache.store import parse_sets
+from vlmcache.cache.layout import parse_sets
 from vlmcache.errors import VlmcacheError
+from vlmcache.options import check_options, option, read_toml, toml_types, typed_values
 
+# The projector and loss names (their modules import these; defined here so reading a config needs no torch).
+PROJECTORS = ("linear", "mlp", "ndlinear", "cross-attention", "resampler")
+TOKEN_PROJECTORS = ("cross-attention", "resampler")  # read token states only
+TOKEN_CAPABLE = ("ndlinear", *TOKEN_PROJECTORS)  # can read token states (ndlinear with --tokens)
+LOSSES = ("infonce", "sigmoid")
 SCHEDULES = ("cosine", "onecycle", "constant")
 SAMPLINGS = ("image", "caption")
+IMAGE_FEATURES_HELP = ("Image feature sets of the cache to train on, joined by '+' (concatenated), e.g. "
+                       "efficientnet-lite0+efficientnet-lite2 [default: the default set; vlmcache info lists them]")
 MAX_WIDTH = 65_536  # no projector here needs wider layers; a larger value is a typo or a crafted file
+
+
+def parse_grid(value) -> tuple[int, int]:
+    """An NdLinear grid from '32x40' (command line, TOML) or a pair of integers (Python, a checkpoint)."""
+    if isinstance(value, str):
+        first, _, second = value.lower().partition("x")
+        try:
+            return int(first), int(second)
+        except ValueError:
+            raise VlmcacheError(f"grid {value!r}: write it as AxB, e.g. 32x40") from None
+    if not isinstance(value, list | tuple) or len(value) != 2 or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_WIDTH for v in value):
+        raise VlmcacheError(f"grid {value!r}: give two positive integers, e.g. 32x40")
+    return tuple(value)
 
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run (saved with every checkpoint)."""
+    """Everything that defines a training run (saved with every checkpoint). Each field is one option of
+    `vlmcache train` (and a key of its --config file); see vlmcache.options."""
 
-    projector: str = "mlp"
-    loss: str = "infonce"
-    dim: int = 256
-    epochs: int = 20
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    warmup: int = 50  # optimiser steps of linear warm-up
-    schedule: str = "cosine"
-    grad_clip: float = 1.0
-    seed: int = 0
-    sampling: str = "image"
-    patience: int | None = None  # stop after this many epochs without a better validation mean recall
-    mlp_hidden: int | None = None
-    mlp_layers: int = 2
-    dropout: float = 0.1
-    residual: bool = False
-    image_grid: tuple[int, int] | None = None  # NdLinear input grids (default: most square factorisation)
-    text_grid: tuple[int, int] | None = None
-    init_scale: float | None = None
-    init_bias: float | None = None
-    train_split: str = "train"
-    val_split: str = "val"
+    projector: str = option("mlp", "linear | mlp | ndlinear (pooled features) | cross-attention | resampler (token "
+                            "states: extract --tokens)", choices=PROJECTORS)
+    loss: str = option("infonce", "infonce (CLIP) | sigmoid (SigLIP)", choices=LOSSES)
+    dim: int = option(256, "Shared embedding size.", low=1, high=MAX_WIDTH)
+    epochs: int = option(20, "Passes over the training images.", low=1, high=100_000)
+    batch_size: int = option(256, "Image–caption pairs per step.", low=2, high=1 << 20)
+    lr: float = option(1e-3, "Peak AdamW learning rate.", low=0.0, high=10.0, open_low=True)
+    weight_decay: float = option(0.1, "AdamW weight decay.", low=0.0, high=100.0)
+    warmup: int = option(50, "Linear warm-up steps (cosine schedule).", low=0, high=1 << 30)
+    schedule: str = option("cosine", "cosine | onecycle | constant", choices=SCHEDULES)
+    grad_clip: float = option(1.0, "Gradient norm clip.", low=0.0, high=1e6, cli=False)
+    seed: int = option(0, "Seed for initialisation, sampling and dropout.", low=-(1 << 63), high=(1 << 63) - 1)
+    sampling: str = option("image", "image: each step pairs every image with ONE random caption, so captions of one "
+                           "image never meet as negatives; caption: every caption each epoch, same-image pairs masked "
+                           "out of the loss.", choices=SAMPLINGS)
+    patience: int | None = option(None, "Stop after N epochs without a better val mean recall.", low=1, high=100_000)
+    mlp_hidden: int | None = option(None, "MLP hidden width [default: --dim]", low=1, high=MAX_WIDTH)
+    mlp_layers: int = option(2, "MLP linear layers.", low=2, high=64)
+    dropout: float = option(0.1, "MLP dropout; cross-attention: dropout of the attention weights.", low=0.0, high=0.99)
+    residual: bool = option(False, "MLP: residual + LayerNorm head (OpenAI-CLIP tutorial).", flag="--residual")
+    # NdLinear input grids (default: most square factorisation)
+    image_grid: tuple[int, int] | None = option(None, "NdLinear grid for image features, e.g. 32x40 [default: most "
+                                                "square]", parse=parse_grid, cli_type=str)
+    text_grid: tuple[int, int] | None = option(None, "NdLinear grid for text features, e.g. 16x24.", parse=parse_grid,
+                                               cli_type=str)
+    init_scale: float | None = option(None, "Initial logit scale [default: the loss's].", cli=False)
+    init_bias: float | None = option(None, "Initial logit bias of the sigmoid loss [default: the loss's].", cli=False)
+    train_split: str = option("train", "Split to train on.")
+    val_split: str = option("val", "Split to validate on each epoch.")
     # Feature sets of the cache, joined by '+' and concatenated in that order (None: the default set).
-    image_features: str | None = None
-    text_features: str | None = None
+    image_features: str | None = option(None, IMAGE_FEATURES_HELP)
+    text_features: str | None = option(None, "Text feature sets, joined by '+' [default: the default set]")
     # Per-set standardisation of the concatenated input: each set centred and scaled to unit RMS on the
-    # training split, so no encoder dominates by its feature scale (README: measured on Flickr8k).
-    standardize: bool = False
+    # training split, so no encoder dominates by its feature scale (docs: measured on Flickr8k).
+    standardize: bool = option(False, "Centre each feature set and scale it to unit RMS (training-split statistics, "
+                               "kept in the checkpoint).")
     # Streaming (vlmcache.cache.stream): read the training split a window of shards at a time instead of loading it.
     # `max_memory` ("4GB") turns streaming on when the splits' features would not fit, and bounds the window.
-    stream: bool = False
-    max_memory: str | None = None
-    stream_buffer: int = 65_536  # images per shuffle window
+    stream: bool = option(False, "Stream the training split a window of shards at a time (background reads, exact "
+                          "mid-epoch resume) instead of loading it; for splits larger than memory.", flag="--stream")
+    max_memory: str | None = option(None, "Memory budget, e.g. 4GB: stream automatically when the splits' features "
+                                    "would not fit, and size the shuffle window to fit.")
+    stream_buffer: int = option(65_536, "Streaming: images per shuffle window (rows mix only within a window).",
+                                low=1, high=1 << 40)
     # Token-level projectors (extract --tokens). `tokens`: the image side reads the cache's token states
     # (always for cross-attention and resampler; ndlinear then works over the (tokens, channels) axes).
     # `text_tokens`: the text side reads token states too; off by default, since MiniLM's mean pooling is
-    # what it was trained to produce for sentences (README: both measured).
-    tokens: bool = False
-    text_tokens: bool = False
-    queries: int = 1  # cross-attention queries / resampler latents
-    heads: int = 4
-    resampler_depth: int = 2
-    positions: bool = False  # cross-attention: a learned score bias per head and token position
+    # what it was trained to produce for sentences (docs: both measured).
+    tokens: bool = option(False, "Image side reads the cache's token states (always for cross-attention and "
+                          "resampler; ndlinear then maps the (tokens, channels) axes).")
+    text_tokens: bool = option(False, "Text side reads token states too (with a token projector) instead of the "
+                               "pooled sentence features.")
+    queries: int = option(1, "Cross-attention: learned queries (averaged); resampler: latents.", low=1, high=1024)
+    heads: int = option(4, "Attention heads of cross-attention and resampler (must divide --dim).", low=1, high=256)
+    resampler_depth: int = option(2, "Resampler: blocks of cross-attention + feed-forward.", low=1, high=64)
+    positions: bool = option(False, "Cross-attention: a learned score bias per head and token position.")
 
     def __post_init__(self):
-        for name, value, allowed in (("projector", self.projector, PROJECTORS), ("loss", self.loss, LOSSES),
-                                     ("schedule", self.schedule, SCHEDULES), ("sampling", self.sampling, SAMPLINGS)):
-            if value not in allowed:
-                raise VlmcacheError(f"--{name} {value}: use one of {', '.join(allowed)}")
+        check_options(self)  # types, ranges and choices of every field, from its option() definition
         if self.projector in TOKEN_PROJECTORS:
             self.tokens = True
-        for option, wanted in (("tokens", self.tokens), ("text-tokens", self.text_tokens)):
+        for option_name, wanted in (("tokens", self.tokens), ("text-tokens", self.text_tokens)):
             if wanted and self.projector not in TOKEN_CAPABLE:
-                raise VlmcacheError(f"--{option}: --projector {self.projector} reads pooled features; use one of "
+                raise VlmcacheError(f"--{option_name}: --projector {self.projector} reads pooled features; use one of "
                                     f"{', '.join(TOKEN_CAPABLE)}")
-        for option, wanted, sets in (("image-features", self.tokens, self.image_sets),
-                                     ("text-features", self.text_tokens, self.text_sets)):
+        for option_name, wanted, sets in (("image-features", self.tokens, self.image_sets),
+                                          ("text-features", self.text_tokens, self.text_sets)):
             if wanted and sets and len(sets) > 1:
-                raise VlmcacheError(f"--{option} {'+'.join(sets)}: token projectors read the tokens of one feature "
-                                    "set; name one")
+                raise VlmcacheError(f"--{option_name} {'+'.join(sets)}: token projectors read the tokens of one "
+                                    "feature set; name one")
         if self.standardize and (self.tokens or self.text_tokens):
             raise VlmcacheError("--standardize works on pooled features only; leave it off for token projectors")
-        _check_range("queries", self.queries, 1, 1024)
-        _check_range("heads", self.heads, 1, 256)
-        _check_range("resampler-depth", self.resampler_depth, 1, 64)
-        _check_range("epochs", self.epochs, 1, 100_000)
-        _check_range("batch-size", self.batch_size, 2, 1 << 20)
-        _check_range("dim", self.dim, 1, MAX_WIDTH)
-        _check_range("mlp-layers", self.mlp_layers, 2, 64)
-        _check_range("warmup", self.warmup, 0, 1 << 30)
-        _check_range("seed", self.seed, -(1 << 63), (1 << 63) - 1)  # what torch.manual_seed accepts
-        _check_range("stream-buffer", self.stream_buffer, 1, 1 << 40)
         if self.max_memory is not None:
             parse_size(self.max_memory, "--max-memory")
-        if self.mlp_hidden is not None:
-            _check_range("mlp-hidden", self.mlp_hidden, 1, MAX_WIDTH)
-        if self.patience is not None:
-            _check_range("patience", self.patience, 1, 100_000)
-        _check_range("lr", self.lr, 0.0, 10.0, open_low=True)
-        _check_range("weight-decay", self.weight_decay, 0.0, 100.0)
-        _check_range("dropout", self.dropout, 0.0, 0.99)
-        _check_range("grad-clip", self.grad_clip, 0.0, 1e6)
         for name in ("init_scale", "init_bias"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
@@ -116,13 +127,6 @@ class TrainConfig:
         for name in ("image_features", "text_features"):
             names = parse_sets(getattr(self, name))
             setattr(self, name, None if names is None else "+".join(names))
-        for name in ("image_grid", "text_grid"):
-            grid = getattr(self, name)
-            if grid is not None:
-                grid = tuple(grid)
-                if len(grid) != 2 or not all(isinstance(v, int) and 1 <= v <= MAX_WIDTH for v in grid):
-                    raise VlmcacheError(f"--{name.replace('_', '-')} {grid}: give two positive integers, e.g. 32x40")
-                setattr(self, name, grid)
 
     @property
     def image_sets(self) -> tuple[str, ...] | None:
@@ -165,26 +169,10 @@ def parse_size(value: str | int, option: str) -> int:
     return int(size)
 
 
-def _check_range(option: str, value, low, high, open_low: bool = False) -> None:
-    """Refuse a value of the wrong type (integer bounds ask for an integer), a non-finite one, or one out of range."""
-    integer = isinstance(low, int) and isinstance(high, int)
-    if isinstance(value, bool) or not isinstance(value, int if integer else int | float):
-        raise VlmcacheError(f"--{option} {value!r}: must be {'an integer' if integer else 'a number'}")
-    if not math.isfinite(value) or value < low or value > high or (open_low and value == low):
-        bound = f"> {low}" if open_low else f"≥ {low}"
-        raise VlmcacheError(f"--{option} {value}: must be a finite number {bound} and ≤ {high}")
-
-
-def read_config_file(path: str | Path) -> dict:
-    """The keys of a TOML config file, dashes turned into underscores."""
-    path = Path(path)
-    try:
-        values = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise VlmcacheError(f"--config {path}: file not found") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
-        raise VlmcacheError(f"--config {path}: not a readable TOML file ({error})") from None
-    return {key.replace("-", "_"): value for key, value in values.items()}
+def read_config_file(path: str | Path, extra: dict[str, tuple] | None = None, what: str = "vlmcache train") -> dict:
+    """The keys of a TOML config file (dashes turned into underscores), each checked against the type of its
+    TrainConfig option (or of `extra`'s {key: (type, parser)}): unknown keys and wrong types are refused."""
+    return typed_values(path, read_toml(path), {**toml_types(TrainConfig), **(extra or {})}, what)
 
 
 def to_toml(values: dict) -> str:

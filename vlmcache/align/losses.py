@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LOSSES = ("infonce", "sigmoid")
+from vlmcache.align.config import LOSSES
 
 
 def _same_image_off_diagonal(image_ids: torch.Tensor | None, size: int, device) -> torch.Tensor | None:

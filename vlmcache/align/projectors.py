@@ -12,9 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PROJECTORS = ("linear", "mlp", "ndlinear", "cross-attention", "resampler")
-TOKEN_PROJECTORS = ("cross-attention", "resampler")  # read token states only
-TOKEN_CAPABLE = ("ndlinear", *TOKEN_PROJECTORS)  # can read token states (ndlinear with --tokens)
+from vlmcache.align.config import PROJECTORS, TOKEN_CAPABLE, TOKEN_PROJECTORS
 
 
 class MLPProjector(nn.Module):

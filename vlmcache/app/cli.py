@@ -13,15 +13,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from vlmcache.align.config import IMAGE_FEATURES_HELP, TrainConfig
 from vlmcache.errors import VlmcacheError
+from vlmcache.options import with_options
 
 app = typer.Typer(
     help="Run frozen vision/text encoders once, cache their features, then train and compare CLIP-style "
          "projectors on the cache in minutes on a CPU.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
 console = Console()
-IMAGE_FEATURES_HELP = ("Image feature sets of the cache to train on, joined by '+' (concatenated), e.g. "
-                       "efficientnet-lite0+efficientnet-lite2 [default: the default set; vlmcache info lists them]")
 if not console.is_terminal and "COLUMNS" not in os.environ:
     console.width = 160  # piped into a file or CI log: keep whole tables rather than 80 truncated columns
 
@@ -162,16 +162,18 @@ def _grid(value) -> tuple[int, int] | None:
     return first, second
 
 
-def _with_config_file(context: typer.Context, config_file: Path | None, options: dict) -> tuple[dict, dict]:
+def _with_config_file(context: typer.Context, config_file: Path | None, options: dict, extra: dict | None = None,
+                      what: str = "vlmcache train") -> tuple[dict, dict]:
     """Options with values from a TOML --config file wherever the command line did not set them.
 
-    Returns (merged options, the file's remaining keys).
+    Every key of the file is checked against the type of its option (TrainConfig's, or `extra`'s); returns
+    (merged options, the file's remaining keys).
     """
     if config_file is None:
         return options, {}
     from vlmcache.align.config import read_config_file
 
-    values = read_config_file(config_file)
+    values = read_config_file(config_file, extra, what)
     # Compared by name: typer ≥ 0.2x has its own copy of click, with its own ParameterSource enum.
     merged = {name: values[name] if name in values and getattr(context.get_parameter_source(name), "name", None)
               != "COMMANDLINE" else value for name, value in options.items()}
@@ -184,45 +186,13 @@ def _with_config_file(context: typer.Context, config_file: Path | None, options:
                     "  vlmcache train features/laion --stream --max-memory 4GB --out runs/laion\n\n"
                     "  torchrun --nproc-per-node 2 -m vlmcache train features/laion --out runs/laion-2\n\n"
                     "  vlmcache train features/flickr8k-tokens --projector cross-attention --queries 4 --out runs/xattn")
+@with_options(TrainConfig)
 def train(
     context: typer.Context,
+    options: dict,
     cache: Annotated[Path | None, typer.Argument(help="Cache folder written by vlmcache extract [default: the --config file's cache].")] = None,
     out: Annotated[Path, typer.Option(help="Run folder for checkpoints and metrics.jsonl.")] = Path("runs/latest"),
-    projector: Annotated[str, typer.Option(help="linear | mlp | ndlinear (pooled features) | cross-attention | resampler (token states: extract --tokens)")] = "mlp",
-    loss: Annotated[str, typer.Option(help="infonce (CLIP) | sigmoid (SigLIP)")] = "infonce",
-    dim: Annotated[int, typer.Option(help="Shared embedding size.")] = 256,
-    tokens: Annotated[bool, typer.Option(help="Image side reads the cache's token states (always for cross-attention and resampler; ndlinear then maps the (tokens, channels) axes).")] = False,
-    text_tokens: Annotated[bool, typer.Option(help="Text side reads token states too (with a token projector) instead of the pooled sentence features.")] = False,
-    queries: Annotated[int, typer.Option(help="Cross-attention: learned queries (averaged); resampler: latents.")] = 1,
-    heads: Annotated[int, typer.Option(help="Attention heads of cross-attention and resampler (must divide --dim).")] = 4,
-    positions: Annotated[bool, typer.Option(help="Cross-attention: a learned score bias per head and token position.")] = False,
-    resampler_depth: Annotated[int, typer.Option(help="Resampler: blocks of cross-attention + feed-forward.")] = 2,
-    epochs: Annotated[int, typer.Option(help="Passes over the training images.")] = 20,
-    batch_size: Annotated[int, typer.Option(help="Image–caption pairs per step.")] = 256,
-    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 1e-3,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.1,
-    warmup: Annotated[int, typer.Option(help="Linear warm-up steps (cosine schedule).")] = 50,
-    schedule: Annotated[str, typer.Option(help="cosine | onecycle | constant")] = "cosine",
-    seed: Annotated[int, typer.Option(help="Seed for initialisation, sampling and dropout.")] = 0,
-    sampling: Annotated[str, typer.Option(help="image: each step pairs every image with ONE random caption, so "
-                                               "captions of one image never meet as negatives; caption: every "
-                                               "caption each epoch, same-image pairs masked out of the loss.")] = "image",
-    patience: Annotated[int | None, typer.Option(help="Stop after N epochs without a better val mean recall.")] = None,
-    dropout: Annotated[float, typer.Option(help="MLP dropout; cross-attention: dropout of the attention weights.")] = 0.1,
-    mlp_hidden: Annotated[int | None, typer.Option(help="MLP hidden width [default: --dim]")] = None,
-    mlp_layers: Annotated[int, typer.Option(help="MLP linear layers.")] = 2,
-    residual: Annotated[bool, typer.Option("--residual", help="MLP: residual + LayerNorm head (OpenAI-CLIP tutorial).")] = False,
-    image_grid: Annotated[str | None, typer.Option(help="NdLinear grid for image features, e.g. 32x40 [default: most square]")] = None,
-    text_grid: Annotated[str | None, typer.Option(help="NdLinear grid for text features, e.g. 16x24.")] = None,
     text_cache: Annotated[Path | None, typer.Option(help="Take text features from this cache (same dataset).")] = None,
-    image_features: Annotated[str | None, typer.Option(help=IMAGE_FEATURES_HELP)] = None,
-    text_features: Annotated[str | None, typer.Option(help="Text feature sets, joined by '+' [default: the default set]")] = None,
-    standardize: Annotated[bool, typer.Option(help="Centre each feature set and scale it to unit RMS (training-split statistics, kept in the checkpoint).")] = False,
-    stream: Annotated[bool, typer.Option("--stream", help="Stream the training split a window of shards at a time (background reads, exact mid-epoch resume) instead of loading it; for splits larger than memory.")] = False,
-    max_memory: Annotated[str | None, typer.Option(help="Memory budget, e.g. 4GB: stream automatically when the splits' features would not fit, and size the shuffle window to fit.")] = None,
-    stream_buffer: Annotated[int, typer.Option(help="Streaming: images per shuffle window (rows mix only within a window).")] = 65_536,
-    train_split: Annotated[str, typer.Option(help="Split to train on.")] = "train",
-    val_split: Annotated[str, typer.Option(help="Split to validate on each epoch.")] = "val",
     device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "cpu",
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out exactly where it stopped.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the run in --out afresh.")] = False,
@@ -235,23 +205,12 @@ def train(
     from vlmcache.align.train import train as run_train
     from vlmcache.metrics.retrieval import RETRIEVAL_KEYS, RETRIEVAL_LABELS
 
-    options, rest = _with_config_file(context, config_file, {
-        "projector": projector, "loss": loss, "dim": dim, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-        "weight_decay": weight_decay, "warmup": warmup, "schedule": schedule, "seed": seed, "sampling": sampling,
-        "patience": patience, "dropout": dropout, "mlp_hidden": mlp_hidden, "mlp_layers": mlp_layers,
-        "residual": residual, "image_grid": image_grid, "text_grid": text_grid, "train_split": train_split,
-        "val_split": val_split, "cache": cache, "text_cache": text_cache, "image_features": image_features,
-        "text_features": text_features, "standardize": standardize, "stream": stream, "max_memory": max_memory,
-        "stream_buffer": stream_buffer, "tokens": tokens, "text_tokens": text_tokens, "queries": queries,
-        "heads": heads, "positions": positions, "resampler_depth": resampler_depth})
+    options, rest = _with_config_file(context, config_file, {**options, "cache": cache, "text_cache": text_cache},
+                                      extra={"cache": (str, None), "text_cache": (str | None, None)})
     cache, text_cache = options.pop("cache"), options.pop("text_cache")
-    unknown = sorted(set(rest) - {f for f in TrainConfig.__dataclass_fields__})
-    if unknown:
-        raise VlmcacheError(f"--config {config_file}: unknown key {unknown[0]!r}; use the option names of vlmcache train")
     if cache is None:
         raise VlmcacheError("give the CACHE folder (or a --config file with a cache key)")
-    config = TrainConfig.from_dict({**rest, **options, "image_grid": _grid(options["image_grid"]),
-                                    "text_grid": _grid(options["text_grid"])})
+    config = TrainConfig.from_dict({**rest, **options})
     table = Table(title=f"{config.projector} + {config.loss} on {cache} (validation recall, %)", title_justify="left")
     for column in ("epoch", "loss", "scale", *RETRIEVAL_LABELS, "s"):
         table.add_column(column, justify="right")
@@ -386,6 +345,13 @@ def search(
     console.print(table)
 
 
+# The keys an ablate --config file may hold beside TrainConfig's: a grid axis is a comma-separated string or a list.
+ABLATE_KEYS = {"caches": (list[str], None), "out": (str, None), "projectors": (str | list[str], None),
+               "losses": (str | list[str], None), "seeds": (str | list[int], None), "dims": (str | list[int], None),
+               "jobs": (int | None, None), "baselines": (bool, None), "image_features": (str | list[str] | None, None),
+               "text_features": (str | list[str] | None, None)}
+
+
 def _int_list(value, name: str) -> tuple[int, ...]:
     if isinstance(value, list | tuple) and all(isinstance(item, int) and not isinstance(item, bool) for item in value):
         return tuple(value)
@@ -443,15 +409,11 @@ def ablate(
 ) -> None:
     """Train the projector × loss grid on cached features (several seeds) and print one comparison table."""
     from vlmcache.align.ablate import ablate as run_ablate
-    from vlmcache.align.config import TrainConfig
 
     options, rest = _with_config_file(context, config_file, {
         "caches": caches, "out": out, "projectors": projectors, "losses": losses, "seeds": seeds, "dims": dims,
         "epochs": epochs, "batch_size": batch_size, "jobs": jobs, "baselines": baselines,
-        "image_features": image_features, "text_features": text_features})
-    unknown = sorted(set(rest) - set(TrainConfig.__dataclass_fields__))
-    if unknown:
-        raise VlmcacheError(f"--config {config_file}: unknown key {unknown[0]!r}; use ablate or train option names")
+        "image_features": image_features, "text_features": text_features}, extra=ABLATE_KEYS, what="vlmcache ablate")
     if not options["caches"]:
         raise VlmcacheError("give at least one CACHE folder (or a --config file with caches = [...])")
     result = run_ablate(options["caches"], options["out"], projectors=tuple(_split_list(options["projectors"]) or ()),

@@ -15,17 +15,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from vlmcache.cache.store import (
-    MODALITIES,
-    differences,
-    file_sha256,
-    now_iso,
-    set_folder,
-    set_name,
-    shard_name,
-    write_index,
-    write_shard,
-)
+from vlmcache.cache.layout import MODALITIES, set_folder, set_name
+from vlmcache.cache.store import differences, file_sha256, now_iso, shard_name, write_index, write_shard
 from vlmcache.errors import VlmcacheError
 from vlmcache.files import remove_stale_temporaries, write_json_atomic
 

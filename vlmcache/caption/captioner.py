@@ -35,7 +35,8 @@ from torch import nn
 
 from vlmcache.align.load import check_encoders_match, set_encoders
 from vlmcache.align.projectors import Resampler, build_projector, count_parameters
-from vlmcache.cache.store import FeatureCache, open_cache, parse_sets
+from vlmcache.cache.layout import parse_sets
+from vlmcache.cache.store import FeatureCache, open_cache
 from vlmcache.errors import VlmcacheError
 from vlmcache.files import FolderLock, remove_stale_temporaries
 from vlmcache.metrics.captions import words

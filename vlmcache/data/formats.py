@@ -33,7 +33,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vlmcache.cache.store import FORMAT_VERSION, MODALITIES, now_iso, open_cache, set_name, shard_name, shard_ranges, write_shard
+from vlmcache.cache.layout import MODALITIES, set_name
+from vlmcache.cache.store import FORMAT_VERSION, now_iso, open_cache, shard_name, shard_ranges, write_shard
 from vlmcache.cache.writer import ExtractResult, PendingSet, finalize_cache, prepare_cache
 from vlmcache.data import datasets
 from vlmcache.data.datasets import ON_ERROR

@@ -15,7 +15,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from vlmcache.cache.store import FORMAT_VERSION, MODALITIES, now_iso, shard_name, shard_ranges, write_shard
+from vlmcache.cache.layout import MODALITIES
+from vlmcache.cache.store import FORMAT_VERSION, now_iso, shard_name, shard_ranges, write_shard
 from vlmcache.cache.writer import ExtractResult, PendingSet, finalize_cache, prepare_cache
 from vlmcache.data.datasets import PairDataset
 from vlmcache.errors import VlmcacheError

@@ -20,14 +20,8 @@ import h5py
 import numpy as np
 import torch
 
-from vlmcache.cache.store import (
-    FORMAT_VERSION,
-    MODALITIES,
-    now_iso,
-    set_name,
-    shard_name,
-    shard_ranges,
-)
+from vlmcache.cache.layout import MODALITIES, set_name
+from vlmcache.cache.store import FORMAT_VERSION, now_iso, shard_name, shard_ranges
 from vlmcache.cache.writer import (
     ExtractResult,
     PendingSet,

@@ -1,0 +1,32 @@
+"""How a cache names its feature sets and their folders: pure string rules, importable without h5py or torch
+(the command line and a config file need them before any cache is opened)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vlmcache.errors import VlmcacheError
+
+MODALITIES = ("images", "texts")
+
+
+def set_name(model: str) -> str:
+    """The feature-set name of an encoder: its name, or a folder's last part, made safe as a folder name."""
+    name = Path(model).name if Path(model).is_dir() else model
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name) or "set"
+
+
+def set_folder(modality: str, name: str, default: bool) -> str:
+    """`images`/`texts` for the default set, `images@NAME`/`texts@NAME` for the others."""
+    return modality if default else f"{modality}@{name}"
+
+
+def parse_sets(value: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """'a+b' (or a list of names) -> ('a', 'b'); None or '' -> None (the default set)."""
+    if value is None or value == "":
+        return None
+    names = tuple(part.strip() for part in (value.split("+") if isinstance(value, str) else value))
+    if not all(names) or len(set(names)) != len(names):
+        raise VlmcacheError(f"feature sets {value!r}: give distinct set names joined by '+', e.g. "
+                            "efficientnet-lite0+efficientnet-lite2")
+    return names
