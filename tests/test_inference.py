@@ -13,7 +13,8 @@ from vlmcache import extract, open_cache
 from vlmcache.align.config import TrainConfig
 from vlmcache.align.load import load_model
 from vlmcache.align.train import train
-from vlmcache.app.predictor import classify_image, search_images
+from vlmcache.app.predictor import classify_image
+from vlmcache.app.search import search_images
 from vlmcache.encode import encoders
 from vlmcache.errors import VlmcacheError
 from vlmcache.eval.evaluate import evaluate_checkpoint, zero_shot

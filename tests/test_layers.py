@@ -13,7 +13,7 @@ import vlmcache
 
 PACKAGE = Path(vlmcache.__file__).parent
 # Lowest first: a module may import from its own layer (without a cycle) or from a layer listed before it.
-LAYERS = ("errors", "files", "progress", "distributed", "cache", "data", "encode", "metrics", "run", "align", "eval",
+LAYERS = ("errors", "options", "files", "progress", "distributed", "cache", "data", "encode", "metrics", "run", "align", "eval",
           "caption", "app")
 
 

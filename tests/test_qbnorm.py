@@ -12,7 +12,8 @@ from conftest import run_cli
 
 from vlmcache.align.config import TrainConfig
 from vlmcache.align.train import train
-from vlmcache.app.predictor import Predictor, search_images
+from vlmcache.app.predictor import Predictor
+from vlmcache.app.search import search_images
 from vlmcache.encode.extract import extract
 from vlmcache.errors import VlmcacheError
 from vlmcache.metrics.qbnorm import query_bank

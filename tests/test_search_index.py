@@ -13,7 +13,8 @@ from conftest import make_flickr_slice
 
 from vlmcache.align.config import TrainConfig
 from vlmcache.align.train import train
-from vlmcache.app.predictor import Predictor, build_index, search_images
+from vlmcache.app.predictor import Predictor
+from vlmcache.app.search import build_index, search_images
 from vlmcache.app.search_index import FOLDER, search_with_index
 from vlmcache.encode.extract import extract
 
@@ -48,7 +49,7 @@ def test_the_index_answers_like_the_predictor(run):
 
 def test_a_one_off_search_with_an_index_never_imports_torch(run):
     build_index(run)
-    code = ("import sys; from vlmcache.app.predictor import search_images; "
+    code = ("import sys; from vlmcache.app.search import search_images; "
             f"hits = search_images({str(run)!r}, 'a brand new query about a red car', 2); "
             "assert len(hits) == 2 and 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
@@ -73,3 +74,13 @@ def test_qbnorm_takes_the_pytorch_path(run):
     normalised = search_images(run, QUERY, 4, split="val", qbnorm=True)
     same_hits(normalised, Predictor(run).search(QUERY, 4, split="val", qbnorm=True))
     assert [hit.score for hit in normalised] != [hit.score for hit in search_images(run, QUERY, 4, split="val")]
+
+
+def test_training_from_python_leaves_a_searchable_index(run, tmp_path):
+    """`vlmcache.train` (the library call, not only the CLI) writes the run's search index."""
+    import vlmcache
+
+    cache = Predictor(run).meta["cache"]
+    result = vlmcache.train(cache, tmp_path / "run", TrainConfig(projector="linear", epochs=1, batch_size=4))
+    assert list((result.out / FOLDER).glob("*.safetensors"))
+    assert search_with_index(result.out, QUERY, 2) is not None

@@ -110,3 +110,8 @@ def finish(world: int) -> None:
     """Leave the process group (at the end of a run)."""
     if world > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def is_main_process() -> bool:
+    """True unless this process is a torchrun rank other than 0 (only rank 0 prints and writes shared files)."""
+    return int(os.environ.get("RANK", "0")) == 0

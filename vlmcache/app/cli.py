@@ -201,8 +201,9 @@ def train(
     """Train image and text projectors on cached features (seconds on a CPU); checkpoints as safetensors."""
     from rich.live import Live
 
+    from vlmcache import distributed
     from vlmcache.align.config import TrainConfig
-    from vlmcache.align.train import train as run_train
+    from vlmcache.app.workflows import train as run_train
     from vlmcache.metrics.retrieval import RETRIEVAL_KEYS, RETRIEVAL_LABELS
 
     options, rest = _with_config_file(context, config_file, {**options, "cache": cache, "text_cache": text_cache},
@@ -214,7 +215,7 @@ def train(
     table = Table(title=f"{config.projector} + {config.loss} on {cache} (validation recall, %)", title_justify="left")
     for column in ("epoch", "loss", "scale", *RETRIEVAL_LABELS, "s"):
         table.add_column(column, justify="right")
-    quiet = int(os.environ.get("RANK", "0")) != 0  # under torchrun only rank 0 prints
+    quiet = not distributed.is_main_process()  # under torchrun only rank 0 prints
     with Live(table, console=Console(quiet=True) if quiet else console, refresh_per_second=4):
         result = run_train(cache, out, config, text_cache=text_cache, resume=resume, overwrite=overwrite,
                            device=device, on_epoch=lambda r: table.add_row(
@@ -226,9 +227,10 @@ def train(
     console.print(f"best epoch {result.best_epoch}: val mean recall {best['mean_recall']:.2f} "
                   f"(R@1 i→t {best['i2t_r1']:.1f}, t→i {best['t2i_r1']:.1f}); {result.parameters:,} projector "
                   f"parameters; {result.seconds:.1f} s; checkpoints in {result.out}")
-    from vlmcache.app.predictor import build_index
 
-    build_index(result.out)  # so that the first `vlmcache search` of this run starts without PyTorch
+
+def _report_table(report) -> Table:
+    return _metrics_table(f"retrieval on split {report.split!r} of {report.cache} (%)", report.rows)
 
 
 def _metrics_table(title: str, rows: dict[str, dict]) -> Table:
@@ -269,7 +271,7 @@ def eval_command(
         check_writable(json_out, "--json")  # before the work, not after it
     names = read_class_names(class_names)
     report = evaluate_checkpoint(checkpoint, split, cache, with_baselines=baselines, qbnorm=qbnorm, qbnorm_bank=qbnorm_bank)
-    console.print(_metrics_table(f"retrieval on split {report.split!r} of {report.cache} (%)", report.rows))
+    console.print(_report_table(report))
     results: dict = {"split": report.split, "cache": str(report.cache), "retrieval": report.rows}
     if zero_shot is not None:
         accuracy = run_zero_shot(checkpoint, zero_shot, ensemble, class_names=names)
@@ -316,13 +318,17 @@ def classify(
     if not label_list:
         label_list = _read_labels(labels, labels_file)
     rows, scale = classify_image(checkpoint, image, label_list, template)
+    console.print(_ranking_table(image, rows, scale))
+
+
+def _ranking_table(image: Path, rows: list, scale: float) -> Table:
     table = Table(title=f"{image}", caption=f"probability = softmax(cosine × {scale:.1f}, the learned logit scale)",
                   title_justify="left")
     for column, justify in (("rank", "right"), ("prompt", "left"), ("cosine", "right"), ("probability", "right")):
         table.add_column(column, justify=justify)
     for row in rows:
         table.add_row(str(row.rank), row.prompt, f"{row.cosine:.4f}", f"{100 * row.probability:.1f}%")
-    console.print(table)
+    return table
 
 
 @app.command(epilog='Example:\n\n  vlmcache search runs/mlp-infonce "a dog running on a beach" --top 5')
@@ -335,7 +341,7 @@ def search(
     qbnorm: Annotated[bool, typer.Option("--qbnorm", help="Rescore with querybank normalisation (bank: the run's training captions; beta chosen on val).")] = False,
 ) -> None:
     """Find the cached images that best match a text query (cross-modal retrieval)."""
-    from vlmcache.app.predictor import search_images
+    from vlmcache.app.search import search_images
 
     table = Table(title=f"top {top} images for {query!r}", title_justify="left")
     for column, justify in (("rank", "right"), ("score", "right"), ("image", "left"), ("path", "left")):
@@ -437,31 +443,15 @@ def demo(
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 20,
 ) -> None:
     """The whole pipeline on the offline default encoders: extract → train (MLP + InfoNCE) → eval → classify."""
-    from vlmcache.app.demo import find_demo_data, make_shapes_dataset
-    from vlmcache.cache.store import open_cache
+    from vlmcache.app.demo import run_demo
 
-    source = find_demo_data(data)
-    if source is None:
-        source = make_shapes_dataset(out / "shapes-data")
+    result = run_demo(data, out, limit, epochs, on_step=console.rule)
+    if result.generated:
         console.print(f"[yellow]No Flickr8k data found: generated a procedural dataset of coloured shapes with "
-                      f"matching captions in {source} (synthetic pictures, not real photos).[/yellow]")
-    console.rule(f"1/4 extract {source} (first {limit} images per split) with efficientnet-lite0 + minilm")
-    extract(source, out=out / "cache", limit=limit)
-    console.rule("2/4 train an MLP projector with InfoNCE on the cached features")
-    from vlmcache.align.config import TrainConfig
-    from vlmcache.align.train import train as run_train
-
-    run_train(out / "cache", out / "run", TrainConfig(projector="mlp", loss="infonce", epochs=epochs), overwrite=True)
-    console.rule("3/4 evaluate: trained vs untrained projector and training-free baselines")
-    eval_command(out / "run", split=None, cache=None, baselines=True, zero_shot=None, ensemble=False, class_names=None,
-                 json_out=None)
-    console.rule("4/4 classify one validation photo against its own caption and three others")
-    val = open_cache(out / "cache").split("val")
-    first_caption = {int(image): caption for caption, image in zip(val.captions, val.caption_image, strict=True)
-                     if image in (0, len(val.image_ids) // 3, len(val.image_ids) // 2, 2 * len(val.image_ids) // 3)}
-    console.print(f"true caption: {first_caption[0]!r}")
-    classify(Path(val.image_paths[0]), checkpoint=out / "run", labels=None, labels_file=None, template="{}",
-             label_list=list(dict.fromkeys(first_caption.values())))
+                      f"matching captions in {result.source} (synthetic pictures, not real photos).[/yellow]")
+    console.print(_report_table(result.report))
+    console.print(f"true caption: {result.true_caption!r}")
+    console.print(_ranking_table(result.image, result.ranking, result.scale))
 
 
 @app.command(epilog="Examples:\n\n  vlmcache plot runs/mlp-infonce          (writes runs/mlp-infonce/training.png)\n\n"

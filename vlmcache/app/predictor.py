@@ -20,7 +20,7 @@ import torch
 from vlmcache.align.config import TrainConfig
 from vlmcache.align.inputs import check_input_shapes, embed_side, model_embeddings, refuse_text_tokens, token_options
 from vlmcache.align.load import checkpoint_caches, load_model
-from vlmcache.app.search_index import SearchHit, check_query, checkpoint_file, index_path, index_prefix, search_with_index
+from vlmcache.app.search_index import SearchHit, check_query, checkpoint_file, index_path, index_prefix
 from vlmcache.cache.store import Split, load_features
 from vlmcache.cache.tokens import Tokens
 from vlmcache.data.datasets import ImageDecodeError, load_rgb
@@ -154,30 +154,6 @@ def classify_image(checkpoint: str | Path, image: str | Path, labels: list[str],
     Returns the ranked rows and the softmax scale used (the checkpoint's learned logit scale).
     """
     return Predictor(checkpoint).rank_labels(image, labels, template)
-
-
-def build_index(run: str | Path, split: str | None = None, cache: str | Path | None = None) -> Path | None:
-    """Write a run's index for a split (default: the one `search` searches by default), as `train` does."""
-
-    return write_search_index(Predictor(run), run, split, cache)
-
-
-def search_images(checkpoint: str | Path, query: str, top: int = 5, split: str | None = None,
-                  cache: str | Path | None = None, qbnorm: bool = False) -> list[SearchHit]:
-    """The `top` cached images of a split closest to a text query (see Predictor.search), by the fastest path
-    that gives the same answer: the run's index when it has one for this split (QB-Norm aside), else the
-    PyTorch predictor, which then writes the index for the next search."""
-    check_query(query, top)
-    if not qbnorm:
-        hits = search_with_index(checkpoint, query, top, split, cache)
-        if hits is not None:
-            return hits
-
-    predictor = Predictor(checkpoint)
-    hits = predictor.search(query, top, split, cache, qbnorm)
-    if not qbnorm:
-        write_search_index(predictor, checkpoint, split, cache)
-    return hits
 
 
 def write_search_index(predictor: Predictor, checkpoint: str | Path, split: str | None = None,
