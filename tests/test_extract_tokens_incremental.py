@@ -113,7 +113,7 @@ def test_an_interrupted_token_pass_resumes_to_the_same_cache(flickr_slice, tmp_p
     shutil.copytree(tmp_path / "straight", tmp_path / "killed")
     extract(flickr_slice, tmp_path / "straight", tokens=True, **options(tiny_models))
 
-    module = importlib.import_module("vlmcache.encode.extract")  # the package exports a function of the same name
+    module = importlib.import_module("vlmcache.cache.writer")  # where extract writes its shards
     real = module.write_shard
 
     def write_then_die(*args, **kwargs):

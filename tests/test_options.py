@@ -90,3 +90,12 @@ def test_adding_an_option_is_one_field(tmp_path):
     assert seen == {"width": 16, "mode": "slow", "verbose": True, "name": "y"}
     table = markdown_table(ToyConfig)
     assert "| `--width` | int | `8` | Hidden width. Range: ≥ 1, ≤ 64. |" in table and "`--verbose`" in table
+
+
+def test_docs_options_table_is_generated_from_the_definitions():
+    from pathlib import Path
+
+    from vlmcache.app.reference import options_reference
+
+    written = (Path(__file__).resolve().parents[1] / "docs" / "options.md").read_text(encoding="utf-8")
+    assert written == options_reference(), "docs/options.md is stale: run python -m vlmcache.app.reference"

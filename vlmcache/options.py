@@ -193,7 +193,8 @@ def markdown_table(cls: type) -> str:
         if isinstance(default, tuple) and meaning.cli_type is str:
             default = "x".join(map(str, default))
         where = "" if meaning.cli else " (config file / Python only)"
-        choices = f" One of: {', '.join(meaning.choices)}." if meaning.choices else ""
+        listed = all(choice in meaning.help for choice in meaning.choices)  # the help text already names them
+        choices = f" One of: {', '.join(meaning.choices)}." if meaning.choices and not listed else ""
         bounds = ""
         if meaning.low is not None or meaning.high is not None:
             bounds = f" Range: {'>' if meaning.open_low else '≥'} {meaning.low}, ≤ {meaning.high}."
