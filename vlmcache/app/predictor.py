@@ -7,6 +7,7 @@ the searched split's image embeddings — so `serve` answers a new query with on
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -32,6 +33,9 @@ from vlmcache.metrics.qbnorm import QueryBank, check_bank_split, query_bank
 from vlmcache.metrics.retrieval import choose_beta
 
 MAX_LABELS = 100  # labels per request: bounds the work one request can ask for
+
+# The index holds the text projector as ONNX: writing it needs onnx, reading it onnxruntime (the `fast` extra).
+ONNX_AVAILABLE = all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
 
 
 @dataclass
@@ -167,8 +171,8 @@ def write_search_index(predictor: Predictor, checkpoint: str | Path, split: str 
     path = checkpoint_file(checkpoint)
     index = index_path(path, predictor.meta, split, cache)
     several_text_sets = len(predictor.meta.get("text_encoders") or []) > 1
-    if index is None or several_text_sets or not os.access(path.parent, os.W_OK):
-        return None
+    if index is None or several_text_sets or not os.access(path.parent, os.W_OK) or not ONNX_AVAILABLE:
+        return None  # the index only speeds searches up: without it they take the PyTorch path
     chosen, image_emb = predictor.searchable(split, cache)
     text_dim = int(predictor.meta["text_dim"])
     buffer = io.BytesIO()

@@ -97,7 +97,10 @@ def search_with_index(checkpoint: str | Path, query: str, top: int = 5, split: s
     index = None if not isinstance(meta, dict) else index_path(path, meta, split, cache)
     if index is None or not index.is_file():
         return None
-    import onnxruntime  # only once there is an index: the PyTorch fallback has no use for it
+    try:
+        import onnxruntime  # only once there is an index: the PyTorch fallback has no use for it
+    except ImportError:
+        return None  # an index written before onnxruntime was uninstalled: the PyTorch path answers
     from safetensors.numpy import load_file
 
     arrays, header = load_file(str(index)), _header(index)
