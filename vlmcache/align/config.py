@@ -16,6 +16,7 @@ from vlmcache.align.losses import LOSSES
 from vlmcache.align.projectors import PROJECTORS, TOKEN_CAPABLE, TOKEN_PROJECTORS
 from vlmcache.cache.store import parse_sets
 from vlmcache.errors import VlmcacheError
+from vlmcache.run.options import OptimConfig
 
 SCHEDULES = ("cosine", "onecycle", "constant")
 SAMPLINGS = ("image", "caption")
@@ -23,22 +24,14 @@ MAX_WIDTH = 65_536  # no projector here needs wider layers; a larger value is a 
 
 
 @dataclass
-class TrainConfig:
-    """Everything that defines a training run (saved with every checkpoint)."""
+class TrainConfig(OptimConfig):
+    """Everything that defines a training run (saved with every checkpoint); the optimiser, schedule, patience
+    (by validation mean recall), seed and splits are OptimConfig's fields."""
 
     projector: str = "mlp"
     loss: str = "infonce"
     dim: int = 256
-    epochs: int = 20
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    warmup: int = 50  # optimiser steps of linear warm-up
-    schedule: str = "cosine"
-    grad_clip: float = 1.0
-    seed: int = 0
     sampling: str = "image"
-    patience: int | None = None  # stop after this many epochs without a better validation mean recall
     mlp_hidden: int | None = None
     mlp_layers: int = 2
     dropout: float = 0.1
@@ -47,8 +40,6 @@ class TrainConfig:
     text_grid: tuple[int, int] | None = None
     init_scale: float | None = None
     init_bias: float | None = None
-    train_split: str = "train"
-    val_split: str = "val"
     # Feature sets of the cache, joined by '+' and concatenated in that order (None: the default set).
     image_features: str | None = None
     text_features: str | None = None
