@@ -24,8 +24,8 @@ import json
 import math
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -37,11 +37,12 @@ from vlmcache.align.load import check_encoders_match, set_encoders
 from vlmcache.align.projectors import Resampler, build_projector, count_parameters
 from vlmcache.cache.store import FeatureCache, open_cache, parse_sets
 from vlmcache.errors import VlmcacheError
-from vlmcache.files import FolderLock, remove_stale_temporaries
 from vlmcache.metrics.captions import words
-from vlmcache.run.checkpoint import finish_epoch, model_weights, read_checkpoint, restore, write_metrics_log
+from vlmcache.run.checkpoint import model_weights, read_checkpoint
+from vlmcache.run.epochs import Run, run_epochs
+from vlmcache.run.folder import open_run_folder
+from vlmcache.run.loop import Optimisation, RunResult
 from vlmcache.run.options import OptimConfig
-from vlmcache.run.schedule import lr_factor
 
 CAPTION_PROJECTORS = ("linear", "mlp", "resampler")
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
@@ -334,6 +335,35 @@ def load_split(cache: FeatureCache, split: str, tokens: bool, image_sets: tuple[
                        loaded.caption_image, loaded.image_ids)
 
 
+@dataclass
+class CaptionBatches:
+    """A split's captions as token rows for teacher forcing (start, caption, end, padding), in length-bucketed
+    batches with their images' inputs."""
+
+    images: torch.Tensor  # each image's input, as CaptionData.images
+    owner: torch.Tensor  # (N,) the image row of each caption
+    sequences: torch.Tensor  # (N, max_words + 2) token ids
+    lengths: np.ndarray  # (N,) real tokens of each row
+    batch_size: int
+
+    @classmethod
+    def of(cls, data: CaptionData, decoder, max_words: int, batch_size: int) -> CaptionBatches:
+        """The captions of `data` encoded by `decoder`, cut to `max_words`."""
+        sequences, lengths = _sequences(decoder, data.captions, max_words)
+        return cls(data.images, torch.from_numpy(data.caption_image), torch.from_numpy(sequences), lengths, batch_size)
+
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def epoch(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(image inputs, token ids cut to the longest row, lengths) of each batch of one epoch."""
+        lengths = torch.from_numpy(self.lengths)
+        for rows in length_batches(self.lengths, self.batch_size, generator):
+            rows_t = torch.from_numpy(rows)
+            longest = int(lengths[rows_t].max())
+            yield self.images[self.owner[rows_t]], self.sequences[rows_t, :longest], lengths[rows_t]
+
+
 def _sequences(decoder, captions: list[str], max_words: int) -> tuple[np.ndarray, np.ndarray]:
     """(N, max_words + 2) token ids (start, caption, end, padding) and each row's real length."""
     encoded = [ids[:max_words] for ids in decoder.encode(captions)]
@@ -433,16 +463,10 @@ def generate(model: Captioner, images: torch.Tensor, beam: int = 1, max_length: 
 # --- training ------------------------------------------------------------------------------------------
 
 @dataclass
-class CaptionResult:
+class CaptionResult(RunResult):
     """A finished captioning run: where it is, its best epoch and validation metrics, its history."""
 
-    out: Path
     config: CaptionConfig
-    best_epoch: int
-    best_metrics: dict
-    history: list[dict] = field(default_factory=list)
-    parameters: int = 0
-    seconds: float = 0.0
 
 
 def validate(model: Captioner, data: CaptionData, beam: int = 1, meteor: bool = False) -> dict:
@@ -475,71 +499,37 @@ def train_captioner(
     tokens = config.projector == "resampler"
     train_data = load_split(cache, config.train_split, tokens, config.image_sets)
     val_data = load_split(cache, config.val_split, tokens, config.image_sets)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise VlmcacheError(f"--out {out}: is a file; pass a folder for the run")
-    if (out / "last.safetensors").exists() and not (resume or overwrite):
-        raise VlmcacheError(f"{out}: already holds a run; pass --resume to continue it or --overwrite to start again")
     torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                 "cpu" if device == "auto" else device)
-    vocabulary = build_vocabulary(train_data.captions, config.min_count) if config.decoder == "small" else None
-    image_dim = train_data.images.shape[-1]
-    token_count = train_data.images.shape[1] if tokens else 0
-    model = initial_captioner(config, image_dim, vocabulary, token_count).to(torch_device)
-    trainable = model.trainable()
-    optimizer = torch.optim.AdamW([p for p in trainable.parameters() if p.requires_grad], lr=config.lr,
-                                  weight_decay=config.weight_decay)
-    sequences, lengths = _sequences(model.decoder, train_data.captions, config.max_words)
-    steps_per_epoch = math.ceil(len(lengths) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step, total_steps))
-    generator = torch.Generator().manual_seed(config.seed)
-    image_encoders = set_encoders(cache, "images", config.image_sets)
-    meta = {"kind": "captioner", "config": json.loads(json.dumps(asdict(config))), "cache": str(cache.path.resolve()),
-            "fingerprint": cache.fingerprint, "image_dim": image_dim, "text_dim": None, "token_count": token_count,
-            "vocabulary": vocabulary, "image_encoder": image_encoders[0],
-            "image_encoders": image_encoders,
-            "parameters": count_parameters(trainable)}
-    state = {"epoch": 0, "best_epoch": 0, "best_metrics": {}, "bad_epochs": 0, "history": [], "stopped_early": False}
-    out.mkdir(parents=True, exist_ok=True)
-    with FolderLock(out, "caption run"):
-        remove_stale_temporaries(out)
-        if resume and (out / "last.safetensors").exists():
-            state = restore(out / "last.safetensors", meta, trainable, optimizer, scheduler, generator)
-        write_metrics_log(out, state["history"])  # the log always matches the checkpoint, even after a kill
+    with open_run_folder(out, "caption run", resume=resume, overwrite=overwrite) as folder:
+        vocabulary = build_vocabulary(train_data.captions, config.min_count) if config.decoder == "small" else None
+        image_dim = train_data.images.shape[-1]
+        token_count = train_data.images.shape[1] if tokens else 0
+        model = initial_captioner(config, image_dim, vocabulary, token_count).to(torch_device)
+        trainable = model.trainable()
+        batches = CaptionBatches.of(train_data, model.decoder, config.max_words, config.batch_size)
+        optimisation = Optimisation.start(config, trainable, batches.steps_per_epoch() * config.epochs,
+                                          torch.Generator().manual_seed(config.seed),
+                                          [p for p in trainable.parameters() if p.requires_grad])
+        image_encoders = set_encoders(cache, "images", config.image_sets)
+        meta = {"kind": "captioner", "config": json.loads(json.dumps(asdict(config))),
+                "cache": str(cache.path.resolve()), "fingerprint": cache.fingerprint, "image_dim": image_dim,
+                "text_dim": None, "token_count": token_count, "vocabulary": vocabulary,
+                "image_encoder": image_encoders[0], "image_encoders": image_encoders,
+                "parameters": count_parameters(trainable)}
+        run = Run.start(folder, meta, optimisation, "cider", config.patience)
+        run_epochs(run, config.epochs, lambda: _train_epoch(run, model, batches, torch_device),
+                   lambda: validate(model, val_data), on_epoch=on_epoch)
+    return run.result(CaptionResult, config, started)
 
-        sequences_t, lengths_t = torch.from_numpy(sequences), torch.from_numpy(lengths)
-        owner = torch.from_numpy(train_data.caption_image)
-        while state["epoch"] < config.epochs and not state["stopped_early"]:
-            epoch_started = time.perf_counter()
-            model.train()
-            if not config.trains_lm:
-                model.decoder.eval()  # a frozen LM runs as at inference (no dropout)
-            total, batches = 0.0, 0
-            for rows in length_batches(lengths, config.batch_size, generator):
-                rows_t = torch.from_numpy(rows)
-                longest = int(lengths_t[rows_t].max())
-                loss = model.loss(train_data.images[owner[rows_t]].to(torch_device).float(),
-                                  sequences_t[rows_t, :longest].to(torch_device), lengths_t[rows_t].to(torch_device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(trainable.parameters(), config.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                total, batches = total + float(loss.detach()), batches + 1
-            state["epoch"] += 1
-            train_seconds = time.perf_counter() - epoch_started
-            metrics = validate(model, val_data)
-            record = {"epoch": state["epoch"], "train_loss": total / max(1, batches), "lr": optimizer.param_groups[0]["lr"],
-                      **{f"val_{name}": value for name, value in metrics.items() if value is not None},
-                      "train_seconds": train_seconds, "seconds": time.perf_counter() - epoch_started}
-            finish_epoch(out, meta, state, record, metrics, "cider", config.patience, trainable, optimizer, scheduler,
-                         generator)
-            if on_epoch is not None:
-                on_epoch(record)
-    return CaptionResult(out, config, state["best_epoch"], state["best_metrics"], state["history"],
-                         meta["parameters"], time.perf_counter() - started)
+
+def _train_epoch(run: Run, model: Captioner, batches: CaptionBatches, device: torch.device) -> None:
+    """One pass over every training caption, teacher-forced."""
+    model.train()
+    if not model.config.trains_lm:
+        model.decoder.eval()  # a frozen LM runs as at inference (no dropout)
+    for images, ids, lengths in batches.epoch(run.optimisation.generator):
+        run.step(model.loss(images.to(device).float(), ids.to(device), lengths.to(device)))
 
 
 # --- using a trained captioner -----------------------------------------------------------------------------
