@@ -667,7 +667,8 @@ def caption_train(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the run in --out again.")] = False,
 ) -> None:
     """Train a captioner on cached image features; the best epoch by validation CIDEr (greedy) is kept."""
-    from vlmcache.caption.captioner import CaptionConfig, train_captioner
+    from vlmcache.caption.config import CaptionConfig
+    from vlmcache.caption.train import train_captioner
 
     config = CaptionConfig(decoder=decoder, projector=projector, image_features=image_features,
                            prefix_tokens=prefix_tokens, tune_lm=tune_lm,
@@ -694,7 +695,7 @@ def caption_eval(
 ) -> None:
     """BLEU-1..4, METEOR, ROUGE-L, CIDEr (×100, all references) of a captioner beside the nearest-neighbour
     and most-frequent-caption baselines."""
-    from vlmcache.caption.captioner import evaluate_captioner
+    from vlmcache.caption.evaluate import evaluate_captioner
     from vlmcache.files import write_json_atomic
     from vlmcache.metrics.captions import java_available
 
@@ -718,7 +719,7 @@ def caption_predict(
     beam: Annotated[int, typer.Option(help="Beam width; 1 is greedy decoding.")] = 5,
 ) -> None:
     """Caption image files (also: vlmcache caption IMAGE... --checkpoint RUN)."""
-    from vlmcache.caption.captioner import caption_images
+    from vlmcache.caption.predict import caption_images
 
     for image, text in zip(images, caption_images(checkpoint, images, beam), strict=True):
         console.print(f"{image}: {text}", highlight=False)
