@@ -73,6 +73,7 @@ class CaptionBatches:
         return cls(data.images, torch.from_numpy(data.caption_image), torch.from_numpy(sequences), lengths, batch_size)
 
     def steps_per_epoch(self) -> int:
+        """Batches in one epoch (every caption once)."""
         return math.ceil(len(self.lengths) / self.batch_size)
 
     def epoch(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

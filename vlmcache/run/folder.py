@@ -49,6 +49,7 @@ class RunFolder:
             save_checkpoint(self.out / BEST, {**self.meta, **state.best_meta()}, optimisation.model)
 
     def write_log(self, state: LoopState) -> None:
+        """metrics.jsonl: one line per epoch of the history."""
         if self.writes:
             write_metrics_log(self.out, state.history)
 

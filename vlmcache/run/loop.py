@@ -54,6 +54,7 @@ class LoopState:
         return self.epoch < epochs and not self.stopped_early
 
     def add_step(self, loss: float) -> None:
+        """Count one optimiser step of the running epoch and its loss."""
         self.position, self.loss_sum = self.position + 1, self.loss_sum + loss
 
     def close_epoch(self) -> float:
