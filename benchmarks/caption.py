@@ -21,7 +21,9 @@ import torch
 from rich.console import Console
 
 from vlmcache.app.cli import _caption_table
-from vlmcache.caption.captioner import CaptionConfig, evaluate_captioner, train_captioner
+from vlmcache.caption.config import CaptionConfig
+from vlmcache.caption.evaluate import evaluate_captioner
+from vlmcache.caption.train import train_captioner
 
 
 def cpu_seconds() -> float:

@@ -16,7 +16,9 @@ from rich.console import Console
 
 from vlmcache.app.cli import _caption_table
 from vlmcache.cache.store import open_cache
-from vlmcache.caption.captioner import generate, load_captioner, load_split
+from vlmcache.caption.data import load_split
+from vlmcache.caption.decode import generate
+from vlmcache.caption.model import load_captioner
 from vlmcache.metrics.captions import score_captions
 
 

@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from vlmcache.caption.captioner import CaptionConfig, Captioner
+from vlmcache.caption.config import CaptionConfig
+from vlmcache.caption.model import Captioner
 
 
 def step_seconds(projector: str, steps: int, batch: int, words: int, width: int, tokens: int) -> float:

@@ -16,18 +16,14 @@ from safetensors.torch import load_file
 from vlmcache import extract
 from vlmcache.align.projectors import Resampler
 from vlmcache.cache.store import open_cache
-from vlmcache.caption.captioner import (
-    CaptionConfig,
-    SmallDecoder,
-    beam_search,
-    build_vocabulary,
-    caption_images,
-    evaluate_captioner,
-    greedy,
-    length_batches,
-    load_captioner,
-    train_captioner,
-)
+from vlmcache.caption.config import CaptionConfig
+from vlmcache.caption.data import length_batches
+from vlmcache.caption.decode import beam_search, greedy
+from vlmcache.caption.evaluate import evaluate_captioner
+from vlmcache.caption.model import SmallDecoder, load_captioner
+from vlmcache.caption.predict import caption_images
+from vlmcache.caption.train import train_captioner
+from vlmcache.caption.vocab import build_vocabulary
 from vlmcache.errors import VlmcacheError
 from vlmcache.metrics.captions import java_available, most_frequent_caption, nearest_neighbour_captions, score_captions
 

@@ -14,13 +14,13 @@ from pathlib import Path
 from vlmcache.cache.layout import parse_sets
 from vlmcache.errors import VlmcacheError
 from vlmcache.options import check_options, option, read_toml, toml_types, typed_values
+from vlmcache.run.options import OptimConfig
 
 # The projector and loss names (their modules import these; defined here so reading a config needs no torch).
 PROJECTORS = ("linear", "mlp", "ndlinear", "cross-attention", "resampler")
 TOKEN_PROJECTORS = ("cross-attention", "resampler")  # read token states only
 TOKEN_CAPABLE = ("ndlinear", *TOKEN_PROJECTORS)  # can read token states (ndlinear with --tokens)
 LOSSES = ("infonce", "sigmoid")
-SCHEDULES = ("cosine", "onecycle", "constant")
 SAMPLINGS = ("image", "caption")
 IMAGE_FEATURES_HELP = ("Image feature sets of the cache to train on, joined by '+' (concatenated), e.g. "
                        "efficientnet-lite0+efficientnet-lite2 [default: the default set; vlmcache info lists them]")
@@ -42,26 +42,18 @@ def parse_grid(value) -> tuple[int, int]:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(OptimConfig):
     """Everything that defines a training run (saved with every checkpoint). Each field is one option of
-    `vlmcache train` (and a key of its --config file); see vlmcache.options."""
+    `vlmcache train` (and a key of its --config file); see vlmcache.options. The optimiser, schedule, patience
+    (by validation mean recall), seed and splits are OptimConfig's fields."""
 
     projector: str = option("mlp", "linear | mlp | ndlinear (pooled features) | cross-attention | resampler (token "
                             "states: extract --tokens)", choices=PROJECTORS)
     loss: str = option("infonce", "infonce (CLIP) | sigmoid (SigLIP)", choices=LOSSES)
     dim: int = option(256, "Shared embedding size.", low=1, high=MAX_WIDTH)
-    epochs: int = option(20, "Passes over the training images.", low=1, high=100_000)
-    batch_size: int = option(256, "Image–caption pairs per step.", low=2, high=1 << 20)
-    lr: float = option(1e-3, "Peak AdamW learning rate.", low=0.0, high=10.0, open_low=True)
-    weight_decay: float = option(0.1, "AdamW weight decay.", low=0.0, high=100.0)
-    warmup: int = option(50, "Linear warm-up steps (cosine schedule).", low=0, high=1 << 30)
-    schedule: str = option("cosine", "cosine | onecycle | constant", choices=SCHEDULES)
-    grad_clip: float = option(1.0, "Gradient norm clip.", low=0.0, high=1e6, cli=False)
-    seed: int = option(0, "Seed for initialisation, sampling and dropout.", low=-(1 << 63), high=(1 << 63) - 1)
     sampling: str = option("image", "image: each step pairs every image with ONE random caption, so captions of one "
                            "image never meet as negatives; caption: every caption each epoch, same-image pairs masked "
                            "out of the loss.", choices=SAMPLINGS)
-    patience: int | None = option(None, "Stop after N epochs without a better val mean recall.", low=1, high=100_000)
     mlp_hidden: int | None = option(None, "MLP hidden width [default: --dim]", low=1, high=MAX_WIDTH)
     mlp_layers: int = option(2, "MLP linear layers.", low=2, high=64)
     dropout: float = option(0.1, "MLP dropout; cross-attention: dropout of the attention weights.", low=0.0, high=0.99)
@@ -73,8 +65,6 @@ class TrainConfig:
                                                cli_type=str)
     init_scale: float | None = option(None, "Initial logit scale [default: the loss's].", cli=False)
     init_bias: float | None = option(None, "Initial logit bias of the sigmoid loss [default: the loss's].", cli=False)
-    train_split: str = option("train", "Split to train on.")
-    val_split: str = option("val", "Split to validate on each epoch.")
     # Feature sets of the cache, joined by '+' and concatenated in that order (None: the default set).
     image_features: str | None = option(None, IMAGE_FEATURES_HELP)
     text_features: str | None = option(None, "Text feature sets, joined by '+' [default: the default set]")

@@ -15,11 +15,11 @@ continues exactly) and `best` by validation mean recall. A run folder is locked 
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,15 +28,16 @@ from vlmcache import __version__, distributed
 from vlmcache.align.config import TrainConfig, parse_size, to_toml
 from vlmcache.align.inputs import batch_inputs, evaluate_model, input_shape, token_options, token_sides
 from vlmcache.align.load import feature_set_meta
-from vlmcache.align.model import initial_model
+from vlmcache.align.model import AlignmentModel, initial_model
 from vlmcache.cache.store import FeatureCache, Split, load_features, open_cache
 from vlmcache.cache.stream import Batch, ShardStream, embed_split, in_memory_bytes, stream_buffer
 from vlmcache.encode.encoders import pick_device
 from vlmcache.errors import VlmcacheError
-from vlmcache.files import FolderLock, remove_stale_temporaries, write_text_atomic
+from vlmcache.files import write_text_atomic
 from vlmcache.metrics.retrieval import retrieval_metrics
-from vlmcache.run.checkpoint import finish_epoch, restore, save_checkpoint, write_metrics_log
-from vlmcache.run.schedule import lr_factor
+from vlmcache.run.epochs import Run, run_epochs
+from vlmcache.run.folder import open_run_folder
+from vlmcache.run.loop import Optimisation, RunResult
 
 CHECKPOINT_STEPS = 1000  # a streamed epoch also saves `last` every this many steps (resume continues mid-epoch)
 
@@ -47,16 +48,10 @@ TOKEN_STREAM_MEMORY = 3 << 29
 
 
 @dataclass
-class TrainResult:
-    """A finished (or early-stopped) run: where it is, its best epoch and metrics, and its history."""
+class TrainResult(RunResult):
+    """A finished (or early-stopped) projector run: where it is, its best epoch and metrics, and its history."""
 
-    out: Path
     config: TrainConfig
-    best_epoch: int
-    best_metrics: dict
-    history: list[dict] = field(default_factory=list)
-    parameters: int = 0
-    seconds: float = 0.0
 
 
 def train(
@@ -93,30 +88,14 @@ def train(
         image_dim, text_dim = sum(cache.set_dims("images", config.image_sets)), sum(
             (text_source or cache).set_dims("texts", config.text_sets))
         image_tokens, text_tokens = (source.token_shapes.get(modality, (None,))[0] for modality in ("images", "texts"))
-    out = Path(out)
-    refusal = None
-    if out.exists() and not out.is_dir():
-        refusal = f"--out {out}: is a file; pass a folder for the run"
-    elif rank == 0:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            refusal = f"--out {out}: cannot create it ({error.strerror})"
-    distributed.share_error(refusal, world)
-    with FolderLock(out, "train run") if rank == 0 else contextlib.nullcontext():
-        if rank == 0:
-            remove_stale_temporaries(out)
-        exists = (out / "last.safetensors").exists()
-        distributed.share_error(f"{out}: already holds a run; pass --resume to continue it or --overwrite to start again"
-                                if rank == 0 and exists and not (resume or overwrite) else None, world)
+    with open_run_folder(out, "train run", resume=resume, overwrite=overwrite, rank=rank, world=world) as folder:
         model = initial_model(config, image_dim, text_dim, image_tokens, text_tokens)
         if config.standardize:
             model.fit_standardization(*source.split.torch()[:2], cache.set_dims("images", config.image_sets),
                                       (text_source or cache).set_dims("texts", config.text_sets))
         model = model.to(torch_device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         total_steps = sum(source.steps_per_epoch(epoch) for epoch in range(config.epochs))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step, total_steps))
+        optimisation = Optimisation.start(config, model, total_steps, generator)
         meta = {"config": config.to_dict(), "cache": str(cache.path.resolve()),
                 "text_cache": None if text_source is None else str(text_source.path.resolve()),
                 "fingerprint": cache.fingerprint, "image_dim": image_dim, "text_dim": text_dim,
@@ -124,55 +103,46 @@ def train(
                 **feature_set_meta(cache, text_source or cache, config),
                 "parameters": model.projector_parameters(), "vlmcache_version": __version__,
                 "streamed": None if isinstance(source, InMemoryBatches) else {"buffer": source.buffer, "ranks": world}}
-        state = {"epoch": 0, "best_epoch": 0, "best_metrics": {}, "bad_epochs": 0, "history": [], "stopped_early": False,
-                 "position": 0, "loss_sum": 0.0}
-        if resume and exists:
-            state = restore(out / "last.safetensors", meta, model, optimizer, scheduler, generator)
-        if rank == 0:
-            write_text_atomic(out / "config.toml", to_toml({"cache": meta["cache"], "text_cache": meta["text_cache"],
-                                                            **config.to_dict()}))
-            write_metrics_log(out, state["history"])  # the log always matches the checkpoint, even after a kill
-
-        while state["epoch"] < config.epochs and not state["stopped_early"]:
-            epoch_started = time.perf_counter()
-            model.train()
-            steps = source.steps_per_epoch(state["epoch"])
-            total, batches = state["loss_sum"], state["position"]  # mid-epoch when resumed from a streamed run
-            for batch in source.epoch(state["epoch"], batches):
-                loss = model.loss(distributed.gather(model.project_images(batch.images.to(torch_device)), world),
-                                  distributed.gather(model.project_texts(batch.texts.to(torch_device)), world),
-                                  None if batch.image_ids is None else distributed.gather(batch.image_ids, world))
-                if not torch.isfinite(loss):
-                    raise VlmcacheError(f"epoch {state['epoch'] + 1}, step {batches + 1}: the loss is {float(loss)} "
-                                        f"(training diverged); lower --lr (now {config.lr:g}). The last good "
-                                        f"checkpoints in {out} are kept")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                distributed.reduce_gradients(model, model.loss, world)
-                if config.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                model.loss.clamp_()
-                total, batches = total + float(loss.detach()), batches + 1
-                if rank == 0 and batches % CHECKPOINT_STEPS == 0 and batches < steps and source.resumable_mid_epoch:
-                    save_checkpoint(out / "last.safetensors", {**meta, **state, "position": batches, "loss_sum": total},
-                                    model, optimizer, scheduler, generator)
-            state.update(epoch=state["epoch"] + 1, position=0, loss_sum=0.0)
-            train_seconds = time.perf_counter() - epoch_started
-            metrics = (evaluate_model(model, val_split, torch_device) if val_split is not None else retrieval_metrics(
-                *embed_split(model, cache, config.val_split, config.image_sets, config.text_sets, torch_device,
-                             tokens=token_sides(config))))
-            record = {"epoch": state["epoch"], "train_loss": total / max(1, batches), "logit_scale": model.loss.scale(),
-                      "lr": optimizer.param_groups[0]["lr"], **{f"val_{k}": v for k, v in metrics.items()},
-                      "train_seconds": train_seconds, "seconds": time.perf_counter() - epoch_started}
-            finish_epoch(out if rank == 0 else None, meta, state, record, metrics, "mean_recall", config.patience,
-                         model, optimizer, scheduler, generator)  # every rank keeps the books, rank 0 writes
-            if on_epoch is not None and rank == 0:
-                on_epoch(record)
+        run = Run.start(folder, meta, optimisation, "mean_recall", config.patience)
+        if folder.writes:  # after the restore, so a refused resume leaves the run's config.toml as it was
+            write_text_atomic(folder.out / "config.toml", to_toml({"cache": meta["cache"], "text_cache": meta["text_cache"],
+                                                                   **config.to_dict()}))
+        run_epochs(run, config.epochs, lambda: _train_epoch(run, model, source, config.lr, world, torch_device),
+                   lambda: _validate(model, cache, val_split, config, torch_device),
+                   extras=lambda: {"logit_scale": model.loss.scale()}, on_epoch=on_epoch)
     distributed.finish(world)
-    return TrainResult(out, config, state["best_epoch"], state["best_metrics"], state["history"],
-                       meta["parameters"], time.perf_counter() - started)
+    return run.result(TrainResult, config, started)
+
+
+def _train_epoch(run: Run, model: AlignmentModel, source: InMemoryBatches | ShardStream, lr: float, world: int,
+                 device) -> None:
+    """The running epoch's steps, from its saved position when resumed mid-epoch; a streamed epoch also saves
+    `last` every CHECKPOINT_STEPS steps. `lr` (the option) is named when the loss diverges."""
+    state = run.state
+    model.train()
+    steps = source.steps_per_epoch(state.epoch)
+    all_reduce = functools.partial(distributed.reduce_gradients, model, model.loss, world)
+    for batch in source.epoch(state.epoch, state.position):
+        loss = model.loss(distributed.gather(model.project_images(batch.images.to(device)), world),
+                          distributed.gather(model.project_texts(batch.texts.to(device)), world),
+                          None if batch.image_ids is None else distributed.gather(batch.image_ids, world))
+        if not torch.isfinite(loss):
+            raise VlmcacheError(f"epoch {state.epoch + 1}, step {state.position + 1}: the loss is {float(loss)} "
+                                f"(training diverged); lower --lr (now {lr:g}). The last good "
+                                f"checkpoints in {run.folder.out} are kept")
+        run.step(loss, after_backward=all_reduce)
+        model.loss.clamp_()
+        if state.position % CHECKPOINT_STEPS == 0 and state.position < steps and source.resumable_mid_epoch:
+            run.save_last()
+
+
+def _validate(model: AlignmentModel, cache: FeatureCache, val_split: Split | None, config: TrainConfig,
+              device) -> dict:
+    """Retrieval metrics on the validation split: in memory, or embedded chunk by chunk when streaming."""
+    if val_split is not None:
+        return evaluate_model(model, val_split, device)
+    return retrieval_metrics(*embed_split(model, cache, config.val_split, config.image_sets, config.text_sets, device,
+                                          tokens=token_sides(config)))
 
 
 def _training_data(cache: FeatureCache, text_source: FeatureCache | None, config: TrainConfig, rank: int,

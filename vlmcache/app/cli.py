@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from vlmcache.align.config import IMAGE_FEATURES_HELP, TrainConfig
+from vlmcache.align.config import TrainConfig
+from vlmcache.caption.config import CaptionConfig
 from vlmcache.errors import VlmcacheError
 from vlmcache.options import with_options
 
@@ -600,30 +601,20 @@ def _caption_table(title: str, rows: dict[str, dict]) -> Table:
 @caption_app.command("train", epilog="Examples:\n\n  vlmcache caption train features/flickr8k --out runs/caption\n\n"
                                      "  vlmcache caption train features/flickr8k-tokens --projector resampler --out runs/caption-resampler\n\n"
                                      "  vlmcache caption train features/flickr8k --decoder gpt2 --prefix-tokens 10 --out runs/clipcap")
+@with_options(CaptionConfig)
 def caption_train(
+    options: dict,
     cache: Annotated[Path, typer.Argument(help="Cache folder of an image–caption dataset.")],
     out: Annotated[Path, typer.Option(help="Run folder for checkpoints and metrics.jsonl.")] = Path("runs/caption"),
-    decoder: Annotated[str, typer.Option(help="'small' (trained from scratch) or a Hugging Face causal LM name or folder.")] = "small",
-    projector: Annotated[str, typer.Option(help="linear | mlp (pooled features) | resampler (the cache's tokens; extract --tokens)")] = "mlp",
-    image_features: Annotated[str | None, typer.Option(help=IMAGE_FEATURES_HELP)] = None,
-    prefix_tokens: Annotated[int, typer.Option(help="K: image prefix vectors fed to the decoder.")] = 4,
-    tune_lm: Annotated[bool | None, typer.Option("--tune-lm/--freeze-lm", help="Train the language model too [default: small decoder trained, a pretrained LM frozen]")] = None,
-    layers: Annotated[int, typer.Option(help="Small decoder: transformer blocks.")] = 3,
-    width: Annotated[int, typer.Option(help="Small decoder: model width.")] = 256,
-    epochs: Annotated[int, typer.Option(help="Passes over all training captions.")] = 4,
-    batch_size: Annotated[int, typer.Option(help="Captions per step (batches are length-bucketed).")] = 128,
-    lr: Annotated[float, typer.Option(help="AdamW peak learning rate (warm-up, then cosine).")] = 1.5e-3,
-    seed: Annotated[int, typer.Option(help="Seed for initialisation, batch order and dropout.")] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out exactly.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the run in --out again.")] = False,
 ) -> None:
     """Train a captioner on cached image features; the best epoch by validation CIDEr (greedy) is kept."""
-    from vlmcache.caption.captioner import CaptionConfig, train_captioner
+    from vlmcache.caption.config import CaptionConfig
+    from vlmcache.caption.train import train_captioner
 
-    config = CaptionConfig(decoder=decoder, projector=projector, image_features=image_features,
-                           prefix_tokens=prefix_tokens, tune_lm=tune_lm,
-                           layers=layers, width=width, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    config = CaptionConfig(**options)
 
     def show(record: dict) -> None:
         console.print(f"epoch {record['epoch']:>3}  loss {record['train_loss']:.3f}  val BLEU-4 {record['val_bleu4']:.1f}  "
@@ -646,7 +637,7 @@ def caption_eval(
 ) -> None:
     """BLEU-1..4, METEOR, ROUGE-L, CIDEr (×100, all references) of a captioner beside the nearest-neighbour
     and most-frequent-caption baselines."""
-    from vlmcache.caption.captioner import evaluate_captioner
+    from vlmcache.caption.evaluate import evaluate_captioner
     from vlmcache.files import write_json_atomic
     from vlmcache.metrics.captions import java_available
 
@@ -670,7 +661,7 @@ def caption_predict(
     beam: Annotated[int, typer.Option(help="Beam width; 1 is greedy decoding.")] = 5,
 ) -> None:
     """Caption image files (also: vlmcache caption IMAGE... --checkpoint RUN)."""
-    from vlmcache.caption.captioner import caption_images
+    from vlmcache.caption.predict import caption_images
 
     for image, text in zip(images, caption_images(checkpoint, images, beam), strict=True):
         console.print(f"{image}: {text}", highlight=False)

@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 from vlmcache.align.config import TrainConfig
+from vlmcache.caption.config import CaptionConfig
 from vlmcache.options import markdown_table
 
-SECTIONS = (("vlmcache train, vlmcache ablate (every cell)", TrainConfig),)
+SECTIONS = (("vlmcache train, vlmcache ablate (every cell)", TrainConfig), ("vlmcache caption train", CaptionConfig))
 
 
 def options_reference() -> str:

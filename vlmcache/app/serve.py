@@ -135,7 +135,7 @@ def create_caption_app(checkpoint: str | Path):
     from starlette.responses import HTMLResponse
     from starlette.routing import Route
 
-    from vlmcache.caption.captioner import CaptionPredictor
+    from vlmcache.caption.predict import CaptionPredictor
 
     predictor = CaptionPredictor(checkpoint)
     config = predictor.model.config

@@ -1,5 +1,5 @@
-"""Checkpoints: safetensors tensors plus JSON metadata in the header (and a .json copy beside it), and the
-epoch bookkeeping of a run (best/last, resume, metrics log).
+"""Checkpoints: safetensors tensors plus JSON metadata in the header (and a .json copy beside it); a `last`
+checkpoint also holds the optimiser, scheduler and RNG states a resumed run restores, and a run's metrics log.
 
 Saving is atomic (see vlmcache.files). Reading never unpickles; vlmcache.align.load builds a model from
 what is read.
@@ -17,26 +17,28 @@ from torch import nn
 
 from vlmcache.errors import VlmcacheError
 from vlmcache.files import atomic_write, write_json_atomic, write_text_atomic
+from vlmcache.run.loop import LoopState, Optimisation
 
 
-def save_checkpoint(path: Path, meta: dict, model: nn.Module, optimizer=None, scheduler=None, generator=None) -> None:
+def save_checkpoint(path: Path, meta: dict, model: nn.Module, optimisation: Optimisation | None = None) -> None:
     """Write a checkpoint atomically: tensors in safetensors, everything else as JSON in its metadata.
 
-    With an optimiser (and its scheduler and sampling generator) the file also holds what `restore`
-    needs to continue the run exactly: optimiser moments, scheduler state and both RNG states.
+    With an `optimisation` the file also holds what `restore` needs to continue the run exactly: optimiser
+    moments, scheduler state and both RNG states.
     """
     # clone: tied weights (e.g. a tuned GPT-2's embedding and output layer) share memory, which safetensors refuses
     tensors = {f"model.{name}": value.detach().cpu().clone() for name, value in model.state_dict().items()}
     header = {"vlmcache": json.dumps(meta)}
-    if optimizer is not None:
-        optim_state = optimizer.state_dict()
+    if optimisation is not None:
+        optim_state = optimisation.optimizer.state_dict()
         for index, values in optim_state["state"].items():
             for name, value in values.items():
                 tensors[f"optim.{index}.{name}"] = value.detach().cpu().contiguous()
         header["optimizer_groups"] = json.dumps(optim_state["param_groups"])
-        header["scheduler"] = json.dumps({k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"})
+        header["scheduler"] = json.dumps({k: v for k, v in optimisation.scheduler.state_dict().items()
+                                          if k != "lr_lambdas"})
         tensors["rng.torch"] = torch.get_rng_state()
-        tensors["rng.sampler"] = generator.get_state()
+        tensors["rng.sampler"] = optimisation.generator.get_state()
     with atomic_write(path) as temporary:
         save_file(tensors, str(temporary), metadata=header)
     write_json_atomic(path.with_suffix(".json"), meta)
@@ -70,27 +72,7 @@ def write_metrics_log(out: Path, history: list[dict]) -> None:
     write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(record) + "\n" for record in history))
 
 
-def finish_epoch(out: Path | None, meta: dict, state: dict, record: dict, metrics: dict, score_key: str,
-                 patience: int | None, model: nn.Module, optimizer, scheduler, generator) -> None:
-    """Book a finished epoch: its record in the history, `best` when `metrics[score_key]` improved (else one
-    more epoch towards `patience`), then `last` with everything needed to resume, then metrics.jsonl.
-    `out=None` keeps the books without writing (the ranks of a torchrun other than rank 0)."""
-    state["history"].append(record)
-    if metrics[score_key] > state["best_metrics"].get(score_key, -1.0):
-        state.update(best_epoch=state["epoch"], best_metrics=metrics, bad_epochs=0)
-        public = {key: state[key] for key in ("epoch", "best_epoch", "best_metrics", "history")}
-        if out is not None:
-            save_checkpoint(out / "best.safetensors", {**meta, **public}, model)
-    else:
-        state["bad_epochs"] += 1
-        state["stopped_early"] = patience is not None and state["bad_epochs"] >= patience
-    if out is None:
-        return
-    save_checkpoint(out / "last.safetensors", {**meta, **state}, model, optimizer, scheduler, generator)
-    write_metrics_log(out, state["history"])
-
-
-def restore(path: Path, meta: dict, model: nn.Module, optimizer, scheduler, generator) -> dict:
+def restore(path: Path, meta: dict, optimisation: Optimisation) -> LoopState:
     """Load a `last` checkpoint into the live model, optimiser, scheduler and RNGs; returns the loop state."""
     tensors, header = read_checkpoint(path)
     saved = header["vlmcache"]
@@ -99,20 +81,18 @@ def restore(path: Path, meta: dict, model: nn.Module, optimizer, scheduler, gene
             raise VlmcacheError(f"{path}: was trained with a different {key} than requested now; resume with the "
                                 "same cache and options, or start a new run with --overwrite or another --out")
     try:
-        model.load_state_dict(model_weights(tensors))
+        state = LoopState.from_meta(saved)
+        optimisation.model.load_state_dict(model_weights(tensors))
         optim_state: dict = {"state": {}, "param_groups": json.loads(header["optimizer_groups"])}
         for name, value in tensors.items():
             if name.startswith("optim."):
                 _, index, key = name.split(".", 2)
                 optim_state["state"].setdefault(int(index), {})[key] = value
-        optimizer.load_state_dict(optim_state)
-        scheduler.load_state_dict({**json.loads(header["scheduler"]), "lr_lambdas": [None]})
+        optimisation.optimizer.load_state_dict(optim_state)
+        optimisation.scheduler.load_state_dict({**json.loads(header["scheduler"]), "lr_lambdas": [None]})
         torch.set_rng_state(tensors["rng.torch"])
-        generator.set_state(tensors["rng.sampler"])
-        return {**{key: saved[key] for key in ("epoch", "best_epoch", "best_metrics", "bad_epochs", "history",
-                                                "stopped_early")},
-                "position": saved.get("position", 0), "loss_sum": saved.get("loss_sum", 0.0)}  # mid-epoch (streamed)
+        optimisation.generator.set_state(tensors["rng.sampler"])
+        return state
     except (KeyError, ValueError, RuntimeError) as error:
         raise VlmcacheError(f"{path}: cannot resume from this checkpoint ({str(error)[:200]}); "
                             "start again with --overwrite") from None
-

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Protocol
+
+from vlmcache.run.options import OptimConfig
 
 
-class ScheduleSettings(Protocol):
-    """What a schedule reads of a training config (TrainConfig and CaptionConfig both have these)."""
-
-    schedule: str  # "cosine" (linear warm-up, then cosine to 0), "onecycle" or "constant"
-    warmup: int  # warm-up steps of the cosine schedule
-
-
-def lr_factor(config: ScheduleSettings, step: int, total_steps: int) -> float:
-    """The learning-rate multiplier at optimiser step `step` (0-based) of `total_steps`."""
+def lr_factor(config: OptimConfig, step: int, total_steps: int) -> float:
+    """The learning-rate multiplier at optimiser step `step` (0-based) of `total_steps`: `config.schedule` is
+    "cosine" (`config.warmup` steps of linear warm-up, then cosine to 0), "onecycle" or "constant"."""
     if config.schedule == "constant":
         return 1.0
     if config.schedule == "onecycle":  # linear up over the first 30%, cosine down to 0

@@ -1,0 +1,53 @@
+"""The options every training run shares (projector training and captioner training): the optimiser, its
+learning-rate schedule, early stopping, the seed and the splits a run trains and validates on.
+
+Defined once here, each with its type, range and help (vlmcache.options); TrainConfig (vlmcache.align.config)
+and CaptionConfig (vlmcache.caption.config) inherit them, so `TrainConfig(lr=...)`, the CLI options, TOML keys
+and checkpoint config keys stay flat. CaptionConfig re-declares the five whose measured defaults differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vlmcache.options import option
+
+SCHEDULES = ("cosine", "onecycle", "constant")
+
+
+def epochs_option(default: int) -> int:
+    return option(default, "Passes over the training images.", low=1, high=100_000)
+
+
+def batch_size_option(default: int) -> int:
+    return option(default, "Image–caption pairs per step.", low=2, high=1 << 20)
+
+
+def lr_option(default: float) -> float:
+    return option(default, "Peak AdamW learning rate.", low=0.0, high=10.0, open_low=True)
+
+
+def weight_decay_option(default: float) -> float:
+    return option(default, "AdamW weight decay.", low=0.0, high=100.0)
+
+
+def warmup_option(default: int) -> int:
+    return option(default, "Linear warm-up steps (cosine schedule).", low=0, high=1 << 30)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW, its schedule and the epoch loop's settings (the defaults are projector training's)."""
+
+    epochs: int = epochs_option(20)
+    batch_size: int = batch_size_option(256)
+    lr: float = lr_option(1e-3)
+    weight_decay: float = weight_decay_option(0.1)
+    warmup: int = warmup_option(50)
+    schedule: str = option("cosine", "cosine | onecycle | constant", choices=SCHEDULES)
+    grad_clip: float = option(1.0, "Gradient norm clip.", low=0.0, high=1e6, cli=False)
+    seed: int = option(0, "Seed for initialisation, sampling and dropout.", low=-(1 << 63), high=(1 << 63) - 1)
+    patience: int | None = option(None, "Stop after N epochs without a better validation score.", low=1,
+                                  high=100_000)
+    train_split: str = option("train", "Split to train on.")
+    val_split: str = option("val", "Split to validate on each epoch.")
