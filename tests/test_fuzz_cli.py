@@ -11,10 +11,16 @@ values that would make a valid run slow rather than wrong (thousands of epochs, 
 
 from __future__ import annotations
 
+import io
 import math
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import make_flickr_slice, run_cli
 from hypothesis import HealthCheck, given, settings
@@ -23,6 +29,7 @@ from hypothesis import strategies as st
 from vlmcache import extract
 from vlmcache.align.config import TrainConfig
 from vlmcache.align.train import train
+from vlmcache.data.formats import export_cache, import_embeddings
 
 # VLMCACHE_FUZZ_EXAMPLES=500 fuzzes harder (minutes); 25 per command keeps the suite fast.
 FUZZ = settings(max_examples=int(os.environ.get("VLMCACHE_FUZZ_EXAMPLES", "25")), deadline=None, database=None,
@@ -95,15 +102,16 @@ def command_line(draw, files: dict, positional: list[str], options: dict[str, st
     return argv
 
 
-def check(argv: list[str], capsys) -> None:
+def check(argv: list[str], capsys) -> int:
     """The property: exit 0, or exit 2 with exactly one line on stderr; never a traceback (run_cli lets any
-    exception other than SystemExit through, which fails the example)."""
+    exception other than SystemExit through, which fails the example). Returns the exit code."""
     capsys.readouterr()  # drop what an example that raised left uncollected, so it is not blamed on this one
     code, out, err = run_cli(argv, capsys)
     assert code in (0, 2), (argv, code, err)
     assert "Traceback" not in out + err, (argv, err)
     if code == 2:  # one line as a terminal or a log counts them (a quoted \x1e or \x85 is not a line break)
         assert len(err.rstrip("\n").split("\n")) == 1 and "\r" not in err, (argv, err)
+    return code
 
 
 def out_folder(files: dict) -> st.SearchStrategy[str]:
@@ -261,3 +269,122 @@ def test_the_fuzzed_files_are_left_as_they_were(files):
     assert (files["bad_cache"] / "manifest.json").exists() and files["photo"].exists()
     assert [p.name for p in files["folder"].iterdir()] == [] and not files["missing"].parent.exists()
     assert (files["foreign"] / "notes.txt").read_text() == "someone's notes"
+
+
+# --- import of malformed embedding files: npy, npz, parquet (and an export's manifest) ---------------------------
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict[str, Path]:
+    """One small valid source per import format (clip-retrieval twice: as written, and as vlmcache exports it)."""
+    from test_formats import write_clip_retrieval, write_datacomp
+
+    root = tmp_path_factory.mktemp("formats")
+    write_clip_retrieval(root / "clip-retrieval", parts=(6, 4), image_dim=4, text_dim=3)
+    import_embeddings(root / "clip-retrieval", root / "cache", "clip-retrieval", progress=False)
+    export_cache(root / "cache", root / "export", rows_per_file=6, progress=False)
+    write_datacomp(root / "datacomp", shards=(5,))
+    rng = np.random.default_rng(0)
+    (root / "npy").mkdir()
+    np.save(root / "npy" / "img_emb.npy", rng.standard_normal((5, 4)).astype(np.float32))
+    np.save(root / "npy" / "text_emb.npy", rng.standard_normal((5, 3)).astype(np.float32))
+    pq.write_table(pa.table({"caption": [f"c{n}" for n in range(5)]}), root / "npy" / "metadata.parquet")
+    return {name: root / name for name in ("clip-retrieval", "export", "datacomp", "npy")}
+
+
+# The files each example may break, by source; each source's --format is its name (the export is clip-retrieval).
+TARGETS = {
+    "clip-retrieval": ["img_emb/img_emb_0.npy", "text_emb/text_emb_1.npy", "metadata/metadata_0.parquet"],
+    "export": ["img_emb/img_emb_1.npy", "text_emb/text_emb_0.npy", "metadata/metadata_1.parquet", "vlmcache-export.json"],
+    "datacomp": ["00000000.npz", "00000000.parquet"],
+    "npy": ["img_emb.npy", "text_emb.npy", "metadata.parquet"],
+}
+DTYPES = ["float16", "float32", ">f4", "float64", "int32", "uint8", "bool", "complex64", "U3", "object"]
+COLUMN_VALUES = [pa.array(["a dog"] * 6), pa.array([b"a dog"] * 6, pa.binary()), pa.array([b"\xff"] * 6, pa.binary()),
+                 pa.array(range(6)), pa.array([0.5] * 6), pa.array([None] * 6, pa.string()), pa.array([None] * 6),
+                 pa.array([["a"]] * 6), pa.array(["a dog"] * 6).dictionary_encode(), pa.array([{"x": 1}] * 6)]
+
+
+def array_bytes(draw) -> bytes:
+    """An .npy of a random dtype and shape (0 to 3 dimensions, sizes 0 to 8), pickled when of objects."""
+    dtype = draw(st.sampled_from(DTYPES))
+    shape = tuple(draw(st.lists(st.integers(0, 8), max_size=3)))
+    array = np.zeros(shape, dtype=dtype) if dtype != "object" else np.full(shape, None, dtype=object)
+    if array.dtype.kind == "f" and array.size and draw(st.booleans()):
+        array.flat[0] = draw(st.sampled_from([np.nan, np.inf, 1e30]))
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=True)
+    return buffer.getvalue()
+
+
+def npz_bytes(draw) -> bytes:
+    """A .npz whose arrays are random (see array_bytes), under the expected names or others."""
+    buffer = io.BytesIO()
+    names = draw(st.lists(st.sampled_from(["b32_img", "b32_txt", "l14_img", "x"]), min_size=0, max_size=3, unique=True))
+    arrays = {}
+    for name in names:
+        arrays[name] = np.load(io.BytesIO(array_bytes(draw)), allow_pickle=True)
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def table_bytes(draw) -> bytes:
+    """A parquet file whose caption/text/split/id columns hold random types and row counts."""
+    columns = {}
+    for name in draw(st.lists(st.sampled_from(["caption", "text", "split", "uid", "image_path"]), max_size=4, unique=True)):
+        rows = draw(st.sampled_from([0, 4, 5, 6]))
+        columns[name] = draw(st.sampled_from(COLUMN_VALUES))[:rows]
+    rows = min((len(values) for values in columns.values()), default=0)  # a table's columns share one length
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({name: values[:rows] for name, values in columns.items()}), buffer)
+    return buffer.getvalue()
+
+
+@st.composite
+def broken_sources(draw, sources):
+    """(source, file, its new bytes, whether the import must fail): the file unchanged, cut short, with bytes
+    flipped, replaced by random bytes, by another kind's file, or by a well-formed file of the wrong content."""
+    source = draw(st.sampled_from(sorted(TARGETS)))
+    target = draw(st.sampled_from(TARGETS[source]))
+    original = (sources[source] / target).read_bytes()
+    how = draw(st.sampled_from(["same", "truncate", "flip", "random", "other kind", "wrong content"]))
+    if how == "same":
+        return source, target, original, False
+    if how == "truncate":  # every kind here is checked whole: a cut-off file never imports
+        return source, target, original[:draw(st.integers(0, len(original) - 1))], True
+    if how == "flip":
+        data = bytearray(original)
+        for _ in range(draw(st.integers(1, 4))):
+            data[draw(st.integers(0, len(data) - 1))] ^= draw(st.integers(1, 255))
+        # An export's manifest notices any change to a part (a flip in its own fields may be harmless).
+        return source, target, bytes(data), source == "export" and target != "vlmcache-export.json"
+    if how == "random":
+        return source, target, draw(st.binary(max_size=300)), True
+    other = draw(st.sampled_from([path for files in TARGETS.values() for path in files if Path(path).suffix !=
+                                  Path(target).suffix]))
+    if how == "other kind":
+        return source, target, next(sources[s] / other for s in TARGETS if other in TARGETS[s]).read_bytes(), True
+    maker = {".npy": array_bytes, ".npz": npz_bytes, ".parquet": table_bytes}.get(Path(target).suffix)
+    return source, target, maker(draw) if maker else draw(TEXT).encode(), source == "export"
+
+
+def test_import_of_broken_embedding_files_fails_in_one_line(sources, capsys, tmp_path):
+    """Whatever bytes an npy, npz, parquet or export manifest holds, `vlmcache import` imports it (exit 0) or
+    refuses it in one line (exit 2); truncated or random bytes always fail, and the unchanged file imports."""
+    @FUZZ
+    @given(case=broken_sources(sources))
+    def property_holds(case):
+        source, target, data, must_fail = case
+        with tempfile.TemporaryDirectory(dir=tmp_path) as work:
+            folder = Path(work) / source
+            shutil.copytree(sources[source], folder)
+            (folder / target).write_bytes(data)
+            argv = ["import", str(folder), "--format", "clip-retrieval" if source == "export" else source,
+                    "--out", str(Path(work) / "cache")] + (["--features", "b32"] if source == "datacomp" else [])
+            code = check(argv, capsys)
+            if data == (sources[source] / target).read_bytes():  # also a flip undone by a second one
+                assert code == 0, (argv, target)
+            elif must_fail:
+                assert code == 2, (argv, target, data[:80])
+
+    property_holds()
