@@ -4,7 +4,6 @@ resumes to the same cache."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
+from vlmcache.cache import writer
 from vlmcache.cache.layout import MODALITIES
 from vlmcache.cache.store import load_features, open_cache, verify_cache
 from vlmcache.encode.extract import extract
@@ -113,14 +113,13 @@ def test_an_interrupted_token_pass_resumes_to_the_same_cache(flickr_slice, tmp_p
     shutil.copytree(tmp_path / "straight", tmp_path / "killed")
     extract(flickr_slice, tmp_path / "straight", tokens=True, **options(tiny_models))
 
-    module = importlib.import_module("vlmcache.cache.writer")  # where extract writes its shards
-    real = module.write_shard
+    real = writer.write_shard  # write_or_extend_shard writes through it
 
     def write_then_die(*args, **kwargs):
         real(*args, **kwargs)
         raise Killed  # right after the first shard was renamed into place
 
-    monkeypatch.setattr(module, "write_shard", write_then_die)
+    monkeypatch.setattr(writer, "write_shard", write_then_die)
     with pytest.raises(Killed):
         extract(flickr_slice, tmp_path / "killed", tokens=True, **options(tiny_models))
     monkeypatch.undo()

@@ -89,3 +89,46 @@ def test_a_planted_upward_import_and_cycle_are_caught(tmp_path, monkeypatch):
     assert "vlmcache.app.cli" in graph()["vlmcache.cache.store"]
     assert "vlmcache.cache.store" in graph()["vlmcache.app.cli"]
     assert layer("vlmcache.app.cli") > layer("vlmcache.cache.store")
+
+
+# Only vlmcache.cache opens HDF5; the rest reads through FeatureCache. Each exception is listed here, so it
+# stays visible until it goes.
+H5PY_EXCEPTIONS: set[str] = set()  # none: every HDF5 file is opened by vlmcache.cache
+
+
+def imports_h5py(path: Path) -> bool:
+    """Whether a file imports h5py anywhere (`import h5py[.x]`, `from h5py[.x] import ...`, lazily included)."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names = [node.module or ""]
+        else:
+            continue
+        if any(name.split(".")[0] == "h5py" for name in names):
+            return True
+    return False
+
+
+def h5py_outside_cache() -> set[str]:
+    """The modules outside vlmcache.cache that import h5py."""
+    return {module_name(path) for path in PACKAGE.rglob("*.py")
+            if module_name(path).split(".")[1:2] != ["cache"] and imports_h5py(path)}
+
+
+def test_only_the_cache_package_imports_h5py():
+    outside = h5py_outside_cache() - H5PY_EXCEPTIONS
+    assert not outside, f"import h5py outside vlmcache.cache: {', '.join(sorted(outside))}; add a function to the cache package"
+
+
+def test_a_planted_h5py_import_is_caught(tmp_path, monkeypatch):
+    """The check above can fail: a lazy import outside the cache package is found, one inside it is allowed."""
+    fake = tmp_path / "vlmcache"
+    for folder in ("cache", "data"):
+        (fake / folder).mkdir(parents=True)
+        (fake / folder / "__init__.py").write_text("")
+    (fake / "__init__.py").write_text("")
+    (fake / "cache" / "hdf5.py").write_text("import h5py\n")
+    (fake / "data" / "reader.py").write_text("def read():\n    from h5py import File\n")
+    monkeypatch.setattr(__import__(__name__), "PACKAGE", fake)
+    assert h5py_outside_cache() == {"vlmcache.data.reader"}

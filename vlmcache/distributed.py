@@ -1,5 +1,6 @@
-"""Training on several processes under torchrun: join the group, check every rank reads the same cache,
-gather embeddings for the contrastive loss over the global batch, sum gradients.
+"""Work on several processes under torchrun: join the group, share rank 0's refusal, wait for every rank; for
+training also check every rank reads the same cache, gather embeddings for the contrastive loss over the
+global batch, sum gradients. `vlmcache extract` uses the first three.
 
 The loss is computed on every rank over the *global* batch (all ranks' embeddings, gathered), as
 open_clip's `gather_features` does: the local part of the gathered tensor is the rank's own
@@ -11,7 +12,8 @@ everywhere and is averaged instead. So N ranks × batch B/N take the same steps 
 batch B (tested on gloo within float tolerance), gradient clipping included.
 
 A rank that dies makes the others' next collective fail (the connection closes, or the group timeout
-passes): they stop with one line naming what happened, never wait forever.
+passes): they stop with one line naming what happened and what is kept (`recovery`: training's last
+checkpoint by default), never wait forever.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch import nn
 from vlmcache.errors import VlmcacheError
 
 TIMEOUT_SECONDS = float(os.environ.get("VLMCACHE_DIST_TIMEOUT", "600"))
+TRAIN_RECOVERY = "the last checkpoint is kept: fix the cause and rerun with --resume"
 
 
 def setup(device: torch.device) -> tuple[int, int, torch.device]:
@@ -47,14 +50,14 @@ def setup(device: torch.device) -> tuple[int, int, torch.device]:
     return (dist.get_rank(), dist.get_world_size(), device) if world > 1 else (0, 1, device)
 
 
-def _collective(what: str, call, *args):
-    """Run one collective; a lost rank (closed connection, timeout) becomes one line instead of a traceback."""
+def _collective(what: str, call, *args, recovery: str = TRAIN_RECOVERY):
+    """Run one collective; a lost rank (closed connection, timeout) becomes one line instead of a traceback,
+    ending with `recovery`: what was kept and how to go on."""
     try:
         return call(*args)
     except RuntimeError as error:
         raise VlmcacheError(f"rank {dist.get_rank()}: {what} failed, another rank stopped or died "
-                            f"({str(error).splitlines()[0][:160]}); the last checkpoint is kept: fix the cause "
-                            "and rerun with --resume") from None
+                            f"({str(error).splitlines()[0][:160]}); {recovery}") from None
 
 
 def check_same_inputs(description: dict, world: int) -> None:
@@ -96,14 +99,20 @@ def reduce_gradients(model: nn.Module, loss_module: nn.Module, world: int) -> No
         offset += p.numel()
 
 
-def share_error(message: str | None, world: int) -> None:
+def share_error(message: str | None, world: int, recovery: str = TRAIN_RECOVERY) -> None:
     """Rank 0's refusal (or None) raised on every rank, so no rank waits for one that stopped."""
     if world > 1:
         box = [message]
-        _collective("sharing rank 0's checks", dist.broadcast_object_list, box, 0)
+        _collective("sharing rank 0's checks", dist.broadcast_object_list, box, 0, recovery=recovery)
         message = box[0]
     if message:
         raise VlmcacheError(message)
+
+
+def barrier(world: int, what: str, recovery: str = TRAIN_RECOVERY) -> None:
+    """Wait until every rank gets here; `what` names the wait in the one line a lost rank causes."""
+    if world > 1:
+        _collective(what, dist.barrier, recovery=recovery)
 
 
 def finish(world: int) -> None:

@@ -28,6 +28,8 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -36,6 +38,7 @@ import h5py
 import numpy as np
 import torch
 
+from vlmcache.cache.hdf5 import HDF5_ERRORS, read_hdf5
 from vlmcache.cache.layout import MODALITIES, set_name
 from vlmcache.errors import VlmcacheError
 from vlmcache.files import atomic_write
@@ -100,6 +103,12 @@ def write_index(path: Path, dataset) -> None:
         if dataset.image_labels is not None:
             index.create_dataset("image_label", data=dataset.image_labels)
             index.attrs["classes"] = json.dumps(dataset.classes)
+
+
+def read_index(folder: Path) -> AbstractContextManager[h5py.File]:
+    """The index.h5 of the cache folder `folder` opened for reading (see `read_hdf5`); a read error says to
+    extract again, which rewrites a missing index."""
+    return read_hdf5(folder / "index.h5", "missing or unreadable", "run the same vlmcache extract again to rewrite it")
 
 
 @dataclass(frozen=True)
@@ -216,13 +225,9 @@ class FeatureCache:
         shard_path = self.path / folder / entry["file"]
         if not shard_path.exists():
             raise VlmcacheError(f"{shard_path}: shard missing; re-run vlmcache extract on this cache")
-        try:
-            with h5py.File(shard_path, "r") as shard:
-                provenance = json.loads(shard.attrs["provenance"])
-                rows = (int(shard.attrs["row_start"]), int(shard.attrs["rows"]))
-        except (OSError, KeyError, ValueError) as error:
-            raise VlmcacheError(f"{shard_path}: unreadable shard ({error}); run vlmcache verify {self.path} "
-                                "and re-extract") from None
+        with self.open_shard(shard_path, "unreadable shard") as shard:
+            provenance = json.loads(shard.attrs["provenance"])
+            rows = (int(shard.attrs["row_start"]), int(shard.attrs["rows"]))
         if provenance != (expected_provenance or self.provenance[folder]):
             raise VlmcacheError(f"{shard_path}: made by a different encoder or dataset than the "
                                 "manifest says (mixed caches); re-extract with --overwrite")
@@ -255,15 +260,21 @@ class FeatureCache:
     @cached_property
     def index(self) -> dict:
         """The dataset metadata from index.h5, read once."""
-        try:
-            with h5py.File(self.path / "index.h5", "r") as index:
-                data = {key: index[key].asstr()[()].tolist() if index[key].dtype.kind == "O" else index[key][()]
-                        for key in index}
-                data["classes"] = json.loads(index.attrs.get("classes", "[]"))
-        except (OSError, ValueError) as error:
-            raise VlmcacheError(f"{self.path / 'index.h5'}: missing or unreadable ({error}); run the same "
-                                "vlmcache extract again to rewrite it") from None
+        with read_index(self.path) as index:
+            data = {key: index[key].asstr()[()].tolist() if index[key].dtype.kind == "O" else index[key][()]
+                    for key in index}
+            data["classes"] = json.loads(index.attrs.get("classes", "[]"))
         return data
+
+    @property
+    def _repair_advice(self) -> str:
+        """What to do about a shard of this cache that cannot be read."""
+        return f"run vlmcache verify {self.path} and re-extract"
+
+    def open_shard(self, shard_path: Path, problem: str = "corrupt shard") -> AbstractContextManager[h5py.File]:
+        """A shard of this cache opened for reading (see `read_hdf5`): h5py's errors, a failed fletcher32
+        checksum among them, become one line that says to verify the cache and re-extract."""
+        return read_hdf5(shard_path, problem, self._repair_advice)
 
     @property
     def splits(self) -> list[str]:
@@ -275,18 +286,14 @@ class FeatureCache:
 
     def index_rows(self, key: str, rows: slice) -> list | np.ndarray:
         """Rows of one index.h5 dataset, read without loading the rest (strings as a list of str)."""
-        try:
-            with h5py.File(self.path / "index.h5", "r") as index:
-                data = index[key]
-                return data.asstr()[rows].tolist() if data.dtype.kind == "O" else data[rows]
-        except (OSError, ValueError, KeyError) as error:
-            raise VlmcacheError(f"{self.path / 'index.h5'}: missing or unreadable ({error}); run the same "
-                                "vlmcache extract again to rewrite it") from None
+        with read_index(self.path) as index:
+            data = index[key]
+            return data.asstr()[rows].tolist() if data.dtype.kind == "O" else data[rows]
 
     @cached_property
     def has_labels(self) -> bool:
         """Whether index.h5 holds class labels (labelled image folders)."""
-        with h5py.File(self.path / "index.h5", "r") as index:
+        with read_index(self.path) as index:
             return "image_label" in index
 
     def split_rows(self, split: str) -> tuple[slice, slice]:
@@ -311,15 +318,10 @@ class FeatureCache:
             start, stop = entry["row_start"], entry["row_start"] + entry["rows"]
             lo, hi = max(start, rows.start), min(stop, rows.stop)
             if lo < hi:
-                shard_path = self.path / chosen.folder / entry["file"]
-                try:
-                    with h5py.File(shard_path, "r") as shard:
-                        if field not in shard:
-                            raise VlmcacheError(f"{self.path}: has no {field!r} for {modality}; extract with --tokens")
-                        parts.append(shard[field][lo - start:hi - start])
-                except OSError as error:  # includes a failed fletcher32 checksum
-                    raise VlmcacheError(f"{shard_path}: corrupt shard ({error}); run vlmcache verify {self.path} "
-                                        "and re-extract") from None
+                with self.open_shard(self.path / chosen.folder / entry["file"]) as shard:
+                    if field not in shard:
+                        raise VlmcacheError(f"{self.path}: has no {field!r} for {modality}; extract with --tokens")
+                    parts.append(shard[field][lo - start:hi - start])
         if not parts:
             return np.zeros((0,), dtype=np.float32)
         return np.concatenate(parts)
@@ -336,7 +338,7 @@ class FeatureCache:
         model is built from it before any row is read). Refused as `read_tokens` refuses."""
         chosen = self._token_set(modality, feature_set)
         shard_path = self.path / chosen.folder / chosen.shards[0]["file"]
-        with h5py.File(shard_path, "r") as shard:
+        with self.open_shard(shard_path) as shard:
             count, width = _token_datasets(shard, shard_path)[0].shape[1:]
         if width != chosen.dim:
             raise VlmcacheError(f"{shard_path}: token states are {width}-d but the set's features are {chosen.dim}-d "
@@ -362,12 +364,8 @@ class FeatureCache:
                 continue
             shard_path = self.path / chosen.folder / entry["file"]
             kept = keep[lo - rows.start:hi - rows.start]
-            try:
-                with h5py.File(shard_path, "r") as shard:
-                    block, mask = (data[lo - start:hi - start][kept] for data in _token_datasets(shard, shard_path))
-            except OSError as error:  # includes a failed fletcher32 checksum
-                raise VlmcacheError(f"{shard_path}: corrupt shard ({error}); run vlmcache verify {self.path} "
-                                    "and re-extract") from None
+            with self.open_shard(shard_path) as shard:
+                block, mask = (data[lo - start:hi - start][kept] for data in _token_datasets(shard, shard_path))
             if block.shape[1:] != shape:
                 raise VlmcacheError(f"{shard_path}: token states of shape {block.shape[1:]}, the set's first shard "
                                     f"{shape} (mixed extractions, or another encoder); re-extract with --overwrite --tokens")
@@ -388,12 +386,33 @@ class FeatureCache:
             raise VlmcacheError(f"{self.path}: no {modality[:-1]} rows to read tokens from in rows {rows.start}-{rows.stop}")
         return states, masks
 
-    def iter_shards(self, modality: str, feature_set: str | None = None):
-        """Lazy access: yield (row_start, open h5py shard) one shard at a time."""
+    def iter_shards(self, modality: str, feature_set: str | None = None) -> Iterator[tuple[int, h5py.File]]:
+        """Lazy access: yield (row_start, open h5py shard) one shard at a time.
+
+        Only an opening error is reported in one line: reads of the yielded shard happen in the caller. Outside
+        vlmcache.cache use `read_shards`, which hands out arrays, not h5py objects."""
         chosen = self.feature_set(modality, feature_set)
         for entry in chosen.shards:
-            with h5py.File(self.path / chosen.folder / entry["file"], "r") as shard:
+            with self.open_shard(self.path / chosen.folder / entry["file"], "unreadable shard") as shard:
                 yield entry["row_start"], shard
+
+    def read_shards(self, modality: str, fields: tuple[str, ...] = ("features",),
+                    feature_set: str | None = None) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """Yield (row_start, {field: that shard's rows of it}) one shard at a time, in row order, so a whole
+        set is read in memory of one shard. Strings (`error`) come as str. A missing field or an unreadable
+        shard is refused in one line."""
+        chosen = self.feature_set(modality, feature_set)
+        for entry in chosen.shards:
+            shard_path = self.path / chosen.folder / entry["file"]
+            with self.open_shard(shard_path) as shard:
+                missing = [field for field in fields if field not in shard]
+                if missing:  # token states are optional (extract --tokens); any other dataset belongs in every shard
+                    raise VlmcacheError(f"{shard_path}: has no {missing[0]!r} dataset; " + (
+                        "re-extract with vlmcache extract ... --tokens" if missing[0] in ("tokens", "token_mask")
+                        else self._repair_advice))
+                arrays = {field: shard[field].asstr()[()] if shard[field].dtype.kind == "O" else shard[field][()]
+                          for field in fields}
+            yield entry["row_start"], arrays
 
     def _read_sets(self, modality: str, rows: slice, names: tuple[str, ...] | None) -> tuple[np.ndarray, np.ndarray]:
         """(features of the named sets concatenated along the feature axis as float32, rows valid in all)."""
@@ -547,7 +566,7 @@ def verify_cache(path: str | Path) -> list[tuple[str, str]]:
                     problems.append((str(shard_path), "NaN or infinite features in rows marked valid"))
             except VlmcacheError as error:
                 problems.append((str(shard_path), str(error).split(": ", 1)[-1]))
-            except OSError as error:
+            except HDF5_ERRORS as error:  # verify reports each bad shard and goes on to the next
                 problems.append((str(shard_path), f"unreadable ({error})"))
     return problems
 

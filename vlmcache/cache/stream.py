@@ -38,7 +38,6 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import h5py
 import numpy as np
 import torch
 
@@ -185,7 +184,7 @@ class ShardStream:
                                     "re-extract the missing shards")
         if rows.stop > rows.start:
             return self.cache.read(modality, rows, name, feature_set)
-        with h5py.File(self.cache.path / chosen.folder / touched[0]["file"], "r") as shard:  # no rows: right shape
+        with self.cache.open_shard(self.cache.path / chosen.folder / touched[0]["file"]) as shard:  # no rows: right shape
             return np.zeros((0, *shard[name].shape[1:]), shard[name].dtype)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:

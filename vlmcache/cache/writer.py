@@ -12,11 +12,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 
+from vlmcache.cache.hdf5 import read_hdf5
 from vlmcache.cache.layout import MODALITIES, set_folder, set_name
-from vlmcache.cache.store import differences, file_sha256, now_iso, shard_name, write_index, write_shard
+from vlmcache.cache.store import differences, file_sha256, now_iso, read_index, shard_name, write_index, write_shard
 from vlmcache.errors import VlmcacheError
 from vlmcache.files import remove_stale_temporaries, write_json_atomic
 
@@ -67,17 +67,18 @@ def _token_pass(recorded: dict, requested: dict) -> dict:
     return provenance
 
 
+# What to do about a shard of the cache being written that cannot be read: an extract recomputes a missing shard.
+_REDO_SHARD = "delete it and run the same extract again"
+
+
 def shard_pending(path: Path, chosen: PendingSet) -> bool:
     """Whether a shard is still to be written: missing, or without the token states its set now holds."""
     if not path.exists():
         return True
     if not chosen.provenance.get("tokens"):
         return False
-    try:
-        with h5py.File(path, "r") as shard:
-            return "tokens" not in shard
-    except OSError as error:
-        raise VlmcacheError(f"{path}: unreadable shard ({error}); delete it and run the same extract again") from None
+    with read_hdf5(path, "unreadable shard", _REDO_SHARD) as shard:
+        return "tokens" not in shard
 
 
 def _assign_folders(manifest: dict, sets: list[PendingSet]) -> None:
@@ -200,11 +201,8 @@ def write_or_extend_shard(path: Path, row_start: int, provenance: dict, arrays: 
     """Write a shard. One already there is a pooled shard being given token states: it keeps its own datasets
     bit for bit (its features may come from another backend) and gains only `tokens` and `token_mask`."""
     if path.exists():
-        try:
-            with h5py.File(path, "r") as old:
-                kept = {name: old[name].asstr()[()] if name == "error" else old[name][()] for name in old}
-        except OSError as error:  # includes a failed fletcher32 checksum
-            raise VlmcacheError(f"{path}: corrupt shard ({error}); delete it and run the same extract again") from None
+        with read_hdf5(path, "corrupt shard", _REDO_SHARD) as old:  # a failed fletcher32 checksum included
+            kept = {name: old[name].asstr()[()] if name == "error" else old[name][()] for name in old}
         lost = np.flatnonzero(kept["valid"].astype(bool) & ~arrays["valid"])
         if len(lost):
             raise VlmcacheError(f"{path}: row {row_start + lost[0]} was readable when the shard was made but is not now "
@@ -216,36 +214,52 @@ def write_or_extend_shard(path: Path, row_start: int, provenance: dict, arrays: 
 def finalize_cache(out: Path, manifest: dict, plans: dict, work: list[PendingSet], result: ExtractResult) -> None:
     """List the shards of every set computed now; for the default sets, gather skipped items and truncation
     from their shards. Mark the manifest (and each new set) complete."""
-    with h5py.File(out / "index.h5", "r") as index:
-        ids = {"images": index["image_id"].asstr(), "texts": index["caption"].asstr()}  # read lazily, row by row
-        for chosen in work:
-            shards, skipped, truncated = [], [], 0
-            for number, (start, stop) in enumerate(plans[chosen.modality]):
-                path = out / chosen.folder / shard_name(number)
-                if not path.exists():
-                    raise VlmcacheError(f"{path}: shard missing after extraction; run the same extract again")
-                with h5py.File(path, "r") as shard:
-                    # A skipped row is always marked invalid; reading only those rows' strings keeps a
-                    # million-row cache from decoding two million strings here.
-                    for offset in np.flatnonzero(~shard["valid"][()].astype(bool)).tolist():
-                        skipped.append({"modality": chosen.modality, "row": start + offset,
-                                        "item": str(ids[chosen.modality][start + offset]),
-                                        "reason": shard["error"].asstr()[offset]})
-                    if "truncated" in shard:
-                        truncated += int(shard["truncated"][()].sum())
-                    if chosen.provenance.get("tokens") and "tokens" not in shard:
-                        raise VlmcacheError(f"{path}: no token states after extraction; run the same extract again")
-                shards.append({"file": shard_name(number), "row_start": start, "rows": stop - start,
-                               "sha256": file_sha256(path)})
-            if chosen.folder == chosen.modality:
-                manifest.setdefault("shards", {})[chosen.modality] = shards
-                manifest["skipped"] = [item for item in manifest.get("skipped", []) if item["modality"] != chosen.modality]
-                manifest["skipped"] += skipped
-                if chosen.modality == "texts":
-                    manifest["truncated_captions"] = truncated
-            else:
-                manifest["feature_sets"][chosen.modality][chosen.name].update(status="complete", shards=shards)
+    for chosen in work:
+        shards, skipped, truncated = [], [], 0
+        for number, (start, stop) in enumerate(plans[chosen.modality]):
+            path = out / chosen.folder / shard_name(number)
+            if not path.exists():
+                raise VlmcacheError(f"{path}: shard missing after extraction; run the same extract again")
+            invalid, shard_truncated = _shard_summary(path, chosen)
+            skipped += [{"modality": chosen.modality, "row": start + offset, "item": None, "reason": reason}
+                        for offset, reason in invalid]  # "item" is named from index.h5 below, keeping its key place
+            truncated += shard_truncated
+            shards.append({"file": shard_name(number), "row_start": start, "rows": stop - start,
+                           "sha256": file_sha256(path)})
+        _name_skipped(out, skipped)
+        if chosen.folder == chosen.modality:
+            manifest.setdefault("shards", {})[chosen.modality] = shards
+            manifest["skipped"] = [item for item in manifest.get("skipped", []) if item["modality"] != chosen.modality]
+            manifest["skipped"] += skipped
+            if chosen.modality == "texts":
+                manifest["truncated_captions"] = truncated
+        else:
+            manifest["feature_sets"][chosen.modality][chosen.name].update(status="complete", shards=shards)
     manifest.update({"status": "complete", "finished": now_iso()})
     write_json_atomic(out / "manifest.json", manifest)
     result.skipped, result.truncated_captions = manifest.get("skipped", []), manifest.get("truncated_captions", 0)
+
+
+def _shard_summary(path: Path, chosen: PendingSet) -> tuple[list[tuple[int, str]], int]:
+    """(offset and reason of each row a just-written shard marks invalid, its truncated-caption count); a shard
+    of a set that should hold token states but does not is refused."""
+    with read_hdf5(path, "unreadable shard", _REDO_SHARD) as shard:
+        # A skipped row is always marked invalid; reading only those rows' strings keeps a
+        # million-row cache from decoding two million strings here.
+        invalid = [(offset, shard["error"].asstr()[offset])
+                   for offset in np.flatnonzero(~shard["valid"][()].astype(bool)).tolist()]
+        truncated = int(shard["truncated"][()].sum()) if "truncated" in shard else 0
+        if chosen.provenance.get("tokens") and "tokens" not in shard:
+            raise VlmcacheError(f"{path}: no token states after extraction; run the same extract again")
+    return invalid, truncated
+
+
+def _name_skipped(out: Path, skipped: list[dict]) -> None:
+    """Fill each skipped item's "item" (image id, or caption text) from the index, reading only those rows."""
+    if not skipped:
+        return
+    with read_index(out) as index:
+        ids = {"images": index["image_id"].asstr(), "texts": index["caption"].asstr()}  # read lazily, row by row
+        for item in skipped:
+            item["item"] = str(ids[item["modality"]][item["row"]])
 

@@ -42,11 +42,11 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vlmcache.cache.hdf5 import h5py_version
 from vlmcache.cache.layout import MODALITIES, set_name
 from vlmcache.cache.store import FORMAT_VERSION, file_sha256, now_iso, open_cache, shard_name, shard_ranges, write_shard
 from vlmcache.cache.writer import ExtractResult, PendingSet, finalize_cache, prepare_cache
@@ -112,12 +112,12 @@ def _export_rows(cache, captions: str, splits: list[str] | None) -> tuple[np.nda
         for split in splits:
             cache.split_rows(split)  # names a missing split
         image_rows = image_rows[np.isin(np.asarray(index["image_split"]), splits)]
-    image_valid = np.concatenate([shard["valid"][()] for _, shard in cache.iter_shards("images")]).astype(bool)
+    image_valid = np.concatenate([arrays["valid"] for _, arrays in cache.read_shards("images", ("valid",))]).astype(bool)
     image_rows = image_rows[image_valid[image_rows]]
     owner = np.asarray(index["caption_image"])
     if len(owner) == 0:  # a labelled folder: images only
         return image_rows, np.full(len(image_rows), -1)
-    caption_valid = np.concatenate([shard["valid"][()] for _, shard in cache.iter_shards("texts")]).astype(bool)
+    caption_valid = np.concatenate([arrays["valid"] for _, arrays in cache.read_shards("texts", ("valid",))]).astype(bool)
     caption_rows = np.flatnonzero(caption_valid & np.isin(owner, image_rows))
     if captions == "first":  # captions follow their image, so the first of each run is the image's first
         caption_rows = caption_rows[np.unique(owner[caption_rows], return_index=True)[1]]
@@ -783,7 +783,7 @@ def import_embeddings(source: str | Path, out: str | Path, format: str, *, featu
         "dataset": {"format": dataset.format, "root": str(dataset.root), "fingerprint": fingerprint, "images": rows,
                     "captions": rows, "splits": dataset.split_counts(), "limit_per_split": None},
         "provenance": provenance, "imported_from": origin,
-        "libraries": {"python": platform.python_version(), "numpy": np.__version__, "h5py": h5py.__version__,
+        "libraries": {"python": platform.python_version(), "numpy": np.__version__, "h5py": h5py_version(),
                       "pyarrow": pa.__version__, "vlmcache": _version()},
     }))
     out.mkdir(parents=True, exist_ok=True)

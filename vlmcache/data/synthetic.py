@@ -12,9 +12,9 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
-import h5py
 import numpy as np
 
+from vlmcache.cache.hdf5 import h5py_version
 from vlmcache.cache.layout import MODALITIES
 from vlmcache.cache.store import FORMAT_VERSION, now_iso, shard_name, shard_ranges, write_shard
 from vlmcache.cache.writer import ExtractResult, PendingSet, finalize_cache, prepare_cache
@@ -62,7 +62,7 @@ def write_synthetic_cache(out: str | Path, images: int, *, val_images: int = 0, 
                             "images": total, "captions": len(caption_image), "splits": dataset.split_counts(),
                             "limit_per_split": None},
                 "provenance": provenance, "libraries": {"python": platform.python_version(), "numpy": np.__version__,
-                                                        "h5py": h5py.__version__}}
+                                                        "h5py": h5py_version()}}
     maps = np.random.default_rng([seed, 2])
     image_map = maps.standard_normal((LATENT, dim)).astype(np.float32) / np.sqrt(LATENT)
     text_map = maps.standard_normal((LATENT, text_dim)).astype(np.float32) / np.sqrt(LATENT)

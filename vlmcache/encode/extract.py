@@ -16,10 +16,11 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
+from vlmcache import distributed
+from vlmcache.cache.hdf5 import h5py_version
 from vlmcache.cache.layout import MODALITIES, set_name
 from vlmcache.cache.store import FORMAT_VERSION, now_iso, shard_name, shard_ranges
 from vlmcache.cache.writer import (
@@ -41,6 +42,10 @@ from vlmcache.files import FolderLock, atomic_write, write_json_atomic, write_te
 from vlmcache.progress import make_progress
 
 DTYPES = ("float16", "float32")
+# A lost rank's one line ends so: shards are whole once on disk, so a rerun (with any number of ranks) keeps them.
+# A rank that is only slow (far larger shards than its peers) also trips the process group's timeout.
+DIST_RECOVERY = ("the shards already written are kept: fix the cause (or raise VLMCACHE_DIST_TIMEOUT if a rank was "
+                 "only slow) and run the same extract again")
 
 
 MAX_WORKERS = 64
@@ -127,35 +132,11 @@ def _collate(items):
     return list(rows), torch.stack(pixels), list(errors)
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); joins the torchrun process group when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
-    return int(os.environ.get("RANK", "0")), world
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()
-
-
-def _share_error(message: str | None, world: int) -> None:
-    """Rank 0's preparation error (or None) raised on every rank, so no rank waits forever."""
-    if world > 1:
-        box = [message]
-        torch.distributed.broadcast_object_list(box, src=0)
-        message = box[0]
-    if message:
-        raise VlmcacheError(message)
-
-
 def _library_versions() -> dict:
     import transformers
 
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "h5py": h5py.__version__, "numpy": np.__version__, "vlmcache": _vlmcache_version()}
+            "h5py": h5py_version(), "numpy": np.__version__, "vlmcache": _vlmcache_version()}
 
 
 def _vlmcache_version() -> str:
@@ -180,16 +161,13 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise VlmcacheError(f"--out {out}: is a file; pass a folder path for the cache")
-    rank, world = _distributed()
     dataset = datasets.load_dataset(data, config.format, config.images_dir, config.splits, config.limit,
                                     caption_key=config.caption_key, split_key=config.split_key,
                                     val_fraction=config.val_fraction, on_error=config.on_error)
     if dataset.num_images == 0:
         raise VlmcacheError(f"{data}: no images selected")
     check_out_folder(out, dataset)
-    torch_device = encoders.pick_device(config.device)
-    if torch_device.type == "cuda" and world > 1:
-        torch_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    rank, world, torch_device = distributed.setup(encoders.pick_device(config.device))  # on CUDA: LOCAL_RANK's GPU
     backend = "torch" if config.tokens and config.backend == "auto" else config.backend
     fingerprint = dataset.fingerprint()
     sets = []  # one PendingSet per requested encoder; the first of each modality is the default set of a new cache
@@ -229,7 +207,7 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
                 error = str(failure)
             except OSError as failure:
                 error = f"--out {out}: cannot write the cache there ({failure.strerror})"
-        _share_error(error, world)
+        distributed.share_error(error, world, DIST_RECOVERY)
         if world > 1:  # the other ranks learn each set's folder, status and provenance from rank 0's manifest
             shared = json.loads((out / "manifest.json").read_text())
             _assign_folders(shared, sets)
@@ -243,7 +221,8 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
         pending = {id(c): [i for i in range(len(plans[c.modality])) if shard_pending(out / c.folder / shard_name(i), c)]
                    for c in work}
         adding = {id(c): sum((out / c.folder / shard_name(i)).exists() for i in pending[id(c)]) for c in work}
-        _barrier(world)  # every rank lists the pending shards before any rank rewrites one
+        # every rank lists the pending shards before any rank rewrites one
+        distributed.barrier(world, "listing the pending shards", DIST_RECOVERY)
         seconds = {"images": 0.0, "texts": 0.0}
         with make_progress(progress and rank == 0) as bars:
             for chosen in work:
@@ -255,7 +234,7 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
                 run(out / chosen.folder, dataset, chosen.encoder, plans[chosen.modality], mine, chosen.provenance,
                     config, bars, f"adding tokens: {label}" if adding[id(chosen)] else label)
                 seconds[chosen.modality] += time.perf_counter() - phase_started
-        _barrier(world)
+        distributed.barrier(world, "waiting for every rank's shards", DIST_RECOVERY)
         written, added = sum(len(shards) for shards in pending.values()), sum(adding.values())
         result = ExtractResult(out, dataset.num_images, dataset.num_captions, written - added,
                                sum(len(plans[c.modality]) for c in sets) - written,
