@@ -14,7 +14,7 @@ from importlib import import_module
 __version__ = "0.2.0"
 
 _EXPORTS = {"VlmcacheError": "vlmcache.errors", "extract": "vlmcache.encode.extract",
-            "ExtractConfig": "vlmcache.encode.extract", "open_cache": "vlmcache.cache.store",
+            "ExtractConfig": "vlmcache.encode.config", "open_cache": "vlmcache.cache.store",
             "verify_cache": "vlmcache.cache.store", "TrainConfig": "vlmcache.align.config", "train": "vlmcache.app.workflows",
             "load_model": "vlmcache.align.load", "evaluate_checkpoint": "vlmcache.eval.evaluate",
             "zero_shot": "vlmcache.eval.evaluate", "Predictor": "vlmcache.app.predictor", "ablate": "vlmcache.align.ablate"}

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from vlmcache.align.config import TrainConfig
 from vlmcache.caption.config import CaptionConfig
+from vlmcache.encode.config import ExtractConfig
 from vlmcache.errors import VlmcacheError
 from vlmcache.options import with_options
 
@@ -40,46 +41,23 @@ def _split_list(value) -> list[str] | None:
                     "--text-model distilbert-base-uncased --out features/vit-distilbert\n\n"
                     "  torchrun --nproc_per_node=4 -m vlmcache extract data/dataset_coco.json --out features/coco\n\n"
                     "  vlmcache extract 'shards/{00000..00099}.tar' --val-fraction 0.05 --out features/laion-subset")
+@with_options(ExtractConfig)
 def extract(
+    options: dict,
     data: Annotated[Path, typer.Argument(help="Flickr8k folder, Karpathy dataset_*.json, CSV/JSONL of "
                                               "image,caption[,split], a labelled image folder root/<class>/*.jpg, or webdataset "
                                               "tar shards (a folder of .tar, a glob, or shards/{00000..00099}.tar).")],
     out: Annotated[Path, typer.Option(help="Cache folder to write.")] = Path("features/cache"),
     image_model: Annotated[list[str] | None, typer.Option(help="'efficientnet-lite0' / '-lite1' / '-lite2' (offline), or any HF image model name or folder. Repeat for several feature sets in one cache (the first is the default set) [default: efficientnet-lite0]")] = None,
     text_model: Annotated[list[str] | None, typer.Option(help="'minilm' (offline), or any HF text model name or folder. Repeat for several feature sets [default: minilm]")] = None,
-    image_pooling: Annotated[str | None, typer.Option(help="cls | mean | pooler | avgpool [default: cls for ViT-like, avgpool for CNNs]")] = None,
-    text_pooling: Annotated[str | None, typer.Option(help="mean | cls | pooler [default: mean over the attention mask]")] = None,
-    format: Annotated[str, typer.Option(help="auto | flickr8k | karpathy | pairs | imagefolder | webdataset")] = "auto",
-    images_dir: Annotated[Path | None, typer.Option(help="Where images are, if not beside the dataset file.")] = None,
-    splits: Annotated[str | None, typer.Option(help="Comma-separated splits to keep, e.g. train,val [default: all]")] = None,
-    limit: Annotated[int | None, typer.Option(help="Keep the first N images of each split (quick runs).")] = None,
-    shard_size: Annotated[int, typer.Option(help="Rows per HDF5 shard (the unit of resume).")] = 1024,
-    dtype: Annotated[str, typer.Option(help="float16 | float32 storage.")] = "float16",
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
-    text_batch_size: Annotated[int, typer.Option(help="Captions per forward pass.")] = 256,
-    max_length: Annotated[int, typer.Option(help="Caption tokens kept (longer ones are truncated and counted).")] = 64,
-    workers: Annotated[int | None, typer.Option(help="Image-decoding worker processes [default: 1 on CPU, up to 8 on GPU]")] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
-    tokens: Annotated[bool, typer.Option("--tokens", help="Also store token-level states with their mask.")] = False,
-    on_error: Annotated[str, typer.Option(help="fail: stop at the first bad image/caption, naming it; skip: record it in the manifest and go on.")] = "fail",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing cache instead of resuming it.")] = False,
-    caption_key: Annotated[str | None, typer.Option(help="webdataset: take captions from this field of each sample's .json [default: the .txt member, else the json's 'caption']")] = None,
-    split_key: Annotated[str, typer.Option(help="webdataset: the .json field naming a sample's split (train/val/test).")] = "split",
-    val_fraction: Annotated[float | None, typer.Option(help="webdataset: put this fraction of samples (fixed seed 0) in val, the rest in train, instead of --split-key.")] = None,
-    backend: Annotated[str, typer.Option(help="Image encoder backend: auto (onnxruntime on a CPU when installed, else torch) | onnxruntime | torch (CNNs: BatchNorm folded, channels_last) | eager. All give the same features within float rounding.")] = "auto",
 ) -> None:
     """Encode a dataset once with frozen encoders and write a sharded HDF5 feature cache (resumable)."""
-    from vlmcache.encode.extract import ExtractConfig
     from vlmcache.encode.extract import extract as run_extract
 
     image_models, text_models = image_model or ["efficientnet-lite0"], text_model or ["minilm"]
     config = ExtractConfig(image_model=image_models[0], text_model=text_models[0], extra_image_models=tuple(image_models[1:]),
-                           extra_text_models=tuple(text_models[1:]), image_pooling=image_pooling,
-                           text_pooling=text_pooling, format=format, images_dir=images_dir, splits=_split_list(splits),
-                           limit=limit, shard_size=shard_size, dtype=dtype, batch_size=batch_size,
-                           text_batch_size=text_batch_size, max_length=max_length, workers=workers, device=device,
-                           tokens=tokens, on_error=on_error, backend=backend, caption_key=caption_key,
-                           split_key=split_key, val_fraction=val_fraction)
+                           extra_text_models=tuple(text_models[1:]), **options)
     result = run_extract(data, out, config, overwrite=overwrite)
     if int(os.environ.get("RANK", "0")) != 0:
         return

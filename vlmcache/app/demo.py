@@ -16,7 +16,8 @@ from vlmcache.app.predictor import classify_image
 from vlmcache.app.workflows import train
 from vlmcache.cache.store import open_cache
 from vlmcache.cache.writer import ExtractResult
-from vlmcache.encode.extract import ExtractConfig, extract
+from vlmcache.encode.config import ExtractConfig
+from vlmcache.encode.extract import extract
 from vlmcache.eval.evaluate import EvalReport, evaluate_checkpoint
 
 SHARED_FLICKR = Path("../shared/data/flickr8k")

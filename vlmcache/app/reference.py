@@ -10,9 +10,11 @@ from pathlib import Path
 
 from vlmcache.align.config import TrainConfig
 from vlmcache.caption.config import CaptionConfig
+from vlmcache.encode.config import ExtractConfig
 from vlmcache.options import markdown_table
 
-SECTIONS = (("vlmcache train, vlmcache ablate (every cell)", TrainConfig), ("vlmcache caption train", CaptionConfig))
+SECTIONS = (("vlmcache extract", ExtractConfig), ("vlmcache train, vlmcache ablate (every cell)", TrainConfig),
+            ("vlmcache caption train", CaptionConfig))
 
 
 def options_reference() -> str:

@@ -20,14 +20,11 @@ import torch
 from PIL import Image
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from vlmcache.encode.config import BACKENDS, DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, IMAGE_POOLINGS, TEXT_POOLINGS
 from vlmcache.errors import VlmcacheError
 
-DEFAULT_IMAGE_MODEL = "efficientnet-lite0"
-DEFAULT_TEXT_MODEL = "minilm"
 # The offline EfficientNet-Lite encoders and their input sizes (efficientnet_lite_builder.py).
 LITE_SIZES = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
-IMAGE_POOLINGS = ("cls", "mean", "pooler", "avgpool")
-TEXT_POOLINGS = ("mean", "cls", "pooler")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
@@ -194,7 +191,6 @@ def fold_batchnorm(model: torch.nn.Module) -> int:
     return folded
 
 
-BACKENDS = ("auto", "onnxruntime", "torch", "eager")
 
 
 def speed_up_convnet(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:

@@ -13,7 +13,7 @@ import os
 import platform
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -35,74 +35,18 @@ from vlmcache.cache.writer import (
     write_or_extend_shard,
 )
 from vlmcache.data import datasets
-from vlmcache.data.datasets import ON_ERROR
 from vlmcache.encode import encoders
+from vlmcache.encode.config import ExtractConfig
 from vlmcache.errors import VlmcacheError
 from vlmcache.files import FolderLock, atomic_write, write_json_atomic, write_text_atomic
 from vlmcache.progress import make_progress
 
-DTYPES = ("float16", "float32")
 # A lost rank's one line ends so: shards are whole once on disk, so a rerun (with any number of ranks) keeps them.
 # A rank that is only slow (far larger shards than its peers) also trips the process group's timeout.
 DIST_RECOVERY = ("the shards already written are kept: fix the cause (or raise VLMCACHE_DIST_TIMEOUT if a rank was "
                  "only slow) and run the same extract again")
 
 
-MAX_WORKERS = 64
-
-
-@dataclass
-class ExtractConfig:
-    """How to extract: encoders, dataset reading, storage and compute options (recorded in the manifest)."""
-
-    image_model: str = encoders.DEFAULT_IMAGE_MODEL
-    text_model: str = encoders.DEFAULT_TEXT_MODEL
-    # Further encoders: each becomes a feature set of its own in the same cache (see vlmcache.cache.store).
-    extra_image_models: tuple[str, ...] = ()
-    extra_text_models: tuple[str, ...] = ()
-    image_pooling: str | None = None
-    text_pooling: str | None = None
-    format: str = "auto"
-    images_dir: str | None = None
-    splits: list[str] | None = None
-    limit: int | None = None
-    shard_size: int = 1024
-    dtype: str = "float16"
-    batch_size: int = 64
-    text_batch_size: int = 256
-    max_length: int = 64
-    workers: int | None = None
-    device: str = "auto"
-    tokens: bool = False
-    on_error: str = "fail"
-    backend: str = "auto"
-    caption_key: str | None = None  # webdataset shards: the caption field of each sample's .json
-    split_key: str = "split"  # webdataset shards: the split field of each sample's .json
-    val_fraction: float | None = None  # webdataset shards: carve this fraction as val (fixed seed) instead
-
-    def __post_init__(self):
-        if self.on_error not in ON_ERROR:
-            raise VlmcacheError(f"--on-error {self.on_error}: use fail or skip")
-        if self.dtype not in DTYPES:
-            raise VlmcacheError(f"--dtype {self.dtype}: use float16 or float32")
-        for option, value, low, high in (("shard-size", self.shard_size, 1, 1 << 22),
-                                         ("batch-size", self.batch_size, 1, 1 << 16),
-                                         ("text-batch-size", self.text_batch_size, 1, 1 << 16),
-                                         ("max-length", self.max_length, 1, 8192),
-                                         ("workers", self.workers, 0, MAX_WORKERS), ("limit", self.limit, 1, 1 << 40)):
-            if value is not None and not low <= value <= high:
-                raise VlmcacheError(f"--{option} {value}: must be between {low} and {high}")
-        if self.images_dir is not None:
-            self.images_dir = str(self.images_dir)
-        self.extra_image_models, self.extra_text_models = tuple(self.extra_image_models), tuple(self.extra_text_models)
-        for modality, models in (("image", (self.image_model, *self.extra_image_models)),
-                                 ("text", (self.text_model, *self.extra_text_models))):
-            names = [set_name(model) for model in models]
-            if len(set(names)) != len(names):
-                raise VlmcacheError(f"--{modality}-model: {', '.join(models)} name the same feature set twice; "
-                                    "give each encoder once")
-        if self.tokens and self.backend == "onnxruntime":
-            raise VlmcacheError("--tokens needs --backend torch or eager (the ONNX export gives pooled features only)")
 
 
 class _ImageRows(torch.utils.data.Dataset):
