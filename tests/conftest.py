@@ -157,3 +157,79 @@ def train_killed_at_step(monkeypatch, step: int, *args, **kwargs) -> None:
     with pytest.raises(KeyboardInterrupt):
         train(*args, **kwargs)
     monkeypatch.setattr(stream_module.ShardStream, "epoch", epoch)
+
+
+# --- small caches and runs of tiny config-built models, built once per session ------------------------------------
+
+
+def tiny(tiny_models, text="distilbert", **options) -> dict:
+    return {"image_model": str(tiny_models["vit"]), "text_model": str(tiny_models.get(text, text)),
+            "progress": False, **options}
+
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory) -> Path:
+    """6 train + 4 val real Flickr8k images (a slice shared by the tests of one session)."""
+    return make_flickr_slice(tmp_path_factory.mktemp("arch-data") / "flickr", 6, 4)
+
+
+@pytest.fixture(scope="session")
+def vit_cache(data, tiny_models, tmp_path_factory) -> Path:
+    """Tiny ViT images + tiny DistilBERT captions (32-d each)."""
+    from vlmcache import extract
+
+    out = tmp_path_factory.mktemp("arch-vit") / "cache"
+    extract(data, out, **tiny(tiny_models))
+    return out
+
+
+@pytest.fixture(scope="session")
+def other_bert(tiny_models, tmp_path_factory) -> Path:
+    """A second tiny DistilBERT (other weights, 48-d) sharing the first one's tokenizer."""
+    import shutil
+
+    import torch
+    from transformers import DistilBertConfig, DistilBertModel
+
+    folder = tmp_path_factory.mktemp("arch-bert48") / "bert48"
+    torch.manual_seed(1)
+    DistilBertModel(DistilBertConfig(vocab_size=30522, dim=48, n_layers=1, n_heads=2, hidden_dim=64,
+                                     max_position_embeddings=128)).save_pretrained(folder)
+    for file in tiny_models["distilbert"].iterdir():
+        if "token" in file.name or file.name == "vocab.txt":
+            shutil.copy(file, folder / file.name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def bert48_cache(data, tiny_models, other_bert, tmp_path_factory) -> Path:
+    """The same slice with the other text encoder's captions (48-d), stored in float32."""
+    from vlmcache import extract
+
+    out = tmp_path_factory.mktemp("arch-bert48-cache") / "cache"
+    extract(data, out, **tiny(tiny_models, text=str(other_bert), dtype="float32"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def vit_run(vit_cache, tmp_path_factory) -> Path:
+    from vlmcache.align.config import TrainConfig
+    from vlmcache.align.train import train
+
+    out = tmp_path_factory.mktemp("arch-vit-run") / "run"
+    train(vit_cache, out, TrainConfig(projector="linear", epochs=2, batch_size=4))
+    return out
+
+
+@pytest.fixture(scope="session")
+def text_cache_run(vit_cache, bert48_cache, tmp_path_factory) -> Path:
+    """Images from the 32-d DistilBERT cache, texts from the 48-d one (`train --text-cache`)."""
+    from vlmcache.align.config import TrainConfig
+    from vlmcache.align.train import train
+
+    out = tmp_path_factory.mktemp("arch-text-cache-run") / "run"
+    train(vit_cache, out, TrainConfig(projector="linear", epochs=2, batch_size=4), text_cache=bert48_cache)
+    return out
+
+

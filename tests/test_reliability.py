@@ -1,4 +1,4 @@
-"""Issue #11 "Trust": one test per class of defect found by the hostile pass — nothing lost, nothing
+"""The promises of docs/reliability.md, one test per class of defect found by the hostile passes: nothing lost, nothing
 silently wrong, no traceback where a one-line error is promised, and a web page that serves only what it should.
 
 Every CLI failure here is checked the same way: exit code 2, exactly one line on stderr, no 'Traceback'.
