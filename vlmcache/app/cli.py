@@ -454,12 +454,13 @@ def serve(
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
     split: Annotated[str | None, typer.Option(help="Cached split to search [default: test, else val]")] = None,
     qbnorm: Annotated[bool, typer.Option("--qbnorm", help="Search with querybank normalisation (bank: the run's training captions).")] = False,
+    captioner: Annotated[Path | None, typer.Option(help="A captioner run: the same page also captions the photo.")] = None,
 ) -> None:
     """A local web page: upload an image and rank labels, or search the cached images by text."""
     from vlmcache.app.serve import serve as run_server
 
     console.print(f"serving {checkpoint} at http://{host}:{port} (Ctrl-C to stop)")
-    run_server(checkpoint, host, port, split, qbnorm)
+    run_server(checkpoint, host, port, split, qbnorm, captioner)
 
 
 @app.command("export", epilog="Examples:\n\n  vlmcache export features/flickr8k --format clip-retrieval --out embeddings/flickr8k\n\n"

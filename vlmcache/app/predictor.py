@@ -68,6 +68,12 @@ class Predictor:
             self._image_encoders = [encoders.image_encoder_from_provenance(p, "cpu") for p in recorded]
         return self._image_encoders
 
+    def share_image_encoders(self, loaded: list[encoders.ImageEncoder], recorded: list[dict]) -> None:
+        """Use image encoders another model already loaded (a captioner on the same page) when they are
+        exactly the ones this run recorded: one copy in memory, loaded once."""
+        if recorded == (self.meta.get("image_encoders") or [self.meta["image_encoder"]]):
+            self._image_encoders = loaded
+
     def image_features(self, image: str | Path) -> torch.Tensor | Tokens:
         """One image file -> its features as the run saw them: every set's encoder, concatenated (1, dim), or
         the encoder's token states when the run's image side reads tokens."""
