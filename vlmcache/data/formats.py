@@ -24,6 +24,7 @@ import json
 import platform
 import re
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,13 +40,14 @@ from vlmcache.cache.writer import ExtractResult, PendingSet, finalize_cache, pre
 from vlmcache.data import datasets
 from vlmcache.data.datasets import ON_ERROR
 from vlmcache.errors import VlmcacheError
-from vlmcache.files import FolderLock
+from vlmcache.files import DiskFullError, FolderLock, atomic_write, human_size, remove_stale_temporaries
 from vlmcache.progress import make_progress
 
 EXPORT_FORMATS = ("clip-retrieval",)
 IMPORT_FORMATS = ("clip-retrieval", "datacomp", "npy")
 CHUNK_ROWS = 8192  # rows per step: temporaries stay small enough for malloc to reuse, not fresh page-faulted maps
 _DEFAULT_CAPTION = {"clip-retrieval": "caption", "datacomp": "text", "npy": "caption"}
+_NPY_HEADER = 128  # bytes of an .npy header: format 1.0 pads it to a multiple of 64, 128 for these 2-d arrays
 _ID_COLUMNS = ("image_id", "uid", "key", "image_path", "url")  # the first one present names the image
 
 
@@ -117,39 +119,54 @@ def export_cache(cache: str | Path, out: str | Path, format: str = "clip-retriev
     kinds = ["img_emb", "metadata"] + (["text_emb"] if caption_rows[0] >= 0 else [])
     for kind in kinds:
         (out / kind).mkdir(parents=True, exist_ok=True)
-    index = opened.index
-    labels, classes = index.get("image_label"), index["classes"]
-    stored = np.dtype(opened.provenance["images"]["dtype"])
+        remove_stale_temporaries(out / kind)  # of an export killed mid-file
+    written = np.dtype(opened.provenance["images"]["dtype"]) if raw else np.dtype(np.float16)
+    dims = {kind: dim for kind, dim in (("img_emb", opened.image_dim), ("text_emb", opened.text_dim)) if kind in kinds}
     ranges = shard_ranges(len(image_rows), rows_per_file)
     with make_progress(progress) as bars:
         task = bars.add_task("export", total=len(image_rows), unit="row")
         for number, (start, stop) in enumerate(ranges):
-            arrays = {"img_emb": ("images", image_rows), "text_emb": ("texts", caption_rows)}
-            dims = {"img_emb": opened.image_dim, "text_emb": opened.text_dim}
-            targets = {kind: out / kind / f"{kind}_{number}.npy" for kind in arrays if kind in kinds}
-            targets["metadata"] = out / "metadata" / f"metadata_{number}.parquet"
-            temporaries = {kind: path.with_name(f".{path.name}.tmp") for kind, path in targets.items()}
-            # Plain writes after an .npy header, not a memory map (whose dirty pages count as resident memory).
-            with ExitStack() as files:
-                handles = {kind: files.enter_context(open(temporaries[kind], "wb")) for kind in targets if kind in arrays}
-                for kind, handle in handles.items():
-                    np.lib.format.write_array_header_1_0(handle, {"descr": np.lib.format.dtype_to_descr(
-                        stored if raw else np.dtype(np.float16)), "fortran_order": False, "shape": (stop - start, dims[kind])})
-                writer = None
-                for lo in range(start, stop, CHUNK_ROWS):
-                    hi = min(lo + CHUNK_ROWS, stop)
-                    for kind, handle in handles.items():
-                        modality, rows = arrays[kind]
-                        block = _read_rows(opened, modality, rows[lo:hi])
-                        handle.write((block.astype(stored) if raw else _normalise(block).astype(np.float16)).tobytes())
-                    table = _metadata_table(index, image_rows[lo:hi], caption_rows[lo:hi], labels, classes)
-                    if writer is None:
-                        writer = files.enter_context(pq.ParquetWriter(temporaries["metadata"], table.schema))
-                    writer.write_table(table)
-                    bars.advance(task, hi - lo)
-            for kind, path in targets.items():
-                temporaries[kind].replace(path)
+            try:
+                _export_group(opened, out, number, image_rows[start:stop], caption_rows[start:stop], dims, written, raw,
+                              lambda rows: bars.advance(task, rows))
+            except DiskFullError as error:
+                rows = len(image_rows) - start
+                raise error.for_step(f"at least {human_size(rows * sum(dims.values()) * written.itemsize)} for the "
+                                     f"{rows:,} rows still to export") from None
     return ExportResult(out, len(image_rows), len(ranges), time.perf_counter() - started)
+
+
+def _export_group(opened, out: Path, number: int, image_rows: np.ndarray, caption_rows: np.ndarray,
+                  dims: dict[str, int], written: np.dtype, raw: bool, advance: Callable[[int], object]) -> None:
+    """Write file group `number` (img_emb_N.npy, text_emb_N.npy, metadata_N.parquet) of these rows, CHUNK_ROWS at
+    a time, as stored (`raw`) or L2-normalised, in `written`; each file under a temporary name, all renamed once
+    the group is whole (and removed if it is not)."""
+    index = opened.index
+    labels, classes = index.get("image_label"), index["classes"]
+    arrays = {"img_emb": ("images", image_rows), "text_emb": ("texts", caption_rows)}
+    targets = {kind: out / kind / f"{kind}_{number}.npy" for kind in dims}
+    targets["metadata"] = out / "metadata" / f"metadata_{number}.parquet"
+    with ExitStack() as files:
+        temporaries = {kind: files.enter_context(atomic_write(
+            path, _NPY_HEADER + len(image_rows) * dims[kind] * written.itemsize if kind in dims else None))
+            for kind, path in targets.items()}
+        # Plain writes after an .npy header, not a memory map (whose dirty pages count as resident memory).
+        handles = {kind: files.enter_context(open(temporaries[kind], "wb")) for kind in dims}
+        for kind, handle in handles.items():
+            np.lib.format.write_array_header_1_0(handle, {"descr": np.lib.format.dtype_to_descr(written),
+                                                          "fortran_order": False, "shape": (len(image_rows), dims[kind])})
+        writer = None
+        for lo in range(0, len(image_rows), CHUNK_ROWS):
+            hi = min(lo + CHUNK_ROWS, len(image_rows))
+            for kind, handle in handles.items():
+                modality, rows = arrays[kind]
+                block = _read_rows(opened, modality, rows[lo:hi])
+                handle.write((block if raw else _normalise(block)).astype(written).tobytes())
+            table = _metadata_table(index, image_rows[lo:hi], caption_rows[lo:hi], labels, classes)
+            if writer is None:
+                writer = files.enter_context(pq.ParquetWriter(temporaries["metadata"], table.schema))
+            writer.write_table(table)
+            advance(hi - lo)
 
 
 def _metadata_table(index: dict, image_rows: np.ndarray, caption_rows: np.ndarray, labels, classes) -> pa.Table:
