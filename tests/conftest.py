@@ -25,8 +25,9 @@ def require_shared_data() -> None:
         pytest.fail(f"shared data not found at {SHARED_DATA}; set VLMCACHE_SHARED_DATA to its folder")
 
 
-def make_flickr_slice(folder: Path, train: int, val: int) -> Path:
-    """A Flickr8k-layout folder holding the first `train`/`val` images of the shared splits (symlinked)."""
+def make_flickr_slice(folder: Path, train: int, val: int, copy: bool = False) -> Path:
+    """A Flickr8k-layout folder holding the first `train`/`val` images of the shared splits, symlinked (or
+    copied: for tests that damage an image or serve one, which must never reach the shared file)."""
     require_shared_data()
     (folder / "Images").mkdir(parents=True)
     names = {}
@@ -38,7 +39,10 @@ def make_flickr_slice(folder: Path, train: int, val: int) -> Path:
              if line.split("#")[0] in wanted]
     (folder / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     for name in wanted:
-        (folder / "Images" / name).symlink_to(FLICKR / "Images" / name)
+        if copy:
+            shutil.copyfile(FLICKR / "Images" / name, folder / "Images" / name)
+        else:
+            (folder / "Images" / name).symlink_to(FLICKR / "Images" / name)
     return folder
 
 
@@ -80,6 +84,20 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     for file in _minilm_tokenizer_files():  # DistilBERT-uncased and MiniLM share BERT's uncased vocabulary
         shutil.copy(file, root / "distilbert" / file.name)
     return {"vit": root / "vit", "resnet": root / "resnet", "distilbert": root / "distilbert"}
+
+
+def one_line_error(code: int, err: str, *expected: str) -> None:
+    """The promised failure: exit 2, exactly one line on stderr naming what went wrong, never a traceback."""
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert len(err.rstrip("\n").split("\n")) == 1 and "\r" not in err, err
+    for text in expected:
+        assert text in err, err
+
+
+def leftover_temporaries(folder: Path) -> list[Path]:
+    """Files a write left under a temporary name (`.<name>.tmp-<pid>`) anywhere in `folder`."""
+    return [path for path in folder.rglob("*") if ".tmp" in path.name]
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:

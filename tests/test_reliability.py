@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import make_flickr_slice, run_cli
+from conftest import leftover_temporaries, make_flickr_slice, one_line_error, run_cli
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -37,24 +37,10 @@ VLMCACHE = [sys.executable, "-m", "vlmcache"]
 TIMING = ("seconds", "train_seconds")  # wall-clock fields of a metrics record; everything else is deterministic
 
 
-def one_line_error(code: int, err: str, *expected: str) -> None:
-    """The promised failure: exit 2, exactly one line on stderr naming what went wrong, never a traceback."""
-    assert code == 2, err
-    assert "Traceback" not in err
-    assert len(err.rstrip("\n").split("\n")) == 1 and "\r" not in err, err
-    for text in expected:
-        assert text in err, err
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """6 train + 4 val Flickr8k images, copied (not symlinked) so the web page may serve them."""
-    folder = make_flickr_slice(tmp_path_factory.mktemp("trust") / "flickr", 6, 4)
-    for image in (folder / "Images").iterdir():
-        target = image.resolve()
-        image.unlink()
-        shutil.copyfile(target, image)
-    return folder
+    return make_flickr_slice(tmp_path_factory.mktemp("trust") / "flickr", 6, 4, copy=True)
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +82,6 @@ def dead_pid() -> int:
 
 def metrics_without_timing(path: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in path.read_text().splitlines()]
-
-
-def leftover_temporaries(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if ".tmp" in p.name]
 
 
 # ---------------------------------------------------------------------------------------------- data loss

@@ -17,6 +17,7 @@ from vlmcache.align.config import TrainConfig
 from vlmcache.caption.config import CaptionConfig
 from vlmcache.encode.config import ExtractConfig
 from vlmcache.errors import VlmcacheError
+from vlmcache.files import DiskFullError, is_disk_full
 from vlmcache.options import with_options
 
 app = typer.Typer(
@@ -542,7 +543,9 @@ def probe(
     console.print(table)
     console.print(f"{result.seconds:.1f} s")
     if json_out is not None:
-        json_out.write_text(json.dumps({**asdict(result), "cache": str(result.cache)}, indent=2))
+        from vlmcache.files import write_json_atomic
+
+        write_json_atomic(json_out, {**asdict(result), "cache": str(result.cache)})
         console.print(f"wrote {json_out}")
 
 
@@ -646,14 +649,18 @@ def caption_predict(
         console.print(f"{image}: {text}", highlight=False)
 
 
+def _print_error(errors: Console, error: VlmcacheError) -> None:
+    # Literal (a path may hold "[/x]", which is rich markup) and on one line (a value may hold a newline).
+    errors.print(f"[red]error:[/red] {escape(str(error))}".replace("\r", "\\r").replace("\n", "\\n"), markup=True)
+
+
 def main() -> None:
     """Entry point: runs the app; user mistakes (bad options, bad files) print one line on stderr, exit 2."""
     errors = Console(stderr=True, soft_wrap=True, highlight=False)
     try:
         code = app(standalone_mode=False)
     except VlmcacheError as error:
-        # Literal (a path may hold "[/x]", which is rich markup) and on one line (a value may hold a newline).
-        errors.print(f"[red]error:[/red] {escape(str(error))}".replace("\r", "\\r").replace("\n", "\\n"), markup=True)
+        _print_error(errors, error)
         sys.exit(2)
     except typer.TyperException as error:  # parsing: unknown option, not an integer, ... (typer's own click)
         command = error.ctx.command_path if getattr(error, "ctx", None) else "vlmcache"
@@ -662,4 +669,9 @@ def main() -> None:
     except (KeyboardInterrupt, typer.Abort):
         errors.print("interrupted; re-run the same command to resume", markup=False)
         sys.exit(130)
+    except Exception as error:  # a full disk hit by a write outside vlmcache.files (a folder made, a library's own)
+        if not is_disk_full(error):
+            raise
+        _print_error(errors, DiskFullError.from_error(error))
+        sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from vlmcache.errors import VlmcacheError
-from vlmcache.files import check_writable
+from vlmcache.files import atomic_write, check_writable
 
 
 def _pyplot():
@@ -21,6 +21,12 @@ def _pyplot():
     except ImportError:
         raise VlmcacheError("plots need matplotlib: pip install 'vlmcache[plots]'") from None
     return plt
+
+
+def save_figure(figure, out: Path) -> None:
+    """Save a figure atomically, in the format its file name says (a full disk leaves no half image)."""
+    with atomic_write(out) as temporary:
+        figure.savefig(temporary, dpi=110, format=out.suffix.lstrip(".") or "png")
 
 
 def read_metrics_log(log: Path) -> list[dict]:
@@ -66,7 +72,7 @@ def plot_training(run_dir: str | Path, out: str | Path | None = None) -> Path:
     figure.suptitle(f"vlmcache run {run_dir}")
     figure.tight_layout()
     out = check_writable(Path(out) if out else run_dir / "training.png", "--out")
-    figure.savefig(out, dpi=110)
+    save_figure(figure, out)
     plt.close(figure)
     return out
 
@@ -89,7 +95,7 @@ def plot_caption_training(run_dir: Path, records: list[dict], out: str | Path | 
     figure.suptitle(f"vlmcache captioning run {run_dir}")
     figure.tight_layout()
     out = Path(out) if out else run_dir / "training.png"
-    figure.savefig(out, dpi=110)
+    save_figure(figure, out)
     plt.close(figure)
     return out
 
@@ -128,6 +134,6 @@ def plot_ablation(ablation_json: str | Path, out: str | Path | None = None) -> P
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     out = check_writable(Path(out) if out else path.with_name("ablation.png"), "--out")
-    figure.savefig(out, dpi=110)
+    save_figure(figure, out)
     plt.close(figure)
     return out

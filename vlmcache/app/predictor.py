@@ -8,12 +8,13 @@ the searched split's image embeddings — so `serve` answers a new query with on
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import os
-import warnings
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from vlmcache.metrics.qbnorm import QueryBank, check_bank_split, query_bank
 from vlmcache.metrics.retrieval import choose_beta
 
 MAX_LABELS = 100  # labels per request: bounds the work one request can ask for
+T = TypeVar("T")
 
 # The index holds the text projector as ONNX: writing it needs onnx, reading it onnxruntime (the `fast` extra).
 ONNX_AVAILABLE = all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
@@ -49,24 +51,35 @@ class RankedPrompt:
 
 
 class Predictor:
-    """A checkpoint loaded once for `classify`, `search` and the web page."""
+    """A checkpoint loaded once for `classify`, `search` and the web page.
+
+    Safe to share between threads (the web page's workers): each lazily loaded part is made once, under a
+    lock, however many requests ask for it at the same moment.
+    """
 
     def __init__(self, checkpoint: str | Path):
         self.model, self.meta = load_model(checkpoint)
         self.config = TrainConfig.from_dict(self.meta["config"])
         refuse_text_tokens(self.config, "classify, search and serve")
         self.prompts = PromptStore(self.meta["text_encoder"], prompt_folder(self.meta))
-        self._image_encoders: list[encoders.ImageEncoder] | None = None
-        self._searched: dict[tuple, tuple[Split, torch.Tensor]] = {}
-        self._banks: dict[tuple, QueryBank] = {}
+        self._loaded: dict[tuple, object] = {}
+        # Re-entrant: making the QB-Norm bank needs the searched split, itself loaded through `_once`.
+        self._lock = threading.RLock()
+
+    def _once(self, key: tuple, make: Callable[[], T]) -> T:
+        """`make()` the first time `key` is asked for, and the same object ever after, whichever thread asks."""
+        if key not in self._loaded:  # loaded parts are never removed, so a hit needs no lock
+            with self._lock:
+                if key not in self._loaded:
+                    self._loaded[key] = make()
+        return self._loaded[key]
 
     @property
     def image_encoders(self) -> list[encoders.ImageEncoder]:
         """The frozen image encoder of every feature set the run was trained on, loaded on first use and kept."""
-        if self._image_encoders is None:
-            recorded = self.meta.get("image_encoders") or [self.meta["image_encoder"]]
-            self._image_encoders = [encoders.image_encoder_from_provenance(p, "cpu") for p in recorded]
-        return self._image_encoders
+        recorded = self.meta.get("image_encoders") or [self.meta["image_encoder"]]
+        return self._once(("image encoders",), lambda: [encoders.image_encoder_from_provenance(p, "cpu")
+                                                        for p in recorded])
 
     def share_image_encoders(self, loaded: list[encoders.ImageEncoder], recorded: list[dict]) -> None:
         """Use image encoders another model already loaded (a captioner on the same page) when they are
@@ -113,19 +126,21 @@ class Predictor:
 
     def searchable(self, split: str | None = None, cache: str | Path | None = None) -> tuple[Split, torch.Tensor]:
         """(split data, unit image embeddings) of the cached split searched; computed once per split."""
-        if (split, cache) not in self._searched:
+
+        def make() -> tuple[Split, torch.Tensor]:
             opened, _ = checkpoint_caches(self.meta, cache)
             chosen = opened.split(split or opened.default_split(), self.config.image_sets, with_texts=False,
                                   image_tokens=self.config.tokens)
             check_input_shapes(self.meta, chosen, opened.path, sides=("image",))
-            embedded = embed_side(self.model, chosen, "image")
-            self._searched[(split, cache)] = (chosen, embedded)
-        return self._searched[(split, cache)]
+            return chosen, embed_side(self.model, chosen, "image")
+
+        return self._once(("searched", split, cache), make)
 
     def image_bank(self, split: str | None = None, cache: str | Path | None = None) -> QueryBank:
         """The QB-Norm normaliser of the searched images: a bank of the run's training captions, β chosen on
         its validation split; computed once per split."""
-        if (split, cache) not in self._banks:
+
+        def make() -> QueryBank:
             searched, image_emb = self.searchable(split, cache)
             check_bank_split(self.config.train_split, searched.name)
             opened, text_cache = checkpoint_caches(self.meta)
@@ -134,8 +149,9 @@ class Predictor:
             bank = load_features(opened, self.config.train_split, text_cache, **sets)
             val = load_features(opened, self.config.val_split, text_cache, **sets)
             beta, _, bank_texts = choose_beta(model_embeddings(self.model), bank, val)
-            self._banks[(split, cache)] = query_bank(bank_texts, image_emb, beta)
-        return self._banks[(split, cache)]
+            return query_bank(bank_texts, image_emb, beta)
+
+        return self._once(("bank", split, cache), make)
 
     def search(self, query: str, top: int = 5, split: str | None = None,
                cache: str | Path | None = None, qbnorm: bool = False) -> list[SearchHit]:
@@ -181,18 +197,15 @@ def write_search_index(predictor: Predictor, checkpoint: str | Path, split: str 
         return None  # the index only speeds searches up: without it they take the PyTorch path
     chosen, image_emb = predictor.searchable(split, cache)
     text_dim = int(predictor.meta["text_dim"])
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():  # the TorchScript-based exporter announces its deprecation
-        warnings.simplefilter("ignore")
-        torch.onnx.export(TextEmbedding(predictor.model).eval(), (torch.zeros(2, text_dim),), buffer,
-                          input_names=["features"], output_names=["embedding"],
-                          dynamic_axes={"features": {0: "rows"}}, opset_version=17, dynamo=False)
+    exported = encoders.onnx_export(TextEmbedding(predictor.model).eval(), (torch.zeros(2, text_dim),),
+                                    input_names=["features"], output_names=["embedding"],
+                                    dynamic_axes={"features": {0: "rows"}})
     index.parent.mkdir(exist_ok=True)
     for stale in index.parent.glob(f"{index_prefix(path, split)}*.safetensors"):  # of older weights or caches
         stale.unlink(missing_ok=True)
     with atomic_write(index) as temporary:
         save_file({"images": image_emb.numpy().astype(np.float32),
-                   "text_projector": np.frombuffer(buffer.getvalue(), dtype=np.uint8)}, str(temporary),
+                   "text_projector": np.frombuffer(exported, dtype=np.uint8)}, str(temporary),
                   metadata={"split": chosen.name, "image_ids": json.dumps(list(chosen.image_ids)),
                             "image_paths": json.dumps(list(chosen.image_paths))})
     return index

@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -41,7 +40,7 @@ import torch
 from vlmcache.cache.hdf5 import HDF5_ERRORS, read_hdf5
 from vlmcache.cache.layout import MODALITIES, set_name
 from vlmcache.errors import VlmcacheError
-from vlmcache.files import atomic_write
+from vlmcache.files import write_bytes_atomic
 
 FORMAT_VERSION = 1
 _STRING = h5py.string_dtype("utf-8")
@@ -56,14 +55,33 @@ def shard_ranges(rows: int, shard_size: int) -> list[tuple[int, int]]:
     return [(start, min(start + shard_size, rows)) for start in range(0, rows, shard_size)]
 
 
+@contextmanager
+def hdf5_written_whole(path: Path, size_hint: int = 0, **options) -> Iterator[h5py.File]:
+    """An HDF5 file built in memory, then written to `path` in one atomic, synced write when the block ends.
+
+    The HDF5 library never writes to the disk itself: on a full disk it raised RuntimeErrors from half-closed
+    files and could crash the interpreter (a segfault), where a plain write of the finished image fails
+    cleanly (vlmcache.files.DiskFullError, naming the file and its size). The bytes are the same as a file
+    written in place. `size_hint` (bytes) sizes the in-memory image up front, sparing regrowth copies.
+    """
+    block = max(1 << 16, size_hint + (1 << 16))
+    # The name only identifies the in-memory file (no backing store); one writer per path (FolderLock).
+    with h5py.File(f"{path}.in-memory", "w", driver="core", backing_store=False, block_size=block, **options) as file:
+        yield file
+        file.flush()
+        image = file.id.get_file_image()
+    write_bytes_atomic(path, image)
+
+
 def write_shard(path: Path, row_start: int, provenance: dict, arrays: dict[str, np.ndarray], dtype: str) -> None:
-    """Write one complete shard atomically (temporary name, fsync, rename).
+    """Write one complete shard atomically (built in memory, then temporary name, fsync, rename).
 
     `arrays` holds features, valid, error (list of str) and optionally truncated, tokens, token_mask.
     Features and tokens are stored in `dtype` ("float16" or "float32"). Every numeric dataset carries
     HDF5's fletcher32 checksum per chunk, so flipped bytes fail the read instead of becoming features.
     """
-    with atomic_write(path) as temporary, h5py.File(temporary, "w", track_order=True) as shard:
+    stored = sum(np.asarray(value).size * np.dtype(dtype).itemsize for name, value in arrays.items() if name != "error")
+    with hdf5_written_whole(path, stored, track_order=True) as shard:
         shard.attrs["row_start"] = row_start
         shard.attrs["rows"] = len(arrays["valid"])
         shard.attrs["provenance"] = json.dumps(provenance, sort_keys=True)
@@ -73,8 +91,6 @@ def write_shard(path: Path, row_start: int, provenance: dict, arrays: dict[str, 
             else:
                 data = np.asarray(value, dtype=dtype) if name in ("features", "tokens") else np.asarray(value)
                 shard.create_dataset(name, data=data, fletcher32=True, chunks=_row_chunks(data.shape))
-        shard.flush()
-        os.fsync(shard.id.get_vfd_handle())
 
 
 def _row_chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -94,7 +110,7 @@ def file_sha256(path: Path) -> str:
 
 def write_index(path: Path, dataset) -> None:
     """Write the dataset's metadata (ids, paths, captions, splits, labels) atomically."""
-    with atomic_write(path) as temporary, h5py.File(temporary, "w") as index:
+    with hdf5_written_whole(path) as index:
         index.create_dataset("image_id", data=np.asarray(dataset.image_ids, dtype=object), dtype=_STRING)
         index.create_dataset("image_path", data=np.asarray(dataset.image_paths, dtype=object), dtype=_STRING)
         index.create_dataset("image_split", data=np.asarray(dataset.image_splits, dtype=object), dtype=_STRING)

@@ -18,7 +18,7 @@ from vlmcache.cache.hdf5 import read_hdf5
 from vlmcache.cache.layout import MODALITIES, set_folder, set_name
 from vlmcache.cache.store import differences, file_sha256, now_iso, read_index, shard_name, write_index, write_shard
 from vlmcache.errors import VlmcacheError
-from vlmcache.files import remove_stale_temporaries, write_json_atomic
+from vlmcache.files import DiskFullError, human_size, remove_stale_temporaries, write_json_atomic
 
 
 @dataclass
@@ -197,9 +197,12 @@ def prepare_cache(out: Path, dataset, manifest: dict, sets: list[PendingSet], ov
     write_json_atomic(manifest_path, manifest)
 
 
-def write_or_extend_shard(path: Path, row_start: int, provenance: dict, arrays: dict) -> None:
+def write_or_extend_shard(path: Path, row_start: int, provenance: dict, arrays: dict, left: int = 1) -> None:
     """Write a shard. One already there is a pooled shard being given token states: it keeps its own datasets
-    bit for bit (its features may come from another backend) and gains only `tokens` and `token_mask`."""
+    bit for bit (its features may come from another backend) and gains only `tokens` and `token_mask`.
+
+    `left` counts the shards of this set still to write, this one included: on a full disk the error says
+    about how much space they need (shards of one set are all about the same size)."""
     if path.exists():
         with read_hdf5(path, "corrupt shard", _REDO_SHARD) as old:  # a failed fletcher32 checksum included
             kept = {name: old[name].asstr()[()] if name == "error" else old[name][()] for name in old}
@@ -208,7 +211,13 @@ def write_or_extend_shard(path: Path, row_start: int, provenance: dict, arrays: 
             raise VlmcacheError(f"{path}: row {row_start + lost[0]} was readable when the shard was made but is not now "
                                 f"({arrays['error'][lost[0]]}); restore it, or re-extract with --overwrite")
         arrays = {**arrays, **kept}
-    write_shard(path, row_start, provenance, arrays, provenance["dtype"])
+    try:
+        write_shard(path, row_start, provenance, arrays, provenance["dtype"])
+    except DiskFullError as error:
+        if error.needed is None or left < 2:
+            raise
+        raise error.for_step(f"about {human_size(error.needed * left)} for the {left} shards of this feature set "
+                             "still to write") from None
 
 
 def finalize_cache(out: Path, manifest: dict, plans: dict, work: list[PendingSet], result: ExtractResult) -> None:

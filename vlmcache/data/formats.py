@@ -53,7 +53,7 @@ from vlmcache.cache.writer import ExtractResult, PendingSet, finalize_cache, pre
 from vlmcache.data import datasets
 from vlmcache.data.datasets import ON_ERROR
 from vlmcache.errors import VlmcacheError
-from vlmcache.files import FolderLock, write_json_atomic
+from vlmcache.files import DiskFullError, FolderLock, human_size, is_disk_full, write_json_atomic
 from vlmcache.progress import make_progress
 
 EXPORT_FORMATS = ("clip-retrieval",)
@@ -77,24 +77,6 @@ class ExportResult:
     rows: int
     files: int
     seconds: float
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool) -> Iterator:
-    """make_progress's bars, gone when the step fails so that the refusal is the only line on stderr: rich would
-    leave the bar on a terminal, and print it and a blank line to a file or pipe."""
-    bars = make_progress(enabled)
-    console, quiet = bars.console, bars.console.quiet
-    try:
-        with bars:
-            try:
-                yield bars
-            except BaseException:
-                bars.live.transient = True  # erased from a terminal
-                console.quiet = quiet or not console.is_interactive  # nothing written to a file or pipe
-                raise
-    finally:
-        console.quiet = quiet
 
 
 def _normalise(features: np.ndarray) -> np.ndarray:
@@ -160,8 +142,13 @@ def export_cache(cache: str | Path, out: str | Path, format: str = "clip-retriev
             "vlmcache_export": 1, "format": format, "cache": str(Path(cache).resolve()), "created": now_iso(),
             "rows": len(image_rows), "raw": raw, "captions": captions, "splits": splits, "files": digests})
         _swap_in(staging, target, earlier)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)  # ours alone: created empty by _staging_folder
+        if is_disk_full(error):  # the earlier export (if any) is untouched: the swap had not happened
+            dims = opened.image_dim + (opened.text_dim if caption_rows[0] >= 0 else 0)
+            itemsize = np.dtype(opened.provenance["images"]["dtype"]).itemsize if raw else 2
+            need = f"the export of {len(image_rows):,} rows needs at least {human_size(len(image_rows) * dims * itemsize)}"
+            raise DiskFullError(target, DiskFullError.from_error(error).reason, None, need) from None
         raise
     files = len(shard_ranges(len(image_rows), rows_per_file))
     return ExportResult(out, len(image_rows), files, time.perf_counter() - started)
@@ -179,7 +166,7 @@ def _write_export(opened, folder: Path, image_rows: np.ndarray, caption_rows: np
     arrays = {"img_emb": ("images", image_rows), "text_emb": ("texts", caption_rows)}
     dims = {"img_emb": opened.image_dim, "text_emb": opened.text_dim}
     digests = {}
-    with _progress(progress) as bars:
+    with make_progress(progress) as bars:
         task = bars.add_task("export", total=len(image_rows), unit="row")
         for number, (start, stop) in enumerate(shard_ranges(len(image_rows), rows_per_file)):
             names = {kind: f"{kind}/{kind}_{number}{_EXPORT_KINDS[kind]}" for kind in kinds}
@@ -796,7 +783,7 @@ def import_embeddings(source: str | Path, out: str | Path, format: str, *, featu
                    if not all((out / modality / shard_name(n)).exists() for modality in MODALITIES)]
         starts = np.cumsum([0] + [len(meta["caption"]) for meta in metas])
         empty = np.fromiter((not caption.strip() for caption in captions), bool, rows)  # by source row
-        with _progress(progress) as bars:
+        with make_progress(progress) as bars:
             task = bars.add_task("import", total=sum(plan[n][1] - plan[n][0] for n in pending), unit="row")
             for number in pending:
                 start, stop = plan[number]

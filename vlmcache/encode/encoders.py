@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import importlib
 import io
+import threading
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -213,6 +214,20 @@ class _PooledForward(torch.nn.Module):
         return self.encoder.forward(*inputs)[0]
 
 
+# torch.onnx.export keeps its state in module globals (GLOBALS.in_onnx_export) and asserts that no other
+# export runs: two threads exporting at once (concurrent first requests to `serve`) fail. One at a time.
+_EXPORT_LOCK = threading.Lock()
+
+
+def onnx_export(module: torch.nn.Module, example: tuple[torch.Tensor, ...], **options) -> bytes:
+    """`module` exported to ONNX (opset 17, in memory) with torch.onnx.export's `options`; thread-safe."""
+    buffer = io.BytesIO()
+    with _EXPORT_LOCK, warnings.catch_warnings():  # the TorchScript-based exporter announces its deprecation
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, example, buffer, opset_version=17, dynamo=False, **options)
+    return buffer.getvalue()
+
+
 def attach_onnxruntime(encoder: ImageEncoder | TextEncoder, example: dict[str, torch.Tensor],
                        dynamic_axes: dict[str, dict[int, str]]) -> None:
     """Export the encoder's pooled forward to ONNX (in memory, same weights) and run it with ONNX Runtime.
@@ -222,19 +237,15 @@ def attach_onnxruntime(encoder: ImageEncoder | TextEncoder, example: dict[str, t
     """
     import onnxruntime
 
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():  # the TorchScript-based exporter announces its deprecation
-        warnings.simplefilter("ignore")
-        torch.onnx.export(_PooledForward(encoder).eval(), tuple(example.values()), buffer,
-                          input_names=list(example), output_names=["pooled"], dynamic_axes=dynamic_axes,
-                          opset_version=17, dynamo=False)
+    exported = onnx_export(_PooledForward(encoder).eval(), tuple(example.values()), input_names=list(example),
+                           output_names=["pooled"], dynamic_axes=dynamic_axes)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.log_severity_level = 3
     # Idle ORT threads spin by default, stealing the cores the image decoders need between batches.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    encoder.onnx = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
-    encoder.onnx_model = buffer.getvalue()  # kept: extract saves the text encoder's export into the cache
+    encoder.onnx = onnxruntime.InferenceSession(exported, options, providers=["CPUExecutionProvider"])
+    encoder.onnx_model = exported  # kept: extract saves the text encoder's export into the cache
     encoder.compute_path = f"onnxruntime-{onnxruntime.__version__}(opset 17, from {encoder.compute_path})"
 
 

@@ -38,7 +38,7 @@ from vlmcache.data import datasets
 from vlmcache.encode import encoders
 from vlmcache.encode.config import ExtractConfig
 from vlmcache.errors import VlmcacheError
-from vlmcache.files import FolderLock, atomic_write, write_json_atomic, write_text_atomic
+from vlmcache.files import FolderLock, write_bytes_atomic, write_json_atomic, write_text_atomic
 from vlmcache.progress import make_progress
 
 # A lost rank's one line ends so: shards are whole once on disk, so a rerun (with any number of ranks) keeps them.
@@ -184,9 +184,11 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
                                sum(len(plans[c.modality]) for c in sets) - written,
                                image_seconds=seconds["images"], text_seconds=seconds["texts"], shards_tokens_added=added)
         if rank == 0 and work:
-            finalize_cache(out, manifest, plans, work, result)
+            # Before the manifest says complete: a full disk here leaves the cache incomplete, so the re-run
+            # that resumes it also saves the query encoder (a complete cache is left as it is).
             if defaults["texts"].folder == "texts":
                 save_query_encoder(out, defaults["texts"].encoder)
+            finalize_cache(out, manifest, plans, work, result)
     result.seconds = time.perf_counter() - started
     return result
 
@@ -211,7 +213,7 @@ def _extract_images(folder: Path, dataset, encoder, plan, shards, provenance, co
         collate_fn=_collate, worker_init_fn=_single_thread_worker, pin_memory=encoder.device.type == "cuda")
     task = bars.add_task(label, total=sum(plan[i][1] - plan[i][0] for i in shards), unit="img")
     batch_iter = iter(loader)
-    for index in shards:
+    for position, index in enumerate(shards):
         start, stop = plan[index]
         rows = stop - start
         features = np.zeros((rows, encoder.dim), np.float32)
@@ -235,7 +237,7 @@ def _extract_images(folder: Path, dataset, encoder, plan, shards, provenance, co
         arrays = {"features": features, "valid": valid, "error": errors}
         if tokens:
             arrays["tokens"], arrays["token_mask"] = np.concatenate(token_parts), np.concatenate(mask_parts)
-        write_or_extend_shard(folder / shard_name(index), start, provenance, arrays)
+        write_or_extend_shard(folder / shard_name(index), start, provenance, arrays, len(shards) - position)
 
 
 def _extract_texts(folder: Path, dataset, encoder, plan, shards, provenance, config: ExtractConfig, bars,
@@ -244,7 +246,7 @@ def _extract_texts(folder: Path, dataset, encoder, plan, shards, provenance, con
         return
     batch_size, tokens, on_error = config.text_batch_size, config.tokens, config.on_error
     task = bars.add_task(label, total=sum(plan[i][1] - plan[i][0] for i in shards), unit="cap")
-    for index in shards:
+    for position, index in enumerate(shards):
         start, stop = plan[index]
         texts = dataset.captions[start:stop]
         rows = len(texts)
@@ -271,7 +273,7 @@ def _extract_texts(folder: Path, dataset, encoder, plan, shards, provenance, con
         arrays = {"features": features, "valid": valid, "error": errors, "truncated": lengths > encoder.max_length}
         if tokens:
             arrays["tokens"], arrays["token_mask"] = token_array, mask_array
-        write_or_extend_shard(folder / shard_name(index), start, provenance, arrays)
+        write_or_extend_shard(folder / shard_name(index), start, provenance, arrays, len(shards) - position)
 
 
 def save_query_encoder(out: Path, encoder: encoders.TextEncoder) -> None:
@@ -282,8 +284,7 @@ def save_query_encoder(out: Path, encoder: encoders.TextEncoder) -> None:
     """
     if encoder.onnx_model is None or not getattr(encoder.tokenizer, "is_fast", False) or (out / "text-encoder.json").exists():
         return
-    with atomic_write(out / "text-encoder.onnx") as temporary:
-        temporary.write_bytes(encoder.onnx_model)
+    write_bytes_atomic(out / "text-encoder.onnx", encoder.onnx_model)
     write_text_atomic(out / "text-tokenizer.json", encoder.tokenizer.backend_tokenizer.to_str())
     write_json_atomic(out / "text-encoder.json", {  # written last: its presence says the other two are whole
         "weights_sha256": encoder.weights_sha256, "max_length": encoder.max_length, "pooling": encoder.pooling,

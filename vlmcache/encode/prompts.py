@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
@@ -24,7 +25,11 @@ MAX_ROWS = 20_000  # ~30 MB for 384-d features; past it, new prompts are encoded
 
 
 class PromptStore:
-    """Prompt → frozen text features for one text encoder, with an append-only file beside the cache."""
+    """Prompt → frozen text features for one text encoder, with an append-only file beside the cache.
+
+    Safe to share between threads (the web page's workers): the encoder is loaded once, and the kept
+    prompts and the file change one writer at a time.
+    """
 
     def __init__(self, provenance: dict, folder: Path | None, max_rows: int = MAX_ROWS):
         self.provenance, self.max_rows = provenance, max_rows
@@ -35,6 +40,7 @@ class PromptStore:
         self.record = np.dtype([("key", "S32"), ("features", "<f4", (int(provenance["dim"]),))])
         self.known: dict[bytes, np.ndarray] = {}
         self._encoder: TextEncoder | OnnxTextEncoder | None = None
+        self._lock = threading.Lock()
         if self.path is not None and self.path.is_file():
             raw = self.path.read_bytes()
             rows = np.frombuffer(raw[:len(raw) - len(raw) % self.record.itemsize], dtype=self.record)
@@ -49,12 +55,18 @@ class PromptStore:
         (starts in well under a second), else the model itself through transformers and PyTorch (exporting
         it to ONNX for a few prompts would cost more than it saves)."""
         if self._encoder is None:
-            self._encoder = OnnxTextEncoder.from_cache(self.folder, self.provenance)
-        if self._encoder is None:
-            from vlmcache.encode.encoders import text_encoder_from_provenance
-
-            self._encoder = text_encoder_from_provenance(self.provenance, "cpu", backend="torch")
+            with self._lock:  # concurrent first requests: one loads, the others wait for it
+                if self._encoder is None:
+                    self._encoder = self._load_encoder()
         return self._encoder
+
+    def _load_encoder(self) -> TextEncoder | OnnxTextEncoder:
+        saved = OnnxTextEncoder.from_cache(self.folder, self.provenance)
+        if saved is not None:
+            return saved
+        from vlmcache.encode.encoders import text_encoder_from_provenance
+
+        return text_encoder_from_provenance(self.provenance, "cpu", backend="torch")
 
     def encode(self, prompts: list[str], batch_size: int = 256) -> np.ndarray:
         """(len(prompts), dim) float32 frozen text features; only unseen prompts run the encoder."""
@@ -68,6 +80,11 @@ class PromptStore:
         return np.stack([fresh[key] if key in fresh else self.known[key] for key in map(self.key, prompts)])
 
     def _keep(self, fresh: dict[bytes, np.ndarray]) -> None:
+        with self._lock:  # two appends at once could interleave, and the room left must be counted once
+            self._append(fresh)
+
+    def _append(self, fresh: dict[bytes, np.ndarray]) -> None:
+        fresh = {key: row for key, row in fresh.items() if key not in self.known}  # another thread kept it meanwhile
         room = self.max_rows - len(self.known)
         kept = dict(list(fresh.items())[:max(0, room)])
         self.known.update(kept)
@@ -76,11 +93,14 @@ class PromptStore:
         rows = np.zeros(len(kept), dtype=self.record)
         rows["key"], rows["features"] = list(kept), np.stack(list(kept.values()))
         # One write of whole records in append mode: other readers see whole records or a short tail they skip.
-        with open(self.path, "ab") as handle:
-            torn = handle.tell() % self.record.itemsize  # a record cut short by a kill: drop it, else every
-            if torn:                                     # record appended after it would be read misaligned
-                handle.truncate(handle.tell() - torn)
-            handle.write(rows.tobytes())
+        try:
+            with open(self.path, "ab") as handle:
+                torn = handle.tell() % self.record.itemsize  # a record cut short by a kill: drop it, else every
+                if torn:                                     # record appended after it would be read misaligned
+                    handle.truncate(handle.tell() - torn)
+                handle.write(rows.tobytes())
+        except OSError:  # a full disk: the prompts are answered, only not kept (a torn tail is dropped next time)
+            return
 
 
 class OnnxTextEncoder:

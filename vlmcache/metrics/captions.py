@@ -12,10 +12,14 @@ for image captioning") and the constant most-frequent caption.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import sys
 import warnings
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -38,11 +42,29 @@ def java_available() -> bool:
     return shutil.which("java") is not None
 
 
+@contextmanager
+def _child_stderr_silenced() -> Iterator[None]:
+    """Child processes started in the block write their stderr to /dev/null.
+
+    The PTB tokenizer (a Java process pycocoevalcap starts with our stderr) reports its speed there on every
+    call; those lines would sit above a failure's one-line error. pycocoevalcap gives no way to redirect it."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _tokenize(captions: dict[int, list[str]], java: bool) -> dict[int, list[str]]:
     if java:
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-        return PTBTokenizer().tokenize({key: [{"caption": c} for c in values] for key, values in captions.items()})
+        with _child_stderr_silenced():
+            return PTBTokenizer().tokenize({key: [{"caption": c} for c in values] for key, values in captions.items()})
     return {key: [" ".join(words(c)) for c in values] for key, values in captions.items()}
 
 

@@ -39,7 +39,8 @@ def save_checkpoint(path: Path, meta: dict, model: nn.Module, optimisation: Opti
                                           if k != "lr_lambdas"})
         tensors["rng.torch"] = torch.get_rng_state()
         tensors["rng.sampler"] = optimisation.generator.get_state()
-    with atomic_write(path) as temporary:
+    size = sum(value.numel() * value.element_size() for value in tensors.values()) + len(json.dumps(header))
+    with atomic_write(path, size) as temporary:
         save_file(tensors, str(temporary), metadata=header)
     write_json_atomic(path.with_suffix(".json"), meta)
 
