@@ -28,7 +28,7 @@ import torch
 
 from vlmcache import __version__
 from vlmcache.align.config import TrainConfig
-from vlmcache.align.inputs import evaluate_model, token_options
+from vlmcache.align.inputs import model_ranks, token_options
 from vlmcache.align.load import load_model
 from vlmcache.align.model import initial_model
 from vlmcache.align.projectors import TOKEN_PROJECTORS
@@ -38,11 +38,16 @@ from vlmcache.cache.store import load_features, open_cache
 from vlmcache.encode import encoders
 from vlmcache.errors import VlmcacheError
 from vlmcache.files import FolderLock, write_json_atomic, write_text_atomic
-from vlmcache.metrics.baselines import ASIF_ROW, CCA_ROW, baseline_metrics
+from vlmcache.metrics.baselines import ASIF_ROW, CCA_ROW, baseline_ranks
 from vlmcache.metrics.retrieval import RETRIEVAL_KEYS
+from vlmcache.metrics.stats import ALPHA, CONFIDENCE, RESAMPLES, mark_best, stack_seeds
 from vlmcache.progress import make_progress
+from vlmcache.run.ranks import Ranked, load_ranks, save_ranks
 
 UNTRAINED_LINEAR = "untrained linear"
+RANKED = "ranked"  # a fresh cell's Ranked, saved as <out>/cells/<key>.npz and then dropped from its result
+# The statistics columns added to each row (ablation.json, ablation.csv), per metric (see vlmcache.metrics.stats).
+STATISTICS_SUFFIXES = ("_ci_low", "_ci_high", "_p_vs_best", "_mark")
 # Options a grid entry may give its projector after ':' (e.g. cross-attention:queries=4, ndlinear:tokens:lr=0.01);
 # the table row is labelled the same way, with the options that differ from the defaults.
 PROJECTOR_OPTIONS = ("tokens", "text_tokens", "queries", "heads", "positions", "resampler_depth", "lr", "dropout")
@@ -112,6 +117,7 @@ class AblationResult:
     seconds: float
     split: str = "val"
     raw: list[dict] = field(default_factory=list)
+    statistics: dict = field(default_factory=dict)
 
 
 def _worker_init(threads: int) -> None:
@@ -123,7 +129,7 @@ def _worker_init(threads: int) -> None:
 
 
 def run_cell(cell: Cell) -> dict:
-    """Train one cell in a temporary folder and return its metrics on the evaluation split."""
+    """Train one cell in a temporary folder and return its metrics (and per-query ranks) on the evaluation split."""
     config = TrainConfig.from_dict(cell.config)
     opened = open_cache(cell.cache)
     split = opened.default_split()
@@ -131,14 +137,14 @@ def run_cell(cell: Cell) -> dict:
     with tempfile.TemporaryDirectory(prefix="vlmcache-cell-") as folder:
         result = train(opened, folder, config)
         training_seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-        if split == config.val_split:
-            metrics = result.best_metrics  # selected and reported on dev, as in the README's protocol
-        else:
-            model, _ = load_model(Path(folder) / "best.safetensors")
-            metrics = evaluate_model(model, load_features(opened, split, None, config.image_sets, config.text_sets,
-                                                          **token_options(config)))
-    return {"cache": cell.cache, "config": cell.config, "metrics": metrics, "parameters": result.parameters,
-            "best_epoch": result.best_epoch, "seconds": training_seconds, "cpu_seconds": cpu_seconds, "split": split}
+        # The best epoch's model ranks the evaluated split once more: its metrics and its per-query ranks
+        # (kept for intervals and paired tests) then come from the same numbers.
+        model, _ = load_model(Path(folder) / "best.safetensors")
+        evaluated = load_features(opened, split, None, config.image_sets, config.text_sets, **token_options(config))
+        ranked = Ranked.of(model_ranks(model, evaluated), evaluated)
+    return {"cache": cell.cache, "config": cell.config, "metrics": ranked.metrics(), "parameters": result.parameters,
+            "best_epoch": result.best_epoch, "seconds": training_seconds, "cpu_seconds": cpu_seconds, "split": split,
+            "items": ranked.items, RANKED: ranked}
 
 
 def baseline_rows(cache: str, dim: int, seeds: list[int], features: tuple[str | None, str | None] = (None, None)) -> list[dict]:
@@ -149,20 +155,23 @@ def baseline_rows(cache: str, dim: int, seeds: list[int], features: tuple[str | 
     train_split, evaluated = load_features(opened, "train", **sets), load_features(opened, split, **sets)
     chosen = {"image_features": features[0], "text_features": features[1]}
     image_dim, text_dim = train_split.image_features.shape[1], train_split.text_features.shape[1]
+    def row(name: str, seed: int, ranks: tuple, parameters: int, seconds: float) -> dict:
+        ranked = Ranked.of(ranks, evaluated)
+        return {"cache": cache, "config": {"projector": name, "loss": "—", "dim": dim, "seed": seed, **chosen},
+                "metrics": ranked.metrics(), "parameters": parameters, "seconds": seconds, "split": split,
+                "items": ranked.items, RANKED: ranked}
+
     raw = []
     for seed in seeds:
         started = time.perf_counter()
         model = initial_model(TrainConfig(projector="linear", dim=dim, seed=seed), image_dim, text_dim)
-        raw.append({"cache": cache, "config": {"projector": UNTRAINED_LINEAR, "loss": "—", "dim": dim, "seed": seed,
-                                               **chosen},
-                    "metrics": evaluate_model(model, evaluated), "parameters": model.projector_parameters(),
-                    "seconds": time.perf_counter() - started, "split": split})
+        raw.append(row(UNTRAINED_LINEAR, seed, model_ranks(model, evaluated), model.projector_parameters(),
+                       time.perf_counter() - started))
     started = time.perf_counter()
-    fitted = baseline_metrics(train_split, evaluated, dim)
+    fitted = baseline_ranks(train_split, evaluated, dim)
     seconds = (time.perf_counter() - started) / len(fitted)
     for name, parameters in ((CCA_ROW, (image_dim + text_dim) * dim), (ASIF_ROW, 0)):
-        raw.append({"cache": cache, "config": {"projector": name, "loss": "—", "dim": dim, "seed": 0, **chosen},
-                    "metrics": fitted[name], "parameters": parameters, "seconds": seconds, "split": split})
+        raw.append(row(name, 0, fitted[name], parameters, seconds))
     return raw
 
 
@@ -182,11 +191,14 @@ def ablate(
     base_config: dict | None = None,
     progress: bool = True,
     threads: int | None = None,
+    resamples: int = RESAMPLES,
 ) -> AblationResult:
     """Run the grid (skipping cells already in `out/cells`), then write ablation.json and ablation.csv.
 
     `image_features`/`text_features`: feature-set combinations of each cache to compare ('a+b'; None is
-    the default set), so "which encoders?" is an axis of the table.
+    the default set), so "which encoders?" is an axis of the table. Every cell's per-query ranks are kept
+    in `out/cells/<key>.npz`; each row gets a 95% interval per metric (bootstrap over the evaluated images
+    and the seeds, `resamples` replicates) and a paired test against the best row (see add_statistics).
     """
     started = time.perf_counter()
     if not caches:
@@ -243,25 +255,37 @@ def ablate(
                 for image in image_features:
                     for text in text_features:
                         for dim in dims:
-                            raw += baseline_rows(cache, dim, list(seeds), (image, text))
+                            raw += [_keep_ranks(item, out / "cells" / f"{Cell(cache, item['config']).key()}.npz", out)
+                                    for item in baseline_rows(cache, dim, list(seeds), (image, text))]
         rows = aggregate(raw, caches)
+        statistics = add_statistics(rows, raw, out, resamples)
         result = AblationResult(rows, out, len(pending), reused, time.perf_counter() - started,
-                                raw[0]["split"] if raw else "val", raw)
+                                raw[0]["split"] if raw else "val", raw, statistics)
         _write(result)
     return result
 
 
 def _read_cell(path: Path) -> dict | None:
-    """A finished cell's result, or None when it is missing or was cut short (it is trained again)."""
+    """A finished cell's result, or None when it is missing, was cut short or lacks its ranks (it is trained again)."""
     try:
-        return json.loads(path.read_text())
+        finished = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    ranks = path.with_suffix(".npz")
+    return {**finished, "ranks": str(ranks.relative_to(path.parent.parent))} if ranks.is_file() else None
+
+
+def _keep_ranks(item: dict, path: Path, out: Path) -> dict:
+    """Save a fresh result's ranks to `path` (an .npz under `out`); the result then names that file instead."""
+    save_ranks(path, {item["config"]["projector"]: item.pop(RANKED)})
+    return {**item, "ranks": str(path.relative_to(out))}
 
 
 def _keep(cell_result: dict, path: Path) -> dict:
-    write_json_atomic(path, cell_result)
-    return cell_result
+    """Save a trained cell: its ranks first, then its JSON (whose presence marks the cell finished)."""
+    kept = _keep_ranks(cell_result, path.with_suffix(".npz"), path.parent.parent)
+    write_json_atomic(path, kept)
+    return kept
 
 
 def encoder_pair(cache: str, image_features: str | None = None, text_features: str | None = None) -> str:
@@ -274,13 +298,23 @@ def encoder_pair(cache: str, image_features: str | None = None, text_features: s
     return " + ".join(sides)
 
 
+def _cell_row(item: dict) -> tuple:
+    """The table row a raw cell belongs to: (cache, feature sets, projector label, loss, dim)."""
+    config = item["config"]
+    features = (config.get("image_features"), config.get("text_features"))
+    return item["cache"], features, projector_label(config), config["loss"], config["dim"]
+
+
+def _row_key(row: dict) -> tuple:
+    """A row's (cache, feature sets, projector label, loss, dim), as `_cell_row` gives for its cells."""
+    return row["cache"], (row["image_features"], row["text_features"]), row["projector"], row["loss"], row["dim"]
+
+
 def aggregate(raw: list[dict], caches: list[str]) -> list[dict]:
     """One row per (cache, projector, loss, dim): mean and std of each metric over seeds."""
     groups: dict[tuple, list[dict]] = {}
     for item in raw:
-        config = item["config"]
-        features = (config.get("image_features"), config.get("text_features"))
-        groups.setdefault((item["cache"], features, projector_label(config), config["loss"], config["dim"]), []).append(item)
+        groups.setdefault(_cell_row(item), []).append(item)
     rows = []
     for (cache, features, projector, loss, dim), items in groups.items():
         row = {"cache": cache, "image_features": features[0], "text_features": features[1],
@@ -289,6 +323,8 @@ def aggregate(raw: list[dict], caches: list[str]) -> list[dict]:
                "seconds": float(np.mean([item["seconds"] for item in items]))}
         if all("cpu_seconds" in item for item in items):  # CPU beside wall time: runs on a shared machine
             row["cpu_seconds"] = float(np.mean([item["cpu_seconds"] for item in items]))
+        if len({item.get("items") for item in items}) == 1 and items[0].get("items"):
+            row["items"] = items[0]["items"]
         for metric in RETRIEVAL_KEYS:
             values = [item["metrics"][metric] for item in items]
             row[metric] = float(np.mean(values))
@@ -300,12 +336,42 @@ def aggregate(raw: list[dict], caches: list[str]) -> list[dict]:
                                        -r["mean_recall"]))
 
 
+def add_statistics(rows: list[dict], raw: list[dict], out: Path, resamples: int = RESAMPLES, seed: int = 0) -> dict:
+    """Add each row's interval and comparison with the best row, per metric (keys <metric>_ci_low,
+    _ci_high, _p_vs_best, _mark), from the cells' stored ranks; returns how they were computed.
+
+    Rows are compared within groups evaluated on the same items (all rows of one dataset, whatever the
+    encoders): each row's seeds are stacked, and vlmcache.metrics.stats.mark_best gives the 95%
+    intervals (images and seeds resampled), the Holm-corrected paired p-values against the group's best
+    row and the marks (best / tied: not distinguishable from the best at 5% / worse).
+    """
+    cells: dict[tuple, list[dict]] = {}
+    for item in raw:
+        cells.setdefault(_cell_row(item), []).append(item)
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        if "items" in row:
+            groups.setdefault(row["items"], []).append(row)
+    for members in groups.values():
+        hits = [stack_seeds([next(iter(load_ranks(out / item["ranks"]).values())).hits()
+                             for item in sorted(cells[_row_key(row)], key=lambda item: item["config"]["seed"])])
+                for row in members]
+        table = mark_best(hits, resamples, seed=seed)
+        for index, row in enumerate(members):
+            row.update(table.row(index))
+    return {"interval": f"{CONFIDENCE:.0%} percentile bootstrap over the evaluated images (each with its captions) "
+                        "and the seeds", "test": "paired bootstrap against the best row on the same images",
+            "correction": "holm", "alpha": ALPHA, "confidence": CONFIDENCE, "resamples": resamples}
+
+
 def _write(result: AblationResult) -> None:
     write_json_atomic(result.out / "ablation.json",
-                      {"split": result.split, "rows": result.rows, "cells": result.raw, "seconds": result.seconds})
+                      {"split": result.split, "rows": result.rows, "cells": result.raw, "seconds": result.seconds,
+                       "statistics": result.statistics})
     buffer = io.StringIO()
     columns = ["encoders", "projector", "loss", "dim", *[c for m in RETRIEVAL_KEYS for c in (m, f"{m}_std")],
-               "parameters", "seconds", "seeds"]
+               "parameters", "seconds", "seeds",
+               *[f"{m}{suffix}" for m in RETRIEVAL_KEYS for suffix in STATISTICS_SUFFIXES]]
     writer = csv.DictWriter(buffer, columns, extrasaction="ignore")
     writer.writeheader()
     for row in result.rows:

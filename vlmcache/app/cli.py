@@ -231,15 +231,34 @@ def train(
     build_index(result.out)  # so that the first `vlmcache search` of this run starts without PyTorch
 
 
+# The caption under every table with intervals (see vlmcache.metrics.stats).
+STATISTICS_CAPTION = ("± = half-width of the 95% interval (bootstrap over the evaluated images, each with its captions, "
+                      "and over the seeds of a row that has several); * = best; ≈ = not distinguishable from the best "
+                      "(paired bootstrap on the same images, Holm-corrected, 5%)")
+
+
+def _with_interval(row: dict, metric: str, digits: int = 1, spread: str = "_std") -> str:
+    """'45.3 ±1.4' marked best (*, bold green) or not distinguishable from it (≈, green), from a row's
+    <metric>_ci_low/_ci_high/_mark keys; rows without them (older files) show `spread` (± std over seeds)."""
+    value = row[metric]
+    if f"{metric}_ci_low" not in row:
+        return f"{value:.{digits}f}" + (f" ± {row[metric + spread]:.{digits}f}" if metric + spread in row else "")
+    half = (row[f"{metric}_ci_high"] - row[f"{metric}_ci_low"]) / 2
+    text = f"{value:.{digits}f} ±{half:.{digits}f}"
+    mark = row[f"{metric}_mark"]
+    return f"[bold green]{text}*[/bold green]" if mark == "best" else f"[green]{text}≈[/green]" if mark == "tied" else text
+
+
 def _metrics_table(title: str, rows: dict[str, dict]) -> Table:
     from vlmcache.metrics.retrieval import MEDIAN_RANK_KEYS, MEDIAN_RANK_LABELS, RETRIEVAL_KEYS, RETRIEVAL_LABELS
 
-    table = Table(title=title, title_justify="left")
+    with_intervals = any("mean_recall_ci_low" in m for m in rows.values())
+    table = Table(title=title, title_justify="left", caption=STATISTICS_CAPTION if with_intervals else None, caption_justify="left")
     table.add_column("model", no_wrap=True)
     for column in (*RETRIEVAL_LABELS, *MEDIAN_RANK_LABELS):
         table.add_column(column, justify="right")
     for name, m in rows.items():
-        table.add_row(name, *(f"{m[key]:.2f}" if key == "mean_recall" else f"{m[key]:.1f}" for key in RETRIEVAL_KEYS),
+        table.add_row(escape(name), *(_with_interval(m, key, 2 if key == "mean_recall" else 1) for key in RETRIEVAL_KEYS),
                       *(f"{m[key]:g}" for key in MEDIAN_RANK_KEYS))
     return table
 
@@ -255,7 +274,7 @@ def eval_command(
     zero_shot: Annotated[Path | None, typer.Option(help="Also report zero-shot accuracy on this labelled-folder cache.")] = None,
     ensemble: Annotated[bool, typer.Option("--ensemble", help="Zero-shot with an 8-template prompt ensemble.")] = False,
     class_names: Annotated[Path | None, typer.Option(help='Zero-shot: JSON {"folder_name": "words for the prompt"} [default: folder names cleaned into words]')] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the numbers to this JSON file.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the numbers to this JSON file, and every row's per-query ranks beside it (.npz; vlmcache compare reads them).")] = None,
     qbnorm: Annotated[bool, typer.Option(help="Also the trained model and CCA with querybank normalisation (QB-Norm: bank of training queries, beta chosen on val).")] = True,
     qbnorm_bank: Annotated[str | None, typer.Option(help="Split whose queries form the QB-Norm bank [default: the run's train split]; never the evaluated split.")] = None,
 ) -> None:
@@ -264,13 +283,14 @@ def eval_command(
     from vlmcache.eval.evaluate import zero_shot as run_zero_shot
     from vlmcache.files import check_writable, write_json_atomic
     from vlmcache.metrics.retrieval import ZERO_SHOT_KEYS, ZERO_SHOT_LABELS
+    from vlmcache.run.ranks import ranks_path, save_ranks
 
     if json_out is not None:
         check_writable(json_out, "--json")  # before the work, not after it
     names = read_class_names(class_names)
     report = evaluate_checkpoint(checkpoint, split, cache, with_baselines=baselines, qbnorm=qbnorm, qbnorm_bank=qbnorm_bank)
     console.print(_metrics_table(f"retrieval on split {report.split!r} of {report.cache} (%)", report.rows))
-    results: dict = {"split": report.split, "cache": str(report.cache), "retrieval": report.rows}
+    results: dict = {"split": report.split, "cache": str(report.cache), "retrieval": report.rows, "items": report.items}
     if zero_shot is not None:
         accuracy = run_zero_shot(checkpoint, zero_shot, ensemble, class_names=names)
         table = Table(title=f"zero-shot on {zero_shot} ({'8-template ensemble' if ensemble else 'a photo of a {}.'})",
@@ -283,7 +303,45 @@ def eval_command(
         console.print(table)
         results["zero_shot"] = accuracy
     if json_out is not None:
-        write_json_atomic(json_out, results)
+        save_ranks(ranks_path(json_out), report.ranked)
+        write_json_atomic(json_out, {**results, "ranks": ranks_path(json_out).name})
+        console.print(f"wrote {json_out} and its per-query ranks {ranks_path(json_out)}")
+
+
+@app.command(epilog="Examples:\n\n  vlmcache compare runs/linear-infonce runs/mlp-infonce\n\n"
+                    "  vlmcache compare a.json b.json          (the .npz ranks written by eval --json: no re-embedding)\n\n"
+                    "  vlmcache compare 'a.json#CCA (closed form)' a.json\n\n"
+                    "  vlmcache compare runs/ablation/cells/<key>.npz runs/ablation/cells/<other>.npz")
+def compare(
+    run_a: Annotated[str, typer.Argument(help="A run folder or checkpoint, an eval --json file or its .npz, or an ablation cell's .npz; PATH#ROW picks a row.")],
+    run_b: Annotated[str, typer.Argument(help="The result to compare it with (same kinds).")],
+    cache: Annotated[Path | None, typer.Option(help="Rank run folders on this cache [default: each run's own].")] = None,
+    split: Annotated[str | None, typer.Option(help="Split to rank run folders on [default: test if the cache has it, else val]")] = None,
+    test: Annotated[str, typer.Option(help="p-value: permutation (sign flips per image) | bootstrap (paired).")] = "permutation",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the comparison to this JSON file.")] = None,
+) -> None:
+    """Paired difference A − B of every retrieval metric on the same images, with its 95% interval and p-value."""
+    from dataclasses import asdict
+
+    from vlmcache.eval.compare import COMPARISON_NOTE
+    from vlmcache.eval.compare import compare as run_compare
+    from vlmcache.files import check_writable, write_json_atomic
+
+    if json_out is not None:
+        check_writable(json_out, "--json")
+    result = run_compare(run_a, run_b, cache, split, test)
+    table = Table(title=f"A = {run_a}\nB = {run_b}\non split {result.split!r}: {result.images:,} images, "
+                        f"{result.captions:,} captions (recall in %)", title_justify="left",
+                  caption=f"{COMPARISON_NOTE}; p by {result.test}", caption_justify="left")
+    for column in ("metric", "A", "B", "A − B", "95% interval", "p"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for metric, m in result.metrics.items():
+        label = "mean recall" if metric == "mean_recall" else metric.replace("i2t_r", "i→t R@").replace("t2i_r", "t→i R@")
+        table.add_row(label, f"{m['a']:.2f}", f"{m['b']:.2f}", f"{m['difference']:+.2f}",
+                      f"[{m['ci_low']:+.2f}, {m['ci_high']:+.2f}]", f"{m['p_value']:.3f}")
+    console.print(table, highlight=False)
+    if json_out is not None:
+        write_json_atomic(json_out, asdict(result))
         console.print(f"wrote {json_out}")
 
 
@@ -362,8 +420,12 @@ def _int_list(value, name: str) -> tuple[int, ...]:
 
 
 def ablation_table(rows: list[dict], split: str) -> Table:
-    """The ablation as a rich table: mean ± std over seeds, best value per column in bold green."""
-    table = Table(title=f"ablation on split {split!r}: recall in %, mean ± std over seeds", title_justify="left")
+    """The ablation as a rich table: mean over seeds ± the half-width of its 95% interval, the best row per
+    column and those not distinguishable from it marked (older ablation files: mean ± std, best in bold green)."""
+    with_intervals = all("mean_recall_ci_low" in row for row in rows)
+    spread = "mean over seeds ± half-width of its 95% interval" if with_intervals else "mean ± std over seeds"
+    table = Table(title=f"ablation on split {split!r}: recall in %, {spread}", title_justify="left",
+                  caption=STATISTICS_CAPTION if with_intervals else None, caption_justify="left")
     several_caches = len({row["encoders"] for row in rows}) > 1
     if several_caches:
         table.add_column("encoders")
@@ -381,6 +443,9 @@ def ablation_table(rows: list[dict], split: str) -> Table:
         cells = [row["encoders"]] if several_caches else []
         cells += [row["projector"], row["loss"], str(row["dim"])]
         for metric in metric_names:
+            if with_intervals:
+                cells.append(_with_interval(row, metric))
+                continue
             text = f"{row[metric]:.1f} ± {row[metric + '_std']:.1f}"
             cells.append(f"[bold green]{text}[/bold green]" if row[metric] == best[metric] else text)
         cells += [f"{row['parameters']:,}", f"{row['seconds']:.1f}"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,8 +16,8 @@ from vlmcache.align.config import TrainConfig
 from vlmcache.align.inputs import (
     check_input_shapes,
     embed_side,
-    evaluate_model,
     model_embeddings,
+    model_ranks,
     refuse_text_tokens,
     token_options,
     trained_row,
@@ -28,7 +28,7 @@ from vlmcache.cache.store import load_features, open_cache
 from vlmcache.encode.prompts import PromptStore, prompt_folder
 from vlmcache.errors import VlmcacheError
 from vlmcache.metrics import baselines
-from vlmcache.metrics.baselines import CCA_ROW, baseline_metrics
+from vlmcache.metrics.baselines import CCA_ROW, baseline_ranks
 from vlmcache.metrics.qbnorm import QBNORM_SUFFIX, check_bank_split
 from vlmcache.metrics.retrieval import (
     DEFAULT_TEMPLATES,
@@ -38,6 +38,8 @@ from vlmcache.metrics.retrieval import (
     qbnorm_row,
     zero_shot_metrics,
 )
+from vlmcache.metrics.stats import RESAMPLES, mark_best
+from vlmcache.run.ranks import Ranked
 
 
 def clean_class_name(folder: str) -> str:
@@ -48,11 +50,29 @@ def clean_class_name(folder: str) -> str:
 
 @dataclass
 class EvalReport:
-    """Retrieval metrics per model on one split of one cache."""
+    """Retrieval metrics per model on one split of one cache, with each model's per-query ranks.
+
+    Each row also holds its 95% interval and comparison with the best row, per metric (keys
+    <metric>_ci_low, _ci_high, _p_vs_best, _mark: see vlmcache.metrics.stats.mark_best).
+    """
 
     cache: Path
     split: str
     rows: dict[str, dict]
+    ranked: dict[str, Ranked] = field(default_factory=dict)
+
+    @property
+    def items(self) -> str | None:
+        """The fingerprint of the evaluated items (see vlmcache.run.ranks.items_key)."""
+        return next(iter(self.ranked.values())).items if self.ranked else None
+
+
+def ranked_rows(ranked: dict[str, Ranked], extra: dict[str, dict] | None = None,
+                resamples: int = RESAMPLES) -> dict[str, dict]:
+    """{row: metrics with intervals and marks} of models ranked on the same split; `extra` adds keys to a row."""
+    table = mark_best([row.hits() for row in ranked.values()], resamples)
+    return {name: {**row.metrics(), **(extra or {}).get(name, {}), **table.row(index)}
+            for index, (name, row) in enumerate(ranked.items())}
 
 
 def evaluate_checkpoint(checkpoint: str | Path, split: str | None = None, cache: str | Path | None = None,
@@ -79,20 +99,24 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str | None = None, cache:
     if config.standardize:  # the same standardised inputs, so the baseline differs only in the learned weights
         untrained.load_state_dict({k: v for k, v in model.state_dict().items() if k.endswith(("_shift", "_scale"))},
                                   strict=False)
-    rows = {trained_row(config): evaluate_model(model, evaluated), UNTRAINED_ROW: evaluate_model(untrained, evaluated)}
+    ranks = {trained_row(config): model_ranks(model, evaluated), UNTRAINED_ROW: model_ranks(untrained, evaluated)}
+    extra: dict[str, dict] = {}
     train_cache, train_text_cache = checkpoint_caches(meta) if cache is not None else (opened, text_cache)
     train = (load_features(train_cache, config.train_split, train_text_cache, **sets)
              if (with_baselines or qbnorm) and config.train_split in train_cache.splits else None)
     if with_baselines and train is not None:
-        rows.update(baseline_metrics(train, evaluated, config.dim))
+        ranks.update(baseline_ranks(train, evaluated, config.dim))
     if qbnorm:
         bank = train if bank_split == config.train_split else load_features(train_cache, bank_split, train_text_cache, **sets)
         val = evaluated if split == config.val_split else load_features(train_cache, config.val_split, train_text_cache, **sets)
-        rows[trained_row(config) + QBNORM_SUFFIX] = qbnorm_row(model_embeddings(model), bank, val, evaluated)
+        embedders = {trained_row(config): model_embeddings(model)}
         if with_baselines and train is not None:
-            rows[CCA_ROW + QBNORM_SUFFIX] = qbnorm_row(
-                lambda s: baselines.cca_embeddings(train, s, config.dim), bank, val, evaluated)
-    return EvalReport(opened.path, split, rows)
+            embedders[CCA_ROW] = lambda s: baselines.cca_embeddings(train, s, config.dim)
+        for name, embed in embedders.items():
+            beta, ranks[name + QBNORM_SUFFIX] = qbnorm_row(embed, bank, val, evaluated)
+            extra[name + QBNORM_SUFFIX] = {"qbnorm_beta": beta}
+    ranked = {name: Ranked.of(row, evaluated) for name, row in ranks.items()}
+    return EvalReport(opened.path, split, ranked_rows(ranked, extra), ranked)
 
 
 def read_class_names(path: str | Path | None) -> dict[str, str]:
