@@ -118,6 +118,7 @@ class AblationResult:
     split: str = "val"
     raw: list[dict] = field(default_factory=list)
     statistics: dict = field(default_factory=dict)
+    selected_on: str = "val"  # where each cell's best epoch was chosen: a split, or train:N carved out of train
 
 
 def _worker_init(threads: int) -> None:
@@ -208,8 +209,10 @@ def ablate(
     if empty:  # an empty grid would train nothing and validate nothing
         raise VlmcacheError(f"{empty[0]}: no values; give at least one, comma-separated")
     caches = [str(Path(c).resolve()) for c in caches]
+    shared = TrainConfig(**{**(base_config or {}), "epochs": epochs})  # the options every cell has: checked once
     for cache in caches:  # fail now, with the cache and set named, not inside a worker
         opened = open_cache(cache)
+        check_selection(shared, opened)
         for modality, combos in (("images", image_features), ("texts", text_features)):
             for name in {n for combo in combos for n in parse_sets(combo) or ()}:
                 opened.feature_set(modality, name)
@@ -260,9 +263,21 @@ def ablate(
         rows = aggregate(raw, caches)
         statistics = add_statistics(rows, raw, out, resamples)
         result = AblationResult(rows, out, len(pending), reused, time.perf_counter() - started,
-                                raw[0]["split"] if raw else "val", raw, statistics)
+                                raw[0]["split"] if raw else "val", raw, statistics, shared.select_on or shared.val_split)
         _write(result)
     return result
+
+
+def check_selection(config: TrainConfig, opened) -> None:
+    """Refuse a --select-on that overlaps the split the table reports, or carves more images than train has."""
+    name, carved = config.selection
+    reported = opened.default_split()
+    if config.select_on and name == reported:
+        raise VlmcacheError(f"--select-on {config.select_on}: overlaps the reported split {reported!r} of {opened.path}; "
+                            f"select on another split, or carve one out of the training split ({config.train_split}:1000)")
+    if carved and name in opened.splits and carved >= opened.manifest["dataset"]["splits"][name]["images"]:
+        raise VlmcacheError(f"--select-on {config.select_on}: split {name!r} of {opened.path} has only "
+                            f"{opened.manifest['dataset']['splits'][name]['images']} images; carve fewer")
 
 
 def _read_cell(path: Path) -> dict | None:
@@ -367,7 +382,7 @@ def add_statistics(rows: list[dict], raw: list[dict], out: Path, resamples: int 
 def _write(result: AblationResult) -> None:
     write_json_atomic(result.out / "ablation.json",
                       {"split": result.split, "rows": result.rows, "cells": result.raw, "seconds": result.seconds,
-                       "statistics": result.statistics})
+                       "statistics": result.statistics, "selected_on": result.selected_on})
     buffer = io.StringIO()
     columns = ["encoders", "projector", "loss", "dim", *[c for m in RETRIEVAL_KEYS for c in (m, f"{m}_std")],
                "parameters", "seconds", "seeds",

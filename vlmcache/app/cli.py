@@ -249,6 +249,13 @@ def _with_interval(row: dict, metric: str, digits: int = 1, spread: str = "_std"
     return f"[bold green]{text}*[/bold green]" if mark == "best" else f"[green]{text}≈[/green]" if mark == "tied" else text
 
 
+def _selected(selected_on: str, reported: str) -> str:
+    """Where choices were made, for a table's title; flags selection on the reported split itself."""
+    if selected_on == reported:
+        return f"best epoch chosen on {selected_on!r} too (optimistic: --select-on train:1000 keeps them apart)"
+    return f"best epoch chosen on {selected_on!r}"
+
+
 def _metrics_table(title: str, rows: dict[str, dict]) -> Table:
     from vlmcache.metrics.retrieval import MEDIAN_RANK_KEYS, MEDIAN_RANK_LABELS, RETRIEVAL_KEYS, RETRIEVAL_LABELS
 
@@ -289,8 +296,10 @@ def eval_command(
         check_writable(json_out, "--json")  # before the work, not after it
     names = read_class_names(class_names)
     report = evaluate_checkpoint(checkpoint, split, cache, with_baselines=baselines, qbnorm=qbnorm, qbnorm_bank=qbnorm_bank)
-    console.print(_metrics_table(f"retrieval on split {report.split!r} of {report.cache} (%)", report.rows))
-    results: dict = {"split": report.split, "cache": str(report.cache), "retrieval": report.rows, "items": report.items}
+    console.print(_metrics_table(f"retrieval on split {report.split!r} of {report.cache} (%); "
+                                 f"{_selected(report.selected_on, report.split)}", report.rows))
+    results: dict = {"split": report.split, "cache": str(report.cache), "retrieval": report.rows, "items": report.items,
+                     "selected_on": report.selected_on}
     if zero_shot is not None:
         accuracy = run_zero_shot(checkpoint, zero_shot, ensemble, class_names=names)
         table = Table(title=f"zero-shot on {zero_shot} ({'8-template ensemble' if ensemble else 'a photo of a {}.'})",
@@ -419,12 +428,14 @@ def _int_list(value, name: str) -> tuple[int, ...]:
         raise VlmcacheError(f"--{name} {value}: give comma-separated integers, e.g. 0,1,2") from None
 
 
-def ablation_table(rows: list[dict], split: str) -> Table:
+def ablation_table(rows: list[dict], split: str, selected_on: str | None = None) -> Table:
     """The ablation as a rich table: mean over seeds ± the half-width of its 95% interval, the best row per
-    column and those not distinguishable from it marked (older ablation files: mean ± std, best in bold green)."""
+    column and those not distinguishable from it marked (older ablation files: mean ± std, best in bold green).
+    The title names the reported split and, when known, where each cell's best epoch was chosen."""
     with_intervals = all("mean_recall_ci_low" in row for row in rows)
     spread = "mean over seeds ± half-width of its 95% interval" if with_intervals else "mean ± std over seeds"
-    table = Table(title=f"ablation on split {split!r}: recall in %, {spread}", title_justify="left",
+    selection = "" if selected_on is None else f"; {_selected(selected_on, split)}"
+    table = Table(title=f"ablation on split {split!r}: recall in %, {spread}{selection}", title_justify="left",
                   caption=STATISTICS_CAPTION if with_intervals else None, caption_justify="left")
     several_caches = len({row["encoders"] for row in rows}) > 1
     if several_caches:
@@ -468,6 +479,7 @@ def ablate(
     text_features: Annotated[str | None, typer.Option(help="Comma-separated text feature-set combinations [default: the default set]")] = None,
     epochs: Annotated[int, typer.Option(help="Epochs per run (best epoch on val is kept).")] = 20,
     batch_size: Annotated[int, typer.Option(help="Pairs per step.")] = 256,
+    select_on: Annotated[str | None, typer.Option(help="Choose each cell's best epoch on this split, or on N images carved out of the training split (train:N, the same images for every cell); never the reported split [default: val]")] = None,
     jobs: Annotated[int | None, typer.Option(help="Cells trained in parallel [default: CPU cores]")] = None,
     baselines: Annotated[bool, typer.Option(help="Add untrained, CCA and ASIF rows.")] = True,
     config_file: Annotated[Path | None, typer.Option("--config", help="TOML file of these options (lists allowed, e.g. seeds = [0, 1]); any other train option in it (lr, dropout, ...) applies to every cell. Options given here override it.")] = None,
@@ -478,7 +490,8 @@ def ablate(
     options, rest = _with_config_file(context, config_file, {
         "caches": caches, "out": out, "projectors": projectors, "losses": losses, "seeds": seeds, "dims": dims,
         "epochs": epochs, "batch_size": batch_size, "jobs": jobs, "baselines": baselines,
-        "image_features": image_features, "text_features": text_features}, extra=ABLATE_KEYS, what="vlmcache ablate")
+        "image_features": image_features, "text_features": text_features, "select_on": select_on}, extra=ABLATE_KEYS,
+        what="vlmcache ablate")
     if not options["caches"]:
         raise VlmcacheError("give at least one CACHE folder (or a --config file with caches = [...])")
     result = run_ablate(options["caches"], options["out"], projectors=tuple(_split_list(options["projectors"]) or ()),
@@ -486,8 +499,9 @@ def ablate(
                         dims=_int_list(options["dims"], "dims"), epochs=options["epochs"], jobs=options["jobs"],
                         image_features=tuple(_split_list(options["image_features"]) or (None,)),
                         text_features=tuple(_split_list(options["text_features"]) or (None,)),
-                        with_baselines=options["baselines"], base_config={**rest, "batch_size": options["batch_size"]})
-    console.print(ablation_table(result.rows, result.split))
+                        with_baselines=options["baselines"], base_config={**rest, "batch_size": options["batch_size"],
+                                                                          "select_on": options["select_on"]})
+    console.print(ablation_table(result.rows, result.split, result.selected_on))
     console.print(f"{result.cells_trained} runs trained, {result.cells_reused} reused from {result.out}/cells; "
                   f"{result.seconds:.1f} s; wrote {result.out}/ablation.json and ablation.csv")
 
@@ -753,7 +767,7 @@ def caption_predict(
 
 def main() -> None:
     """Entry point: runs the app; user mistakes (bad options, bad files) print one line on stderr, exit 2."""
-    errors = Console(stderr=True, soft_wrap=True, highlight=False)
+    errors = Console(stderr=True, soft_wrap=True, highlight=False, emoji=False)  # a value "train:x:" stays as typed
     try:
         code = app(standalone_mode=False)
     except VlmcacheError as error:

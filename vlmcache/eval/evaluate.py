@@ -24,6 +24,7 @@ from vlmcache.align.inputs import (
 )
 from vlmcache.align.load import check_encoders_match, checkpoint_caches, load_model
 from vlmcache.align.model import initial_model
+from vlmcache.cache.carve import carve
 from vlmcache.cache.store import load_features, open_cache
 from vlmcache.encode.prompts import PromptStore, prompt_folder
 from vlmcache.errors import VlmcacheError
@@ -60,6 +61,7 @@ class EvalReport:
     split: str
     rows: dict[str, dict]
     ranked: dict[str, Ranked] = field(default_factory=dict)
+    selected_on: str = "val"  # where the best epoch (and QB-Norm's β) was chosen: a split or train:N
 
     @property
     def items(self) -> str | None:
@@ -82,7 +84,8 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str | None = None, cache:
 
     With `qbnorm`, the trained model and CCA again with QB-Norm (rows named "... + QB-Norm"): the bank is
     the `qbnorm_bank` split's queries (default: the run's train split; never the evaluated split), β
-    chosen on the run's validation split.
+    chosen where the run chose its best epoch (its validation split, or with `select_on` train:N the
+    carved training images, which then leave the bank).
     """
     model, meta = load_model(checkpoint)
     opened, text_cache = checkpoint_caches(meta, cache)
@@ -108,7 +111,12 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str | None = None, cache:
         ranks.update(baseline_ranks(train, evaluated, config.dim))
     if qbnorm:
         bank = train if bank_split == config.train_split else load_features(train_cache, bank_split, train_text_cache, **sets)
-        val = evaluated if split == config.val_split else load_features(train_cache, config.val_split, train_text_cache, **sets)
+        selection, carved = config.selection
+        if carved and train is not None:  # the bank never holds the queries β is chosen on
+            rest, val = carve(train, carved)
+            bank = rest if bank_split == config.train_split else bank
+        else:
+            val = evaluated if split == selection else load_features(train_cache, selection, train_text_cache, **sets)
         embedders = {trained_row(config): model_embeddings(model)}
         if with_baselines and train is not None:
             embedders[CCA_ROW] = lambda s: baselines.cca_embeddings(train, s, config.dim)
@@ -116,7 +124,7 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str | None = None, cache:
             beta, ranks[name + QBNORM_SUFFIX] = qbnorm_row(embed, bank, val, evaluated)
             extra[name + QBNORM_SUFFIX] = {"qbnorm_beta": beta}
     ranked = {name: Ranked.of(row, evaluated) for name, row in ranks.items()}
-    return EvalReport(opened.path, split, ranked_rows(ranked, extra), ranked)
+    return EvalReport(opened.path, split, ranked_rows(ranked, extra), ranked, config.select_on or config.val_split)
 
 
 def read_class_names(path: str | Path | None) -> dict[str, str]:
