@@ -36,10 +36,10 @@ def test_eval_json_keeps_the_ranks_and_the_table_shows_intervals(runs, capsys):
     stored = load_ranks(runs / "linear.npz")
     assert list(stored) == list(saved["retrieval"])  # every row, in the table's order
     for name, ranked in stored.items():
-        row = saved["retrieval"][name]
+        row, statistics = saved["retrieval"][name], saved["statistics"][name]
         assert {k: row[k] for k in ranked.metrics()} == pytest.approx(ranked.metrics())
-        assert row["mean_recall_ci_low"] <= row["mean_recall"] <= row["mean_recall_ci_high"]
-    assert sum(row["mean_recall_mark"] == "best" for row in saved["retrieval"].values()) == 1
+        assert statistics["mean_recall_ci_low"] <= row["mean_recall"] <= statistics["mean_recall_ci_high"]
+    assert sum(row["mean_recall_mark"] == "best" for row in saved["statistics"].values()) == 1
 
 
 def test_compare_is_paired_and_needs_no_re_embedding(runs, capsys):

@@ -82,3 +82,25 @@ def test_ablate_and_eval_name_where_they_selected_and_refuse_overlap(cache, tmp_
     assert "best epoch chosen on 'train:50'" in " ".join(out.split())
     saved = json.loads((tmp_path / "e.json").read_text())
     assert saved["selected_on"] == "train:50" and "trained (linear + infonce) + QB-Norm" in saved["retrieval"]
+
+
+def test_tuning_chooses_each_rows_values_on_the_selection_split(cache, tmp_path, capsys):
+    grid = ["--projectors", "linear", "--losses", "infonce", "--seeds", "0", "--epochs", "2", "--batch-size", "32",
+            "--dims", "16", "--jobs", "1", "--no-baselines", "--out", tmp_path / "ab"]
+    code, out, err = run_cli(["ablate", cache, *grid, "--tune", "lr=1e-4,3e-3", "--select-on", "train:50"], capsys)
+    assert code == 0, err
+    saved = json.loads((tmp_path / "ab" / "ablation.json").read_text())
+    (row,) = saved["rows"]
+    scores = {cell["tuned"]["lr"]: cell["selection_metrics"]["mean_recall"] for cell in saved["cells"]}
+    assert set(scores) == {1e-4, 3e-3} and row["tuned"] == {"lr": max(scores, key=scores.get)}
+    assert [cell["chosen"] for cell in saved["cells"]] == [cell["tuned"] == row["tuned"] for cell in saved["cells"]]
+    chosen = next(cell for cell in saved["cells"] if cell["chosen"])
+    assert row["mean_recall"] == pytest.approx(chosen["metrics"]["mean_recall"])  # reported on val, not on train:50
+    assert "tuned (on the selection split)" in out and f"lr={row['tuned']['lr']:g}" in out
+    for tune, message in (("lr=1e-3", "would be chosen on the reported split 'val'"),
+                          ("foo=1", "'foo' is not a tunable option"), ("projector=mlp", "'projector' is not a tunable"),
+                          ("lr=abc", "lr='abc' is not a number"), ("lr=-1", "--lr -1.0: must be"),
+                          ("batch_size=0.5", "is not an integer"), ("1e-3", "write key=value"), ("lr=1e-3,lr=2e-3", "twice")):
+        selection = [] if tune == "lr=1e-3" else ["--select-on", "train:50"]
+        code, _, err = run_cli(["ablate", cache, *grid, "--tune", tune, *selection], capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (tune, err)

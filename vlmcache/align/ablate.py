@@ -11,6 +11,7 @@ import csv
 import ctypes
 import hashlib
 import io
+import itertools
 import json
 import os
 import signal
@@ -52,6 +53,9 @@ STATISTICS_SUFFIXES = ("_ci_low", "_ci_high", "_p_vs_best", "_mark")
 # the table row is labelled the same way, with the options that differ from the defaults.
 PROJECTOR_OPTIONS = ("tokens", "text_tokens", "queries", "heads", "positions", "resampler_depth", "lr", "dropout")
 TYPES = typing.get_type_hints(TrainConfig)
+# Options that are axes of the grid or define the data: not tunable per cell.
+NOT_TUNABLE = ("projector", "loss", "dim", "seed", "epochs", "train_split", "val_split", "select_on", "image_features",
+               "text_features", "tokens", "text_tokens", "stream", "max_memory", "stream_buffer", "image_grid", "text_grid")
 
 
 def projector_spec(spec: str) -> dict:
@@ -75,6 +79,41 @@ def projector_spec(spec: str) -> dict:
             except ValueError:
                 raise VlmcacheError(f"--projectors {spec}: {key}={value!r} is not a number or true/false") from None
     return parsed
+
+
+def parse_tune(text: str) -> dict[str, tuple]:
+    """'lr=3e-4,1e-3,weight_decay=0.01,0.1' -> {'lr': (0.0003, 0.001), 'weight_decay': (0.01, 0.1)}, each value of
+    its option's type and within its range (an unknown key or a wrong value is refused naming it)."""
+    grid: dict[str, list] = {}
+    key = None
+    for token in (part.strip() for part in text.split(",")):
+        if "=" in token:
+            key, _, token = (part.strip() for part in token.partition("="))
+            key = key.replace("-", "_")
+            if key not in TYPES or key in NOT_TUNABLE or key in grid:
+                raise VlmcacheError(f"--tune {text}: {key!r} is {'given twice' if key in grid else 'not a tunable option'};"
+                                    " use train options such as lr, weight_decay, dropout, batch_size, warmup")
+            grid[key] = []
+        if key is None or not token:
+            raise VlmcacheError(f"--tune {text}: write key=value,value[,key=value,...], e.g. lr=3e-4,1e-3,3e-3")
+        grid[key].append(_typed(key, token, text))
+    return {key: tuple(values) for key, values in grid.items()}
+
+
+def _typed(key: str, token: str, text: str):
+    """A tuning value as its option's type, checked by the option's own range and choices."""
+    kind = next((member for member in typing.get_args(TYPES[key]) if member is not type(None)), TYPES[key])
+    readers = {bool: lambda t: {"true": True, "false": False}[t.lower()], int: int, float: float, str: str}
+    try:
+        value = readers[kind](token)
+    except (KeyError, ValueError):
+        what = {bool: "true/false", int: "an integer", float: "a number"}.get(kind, "a " + kind.__name__)
+        raise VlmcacheError(f"--tune {text}: {key}={token!r} is not {what}") from None
+    try:
+        TrainConfig(**{key: value})
+    except VlmcacheError as error:
+        raise VlmcacheError(f"--tune {text}: {error}") from None
+    return value
 
 
 def projector_label(config: dict) -> str:
@@ -145,7 +184,7 @@ def run_cell(cell: Cell) -> dict:
         ranked = Ranked.of(model_ranks(model, evaluated), evaluated)
     return {"cache": cell.cache, "config": cell.config, "metrics": ranked.metrics(), "parameters": result.parameters,
             "best_epoch": result.best_epoch, "seconds": training_seconds, "cpu_seconds": cpu_seconds, "split": split,
-            "items": ranked.items, RANKED: ranked}
+            "items": ranked.items, "selection_metrics": result.best_metrics, RANKED: ranked}
 
 
 def baseline_rows(cache: str, dim: int, seeds: list[int], features: tuple[str | None, str | None] = (None, None)) -> list[dict]:
@@ -193,6 +232,7 @@ def ablate(
     progress: bool = True,
     threads: int | None = None,
     resamples: int = RESAMPLES,
+    tune: dict[str, tuple] | None = None,
 ) -> AblationResult:
     """Run the grid (skipping cells already in `out/cells`), then write ablation.json and ablation.csv.
 
@@ -200,6 +240,9 @@ def ablate(
     the default set), so "which encoders?" is an axis of the table. Every cell's per-query ranks are kept
     in `out/cells/<key>.npz`; each row gets a 95% interval per metric (bootstrap over the evaluated images
     and the seeds, `resamples` replicates) and a paired test against the best row (see add_statistics).
+    `tune` ({option: values}, see parse_tune): each cell is trained with every combination of the values, and
+    each row reports the combination with the best mean recall on the selection split (`--select-on`,
+    which must not be the reported split), averaged over seeds.
     """
     started = time.perf_counter()
     if not caches:
@@ -213,6 +256,10 @@ def ablate(
     for cache in caches:  # fail now, with the cache and set named, not inside a worker
         opened = open_cache(cache)
         check_selection(shared, opened)
+        if tune and shared.selection[0] == opened.default_split():
+            raise VlmcacheError(f"--tune: each cell's values would be chosen on the reported split "
+                                f"{opened.default_split()!r} of {opened.path}; choose them elsewhere, e.g. "
+                                f"--select-on {shared.train_split}:1000")
         for modality, combos in (("images", image_features), ("texts", text_features)):
             for name in {n for combo in combos for n in parse_sets(combo) or ()}:
                 opened.feature_set(modality, name)
@@ -223,16 +270,23 @@ def ablate(
         (out / "cells").mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise VlmcacheError(f"--out {out}: cannot create it ({error.strerror})") from None
-    cells = [Cell(cache, asdict(TrainConfig(**{**(base_config or {}), **projector_spec(projector), "loss": loss,
+    tune = tune or {}
+    clash = [spec for spec in projectors if set(projector_spec(spec)) & set(tune)]
+    if clash:
+        raise VlmcacheError(f"--projectors {clash[0]}: sets an option --tune also sets; tune it in one place")
+    combos = [dict(zip(tune, values, strict=True)) for values in itertools.product(*tune.values())]
+    cells = [Cell(cache, asdict(TrainConfig(**{**(base_config or {}), **projector_spec(projector), **combo, "loss": loss,
                                                "dim": dim, "seed": seed, "epochs": epochs,
                                                "image_features": image, "text_features": text})))
              for cache in caches for image in image_features for text in text_features
-             for projector in projectors for loss in losses for dim in dims for seed in seeds]
+             for projector in projectors for loss in losses for dim in dims for combo in combos for seed in seeds]
     with FolderLock(out, "ablation"):
         raw, pending = [], []
         for cell in cells:
             path = out / "cells" / f"{cell.key()}.json"
             finished = _read_cell(path)
+            if finished is not None and tune and "selection_metrics" not in finished:
+                finished = None  # from before selection metrics were kept: trained again
             raw.append(finished) if finished is not None else pending.append((cell, path))
         reused = len(raw)
         jobs = max(1, min(jobs or os.cpu_count() or 1, len(pending) or 1))
@@ -253,6 +307,8 @@ def ablate(
                     for future in as_completed(futures):
                         raw.append(_keep(future.result(), futures[future]))
                         bars.advance(task)
+        for item in raw if tune else ():  # trained cells only so far
+            item["tuned"] = {key: item["config"][key] for key in tune}
         if with_baselines:
             for cache in caches:
                 for image in image_features:
@@ -260,8 +316,9 @@ def ablate(
                         for dim in dims:
                             raw += [_keep_ranks(item, out / "cells" / f"{Cell(cache, item['config']).key()}.npz", out)
                                     for item in baseline_rows(cache, dim, list(seeds), (image, text))]
-        rows = aggregate(raw, caches)
-        statistics = add_statistics(rows, raw, out, resamples)
+        reported = choose_tuned(raw) if tune else raw
+        rows = aggregate(reported, caches)
+        statistics = add_statistics(rows, reported, out, resamples)
         result = AblationResult(rows, out, len(pending), reused, time.perf_counter() - started,
                                 raw[0]["split"] if raw else "val", raw, statistics, shared.select_on or shared.val_split)
         _write(result)
@@ -314,10 +371,28 @@ def encoder_pair(cache: str, image_features: str | None = None, text_features: s
 
 
 def _cell_row(item: dict) -> tuple:
-    """The table row a raw cell belongs to: (cache, feature sets, projector label, loss, dim)."""
-    config = item["config"]
+    """The table row a raw cell belongs to: (cache, feature sets, projector label, loss, dim); tuned options are
+    not part of the label (a row's chosen values are in its own column)."""
+    defaults = TrainConfig()
+    config = {**item["config"], **{key: getattr(defaults, key) for key in item.get("tuned", {})}}
     features = (config.get("image_features"), config.get("text_features"))
     return item["cache"], features, projector_label(config), config["loss"], config["dim"]
+
+
+def choose_tuned(raw: list[dict]) -> list[dict]:
+    """The cells a table reports: per row, those of the tuned values with the best selection-split mean recall
+    (mean over seeds; the first such values of the grid on a tie); untuned cells all. Marks each tuned
+    cell `chosen` or not."""
+    rows: dict[tuple, dict[tuple, list[dict]]] = {}
+    for item in raw:
+        if "tuned" in item:
+            rows.setdefault(_cell_row(item), {}).setdefault(tuple(item["tuned"].items()), []).append(item)
+    for combos in rows.values():
+        best = max(combos.values(), key=lambda items: np.mean([i["selection_metrics"]["mean_recall"] for i in items]))
+        for items in combos.values():
+            for item in items:
+                item["chosen"] = items is best
+    return [item for item in raw if item.get("chosen", True)]
 
 
 def _row_key(row: dict) -> tuple:
@@ -340,6 +415,8 @@ def aggregate(raw: list[dict], caches: list[str]) -> list[dict]:
             row["cpu_seconds"] = float(np.mean([item["cpu_seconds"] for item in items]))
         if len({item.get("items") for item in items}) == 1 and items[0].get("items"):
             row["items"] = items[0]["items"]
+        if "tuned" in items[0]:
+            row["tuned"] = items[0]["tuned"]
         for metric in RETRIEVAL_KEYS:
             values = [item["metrics"][metric] for item in items]
             row[metric] = float(np.mean(values))
@@ -360,6 +437,7 @@ def add_statistics(rows: list[dict], raw: list[dict], out: Path, resamples: int 
     intervals (images and seeds resampled), the Holm-corrected paired p-values against the group's best
     row and the marks (best / tied: not distinguishable from the best at 5% / worse).
     """
+    started = time.perf_counter()
     cells: dict[tuple, list[dict]] = {}
     for item in raw:
         cells.setdefault(_cell_row(item), []).append(item)
@@ -376,7 +454,14 @@ def add_statistics(rows: list[dict], raw: list[dict], out: Path, resamples: int 
             row.update(table.row(index))
     return {"interval": f"{CONFIDENCE:.0%} percentile bootstrap over the evaluated images (each with its captions) "
                         "and the seeds", "test": "paired bootstrap against the best row on the same images",
-            "correction": "holm", "alpha": ALPHA, "confidence": CONFIDENCE, "resamples": resamples}
+            "correction": "holm", "alpha": ALPHA, "confidence": CONFIDENCE, "resamples": resamples,
+            "seconds": time.perf_counter() - started}
+
+
+def tuned_text(row: dict) -> str:
+    """A row's chosen tuning values as 'lr=0.001 weight_decay=0.1' ('' for an untuned row)."""
+    return " ".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
+                    for key, value in row.get("tuned", {}).items())
 
 
 def _write(result: AblationResult) -> None:
@@ -386,9 +471,9 @@ def _write(result: AblationResult) -> None:
     buffer = io.StringIO()
     columns = ["encoders", "projector", "loss", "dim", *[c for m in RETRIEVAL_KEYS for c in (m, f"{m}_std")],
                "parameters", "seconds", "seeds",
-               *[f"{m}{suffix}" for m in RETRIEVAL_KEYS for suffix in STATISTICS_SUFFIXES]]
+               *[f"{m}{suffix}" for m in RETRIEVAL_KEYS for suffix in STATISTICS_SUFFIXES], "tuned"]
     writer = csv.DictWriter(buffer, columns, extrasaction="ignore")
     writer.writeheader()
     for row in result.rows:
-        writer.writerow({**row, "seeds": " ".join(map(str, row["seeds"]))})
+        writer.writerow({**row, "seeds": " ".join(map(str, row["seeds"])), "tuned": tuned_text(row)})
     write_text_atomic(result.out / "ablation.csv", buffer.getvalue())

@@ -297,9 +297,10 @@ def eval_command(
     names = read_class_names(class_names)
     report = evaluate_checkpoint(checkpoint, split, cache, with_baselines=baselines, qbnorm=qbnorm, qbnorm_bank=qbnorm_bank)
     console.print(_metrics_table(f"retrieval on split {report.split!r} of {report.cache} (%); "
-                                 f"{_selected(report.selected_on, report.split)}", report.rows))
+                                 f"{_selected(report.selected_on, report.split)}",
+                                 {name: {**row, **report.statistics.get(name, {})} for name, row in report.rows.items()}))
     results: dict = {"split": report.split, "cache": str(report.cache), "retrieval": report.rows, "items": report.items,
-                     "selected_on": report.selected_on}
+                     "selected_on": report.selected_on, "statistics": report.statistics}
     if zero_shot is not None:
         accuracy = run_zero_shot(checkpoint, zero_shot, ensemble, class_names=names)
         table = Table(title=f"zero-shot on {zero_shot} ({'8-template ensemble' if ensemble else 'a photo of a {}.'})",
@@ -413,7 +414,7 @@ def search(
 
 
 # The keys an ablate --config file may hold beside TrainConfig's: a grid axis is a comma-separated string or a list.
-ABLATE_KEYS = {"caches": (list[str], None), "out": (str, None), "projectors": (str | list[str], None),
+ABLATE_KEYS = {"caches": (list[str], None), "out": (str, None), "projectors": (str | list[str], None), "tune": (str | None, None),
                "losses": (str | list[str], None), "seeds": (str | list[int], None), "dims": (str | list[int], None),
                "jobs": (int | None, None), "baselines": (bool, None), "image_features": (str | list[str] | None, None),
                "text_features": (str | list[str] | None, None)}
@@ -440,11 +441,15 @@ def ablation_table(rows: list[dict], split: str, selected_on: str | None = None)
     several_caches = len({row["encoders"] for row in rows}) > 1
     if several_caches:
         table.add_column("encoders")
+    from vlmcache.align.ablate import tuned_text
     from vlmcache.metrics.retrieval import RETRIEVAL_KEYS as metric_names
     from vlmcache.metrics.retrieval import RETRIEVAL_LABELS
 
     for column in ("projector", "loss", "dim"):
         table.add_column(column)
+    tuned = any("tuned" in row for row in rows)
+    if tuned:
+        table.add_column("tuned (on the selection split)")
     for column in RETRIEVAL_LABELS:
         table.add_column(column, justify="right")
     table.add_column("params", justify="right")
@@ -452,7 +457,7 @@ def ablation_table(rows: list[dict], split: str, selected_on: str | None = None)
     best = {metric: max(row[metric] for row in rows) for metric in metric_names}
     for row in rows:
         cells = [row["encoders"]] if several_caches else []
-        cells += [row["projector"], row["loss"], str(row["dim"])]
+        cells += [row["projector"], row["loss"], str(row["dim"])] + ([tuned_text(row)] if tuned else [])
         for metric in metric_names:
             if with_intervals:
                 cells.append(_with_interval(row, metric))
@@ -479,6 +484,7 @@ def ablate(
     text_features: Annotated[str | None, typer.Option(help="Comma-separated text feature-set combinations [default: the default set]")] = None,
     epochs: Annotated[int, typer.Option(help="Epochs per run (best epoch on val is kept).")] = 20,
     batch_size: Annotated[int, typer.Option(help="Pairs per step.")] = 256,
+    tune: Annotated[str | None, typer.Option(help="Tune train options per cell, e.g. lr=3e-4,1e-3,3e-3,weight_decay=0.01,0.1: every combination is trained, each row reports the one best on the selection split (needs --select-on apart from the reported split); the table shows the chosen values")] = None,
     select_on: Annotated[str | None, typer.Option(help="Choose each cell's best epoch on this split, or on N images carved out of the training split (train:N, the same images for every cell); never the reported split [default: val]")] = None,
     jobs: Annotated[int | None, typer.Option(help="Cells trained in parallel [default: CPU cores]")] = None,
     baselines: Annotated[bool, typer.Option(help="Add untrained, CCA and ASIF rows.")] = True,
@@ -486,11 +492,13 @@ def ablate(
 ) -> None:
     """Train the projector × loss grid on cached features (several seeds) and print one comparison table."""
     from vlmcache.align.ablate import ablate as run_ablate
+    from vlmcache.align.ablate import parse_tune
 
     options, rest = _with_config_file(context, config_file, {
         "caches": caches, "out": out, "projectors": projectors, "losses": losses, "seeds": seeds, "dims": dims,
         "epochs": epochs, "batch_size": batch_size, "jobs": jobs, "baselines": baselines,
-        "image_features": image_features, "text_features": text_features, "select_on": select_on}, extra=ABLATE_KEYS,
+        "image_features": image_features, "text_features": text_features, "select_on": select_on, "tune": tune},
+        extra=ABLATE_KEYS,
         what="vlmcache ablate")
     if not options["caches"]:
         raise VlmcacheError("give at least one CACHE folder (or a --config file with caches = [...])")
@@ -500,7 +508,8 @@ def ablate(
                         image_features=tuple(_split_list(options["image_features"]) or (None,)),
                         text_features=tuple(_split_list(options["text_features"]) or (None,)),
                         with_baselines=options["baselines"], base_config={**rest, "batch_size": options["batch_size"],
-                                                                          "select_on": options["select_on"]})
+                                                                          "select_on": options["select_on"]},
+                        tune=parse_tune(options["tune"]) if options["tune"] else None)
     console.print(ablation_table(result.rows, result.split, result.selected_on))
     console.print(f"{result.cells_trained} runs trained, {result.cells_reused} reused from {result.out}/cells; "
                   f"{result.seconds:.1f} s; wrote {result.out}/ablation.json and ablation.csv")

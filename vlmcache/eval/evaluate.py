@@ -51,16 +51,15 @@ def clean_class_name(folder: str) -> str:
 
 @dataclass
 class EvalReport:
-    """Retrieval metrics per model on one split of one cache, with each model's per-query ranks.
-
-    Each row also holds its 95% interval and comparison with the best row, per metric (keys
-    <metric>_ci_low, _ci_high, _p_vs_best, _mark: see vlmcache.metrics.stats.mark_best).
-    """
+    """Retrieval metrics per model on one split of one cache, with each model's per-query ranks and, per
+    row, its 95% intervals and comparison with the best row (`statistics[row]`: keys <metric>_ci_low,
+    _ci_high, _p_vs_best, _mark; see vlmcache.metrics.stats.mark_best)."""
 
     cache: Path
     split: str
     rows: dict[str, dict]
     ranked: dict[str, Ranked] = field(default_factory=dict)
+    statistics: dict[str, dict] = field(default_factory=dict)
     selected_on: str = "val"  # where the best epoch (and QB-Norm's β) was chosen: a split or train:N
 
     @property
@@ -69,12 +68,11 @@ class EvalReport:
         return next(iter(self.ranked.values())).items if self.ranked else None
 
 
-def ranked_rows(ranked: dict[str, Ranked], extra: dict[str, dict] | None = None,
-                resamples: int = RESAMPLES) -> dict[str, dict]:
-    """{row: metrics with intervals and marks} of models ranked on the same split; `extra` adds keys to a row."""
+def table_statistics(ranked: dict[str, Ranked], resamples: int = RESAMPLES) -> dict[str, dict]:
+    """{row: its intervals, Holm-adjusted p-value against the best row and mark, per metric} of models ranked
+    on the same split."""
     table = mark_best([row.hits() for row in ranked.values()], resamples)
-    return {name: {**row.metrics(), **(extra or {}).get(name, {}), **table.row(index)}
-            for index, (name, row) in enumerate(ranked.items())}
+    return {name: table.row(index) for index, name in enumerate(ranked)}
 
 
 def evaluate_checkpoint(checkpoint: str | Path, split: str | None = None, cache: str | Path | None = None,
@@ -124,7 +122,8 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str | None = None, cache:
             beta, ranks[name + QBNORM_SUFFIX] = qbnorm_row(embed, bank, val, evaluated)
             extra[name + QBNORM_SUFFIX] = {"qbnorm_beta": beta}
     ranked = {name: Ranked.of(row, evaluated) for name, row in ranks.items()}
-    return EvalReport(opened.path, split, ranked_rows(ranked, extra), ranked, config.select_on or config.val_split)
+    rows = {name: {**row.metrics(), **extra.get(name, {})} for name, row in ranked.items()}
+    return EvalReport(opened.path, split, rows, ranked, table_statistics(ranked), config.select_on or config.val_split)
 
 
 def read_class_names(path: str | Path | None) -> dict[str, str]:
