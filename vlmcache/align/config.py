@@ -79,7 +79,7 @@ class TrainConfig:
     # so that selection never happens on the split a table reports (Flickr8k has train and dev only).
     select_on: str | None = option(None, "Choose the best epoch on this split instead of --val-split, or on N images "
                                    "carved out of the training split (train:N; a fixed choice by image id, not trained "
-                                   "on) [default: --val-split]")
+                                   "on; default: --val-split)")
     # Feature sets of the cache, joined by '+' and concatenated in that order (None: the default set).
     image_features: str | None = option(None, IMAGE_FEATURES_HELP)
     text_features: str | None = option(None, "Text feature sets, joined by '+' [default: the default set]")

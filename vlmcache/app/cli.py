@@ -325,8 +325,8 @@ def eval_command(
 def compare(
     run_a: Annotated[str, typer.Argument(help="A run folder or checkpoint, an eval --json file or its .npz, or an ablation cell's .npz; PATH#ROW picks a row.")],
     run_b: Annotated[str, typer.Argument(help="The result to compare it with (same kinds).")],
-    cache: Annotated[Path | None, typer.Option(help="Rank run folders on this cache [default: each run's own].")] = None,
-    split: Annotated[str | None, typer.Option(help="Split to rank run folders on [default: test if the cache has it, else val]")] = None,
+    cache: Annotated[Path | None, typer.Option(help="Rank run folders on this cache (default: each run's own).")] = None,
+    split: Annotated[str | None, typer.Option(help="Split to rank run folders on (default: test if the cache has it, else val).")] = None,
     test: Annotated[str, typer.Option(help="p-value: permutation (sign flips per image) | bootstrap (paired).")] = "permutation",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the comparison to this JSON file.")] = None,
 ) -> None:
@@ -485,7 +485,7 @@ def ablate(
     epochs: Annotated[int, typer.Option(help="Epochs per run (best epoch on val is kept).")] = 20,
     batch_size: Annotated[int, typer.Option(help="Pairs per step.")] = 256,
     tune: Annotated[str | None, typer.Option(help="Tune train options per cell, e.g. lr=3e-4,1e-3,3e-3,weight_decay=0.01,0.1: every combination is trained, each row reports the one best on the selection split (needs --select-on apart from the reported split); the table shows the chosen values")] = None,
-    select_on: Annotated[str | None, typer.Option(help="Choose each cell's best epoch on this split, or on N images carved out of the training split (train:N, the same images for every cell); never the reported split [default: val]")] = None,
+    select_on: Annotated[str | None, typer.Option(help="Choose each cell's best epoch on this split, or on N images carved out of the training split (train:N, the same images for every cell); never the reported split (default: val)")] = None,
     jobs: Annotated[int | None, typer.Option(help="Cells trained in parallel [default: CPU cores]")] = None,
     baselines: Annotated[bool, typer.Option(help="Add untrained, CCA and ASIF rows.")] = True,
     config_file: Annotated[Path | None, typer.Option("--config", help="TOML file of these options (lists allowed, e.g. seeds = [0, 1]); any other train option in it (lr, dropout, ...) applies to every cell. Options given here override it.")] = None,
