@@ -10,6 +10,7 @@ from conftest import run_cli
 
 from vlmcache import extract
 from vlmcache.align.ablate import ablate
+from vlmcache.run.ranks import load_ranks
 
 
 @pytest.fixture
@@ -38,11 +39,24 @@ def test_grid_with_baselines_files_and_resume(tiny_caches, tmp_path):
     saved = json.loads((tmp_path / "ab" / "ablation.json").read_text())
     assert saved["rows"] == result.rows
     with open(tmp_path / "ab" / "ablation.csv") as handle:
-        assert len(list(csv.DictReader(handle))) == len(result.rows)
+        table = list(csv.DictReader(handle))
+    assert len(table) == len(result.rows) and {"mean_recall_std", "mean_recall_ci_low", "i2t_r1_mark"} <= set(table[0])
+    # Both caches hold the same images: one group, one best row per metric, every interval around its mean.
+    assert len({row["items"] for row in result.rows}) == 1
+    for metric in ("i2t_r1", "mean_recall"):
+        assert [row[f"{metric}_mark"] for row in result.rows].count("best") == 1
+        assert all(row[f"{metric}_ci_low"] <= row[metric] <= row[f"{metric}_ci_high"] for row in result.rows)
+        assert all(0 <= row[f"{metric}_p_vs_best"] <= 1 for row in result.rows)
+    for cell in saved["cells"]:  # every cell's per-query ranks are kept and give its metrics again
+        (ranked,) = load_ranks(tmp_path / "ab" / cell["ranks"]).values()
+        assert ranked.items == cell["items"] and ranked.metrics() == pytest.approx(cell["metrics"])
     again = ablate([vit, resnet], tmp_path / "ab", **grid)  # everything cached: nothing retrained
     assert again.cells_trained == 0 and again.cells_reused == 16
     untimed = [{k: v for k, v in row.items() if k != "seconds"} for row in result.rows]
     assert [{k: v for k, v in row.items() if k != "seconds"} for row in again.rows] == untimed
+    assert saved["cells"][0]["config"]["projector"] in ("linear", "ndlinear")
+    (tmp_path / "ab" / saved["cells"][0]["ranks"]).unlink()  # a cell without its ranks is trained again
+    assert ablate([vit, resnet], tmp_path / "ab", **grid).cells_trained == 1
 
 
 def test_same_seeds_reproduce_the_same_numbers_in_parallel_too(tiny_caches, tmp_path):
@@ -61,6 +75,7 @@ def test_cli_ablate_prints_the_table(tiny_caches, tmp_path, capsys):
                               "--epochs", "1", "--batch-size", "4", "--jobs", "1", "--out", tmp_path / "ab"], capsys)
     assert code == 0, err
     assert "ablation on split 'val'" in out and "CCA (closed form)" in out and "ASIF" in out and "±" in out
+    assert "95% interval" in out and "*" in out  # intervals, and the best row marked (* = best)
     code, _, err = run_cli(["ablate", tmp_path / "missing"], capsys)
     assert code == 2 and "no such cache folder" in err
     code, _, err = run_cli(["ablate", vit, "--seeds", "a,b"], capsys)

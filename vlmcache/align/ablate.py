@@ -11,6 +11,7 @@ import csv
 import ctypes
 import hashlib
 import io
+import itertools
 import json
 import os
 import signal
@@ -28,7 +29,7 @@ import torch
 
 from vlmcache import __version__
 from vlmcache.align.config import TrainConfig
-from vlmcache.align.inputs import evaluate_model, token_options
+from vlmcache.align.inputs import model_ranks, token_options
 from vlmcache.align.load import load_model
 from vlmcache.align.model import initial_model
 from vlmcache.align.projectors import TOKEN_PROJECTORS
@@ -38,15 +39,23 @@ from vlmcache.cache.store import load_features, open_cache
 from vlmcache.encode import encoders
 from vlmcache.errors import VlmcacheError
 from vlmcache.files import FolderLock, write_json_atomic, write_text_atomic
-from vlmcache.metrics.baselines import ASIF_ROW, CCA_ROW, baseline_metrics
+from vlmcache.metrics.baselines import ASIF_ROW, CCA_ROW, baseline_ranks
 from vlmcache.metrics.retrieval import RETRIEVAL_KEYS
+from vlmcache.metrics.stats import ALPHA, CONFIDENCE, RESAMPLES, mark_best, stack_seeds
 from vlmcache.progress import make_progress
+from vlmcache.run.ranks import Ranked, load_ranks, save_ranks
 
 UNTRAINED_LINEAR = "untrained linear"
+RANKED = "ranked"  # a fresh cell's Ranked, saved as <out>/cells/<key>.npz and then dropped from its result
+# The statistics columns added to each row (ablation.json, ablation.csv), per metric (see vlmcache.metrics.stats).
+STATISTICS_SUFFIXES = ("_ci_low", "_ci_high", "_p_vs_best", "_mark")
 # Options a grid entry may give its projector after ':' (e.g. cross-attention:queries=4, ndlinear:tokens:lr=0.01);
 # the table row is labelled the same way, with the options that differ from the defaults.
 PROJECTOR_OPTIONS = ("tokens", "text_tokens", "queries", "heads", "positions", "resampler_depth", "lr", "dropout")
 TYPES = typing.get_type_hints(TrainConfig)
+# Options that are axes of the grid or define the data: not tunable per cell.
+NOT_TUNABLE = ("projector", "loss", "dim", "seed", "epochs", "train_split", "val_split", "select_on", "image_features",
+               "text_features", "tokens", "text_tokens", "stream", "max_memory", "stream_buffer", "image_grid", "text_grid")
 
 
 def projector_spec(spec: str) -> dict:
@@ -70,6 +79,41 @@ def projector_spec(spec: str) -> dict:
             except ValueError:
                 raise VlmcacheError(f"--projectors {spec}: {key}={value!r} is not a number or true/false") from None
     return parsed
+
+
+def parse_tune(text: str) -> dict[str, tuple]:
+    """'lr=3e-4,1e-3,weight_decay=0.01,0.1' -> {'lr': (0.0003, 0.001), 'weight_decay': (0.01, 0.1)}, each value of
+    its option's type and within its range (an unknown key or a wrong value is refused naming it)."""
+    grid: dict[str, list] = {}
+    key = None
+    for token in (part.strip() for part in text.split(",")):
+        if "=" in token:
+            key, _, token = (part.strip() for part in token.partition("="))
+            key = key.replace("-", "_")
+            if key not in TYPES or key in NOT_TUNABLE or key in grid:
+                raise VlmcacheError(f"--tune {text}: {key!r} is {'given twice' if key in grid else 'not a tunable option'};"
+                                    " use train options such as lr, weight_decay, dropout, batch_size, warmup")
+            grid[key] = []
+        if key is None or not token:
+            raise VlmcacheError(f"--tune {text}: write key=value,value[,key=value,...], e.g. lr=3e-4,1e-3,3e-3")
+        grid[key].append(_typed(key, token, text))
+    return {key: tuple(values) for key, values in grid.items()}
+
+
+def _typed(key: str, token: str, text: str):
+    """A tuning value as its option's type, checked by the option's own range and choices."""
+    kind = next((member for member in typing.get_args(TYPES[key]) if member is not type(None)), TYPES[key])
+    readers = {bool: lambda t: {"true": True, "false": False}[t.lower()], int: int, float: float, str: str}
+    try:
+        value = readers[kind](token)
+    except (KeyError, ValueError):
+        what = {bool: "true/false", int: "an integer", float: "a number"}.get(kind, "a " + kind.__name__)
+        raise VlmcacheError(f"--tune {text}: {key}={token!r} is not {what}") from None
+    try:
+        TrainConfig(**{key: value})
+    except VlmcacheError as error:
+        raise VlmcacheError(f"--tune {text}: {error}") from None
+    return value
 
 
 def projector_label(config: dict) -> str:
@@ -112,6 +156,8 @@ class AblationResult:
     seconds: float
     split: str = "val"
     raw: list[dict] = field(default_factory=list)
+    statistics: dict = field(default_factory=dict)
+    selected_on: str = "val"  # where each cell's best epoch was chosen: a split, or train:N carved out of train
 
 
 def _worker_init(threads: int) -> None:
@@ -123,7 +169,7 @@ def _worker_init(threads: int) -> None:
 
 
 def run_cell(cell: Cell) -> dict:
-    """Train one cell in a temporary folder and return its metrics on the evaluation split."""
+    """Train one cell in a temporary folder and return its metrics (and per-query ranks) on the evaluation split."""
     config = TrainConfig.from_dict(cell.config)
     opened = open_cache(cell.cache)
     split = opened.default_split()
@@ -131,14 +177,14 @@ def run_cell(cell: Cell) -> dict:
     with tempfile.TemporaryDirectory(prefix="vlmcache-cell-") as folder:
         result = train(opened, folder, config)
         training_seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-        if split == config.val_split:
-            metrics = result.best_metrics  # selected and reported on dev, as in the README's protocol
-        else:
-            model, _ = load_model(Path(folder) / "best.safetensors")
-            metrics = evaluate_model(model, load_features(opened, split, None, config.image_sets, config.text_sets,
-                                                          **token_options(config)))
-    return {"cache": cell.cache, "config": cell.config, "metrics": metrics, "parameters": result.parameters,
-            "best_epoch": result.best_epoch, "seconds": training_seconds, "cpu_seconds": cpu_seconds, "split": split}
+        # The best epoch's model ranks the evaluated split once more: its metrics and its per-query ranks
+        # (kept for intervals and paired tests) then come from the same numbers.
+        model, _ = load_model(Path(folder) / "best.safetensors")
+        evaluated = load_features(opened, split, None, config.image_sets, config.text_sets, **token_options(config))
+        ranked = Ranked.of(model_ranks(model, evaluated), evaluated)
+    return {"cache": cell.cache, "config": cell.config, "metrics": ranked.metrics(), "parameters": result.parameters,
+            "best_epoch": result.best_epoch, "seconds": training_seconds, "cpu_seconds": cpu_seconds, "split": split,
+            "items": ranked.items, "selection_metrics": result.best_metrics, RANKED: ranked}
 
 
 def baseline_rows(cache: str, dim: int, seeds: list[int], features: tuple[str | None, str | None] = (None, None)) -> list[dict]:
@@ -149,20 +195,23 @@ def baseline_rows(cache: str, dim: int, seeds: list[int], features: tuple[str | 
     train_split, evaluated = load_features(opened, "train", **sets), load_features(opened, split, **sets)
     chosen = {"image_features": features[0], "text_features": features[1]}
     image_dim, text_dim = train_split.image_features.shape[1], train_split.text_features.shape[1]
+    def row(name: str, seed: int, ranks: tuple, parameters: int, seconds: float) -> dict:
+        ranked = Ranked.of(ranks, evaluated)
+        return {"cache": cache, "config": {"projector": name, "loss": "—", "dim": dim, "seed": seed, **chosen},
+                "metrics": ranked.metrics(), "parameters": parameters, "seconds": seconds, "split": split,
+                "items": ranked.items, RANKED: ranked}
+
     raw = []
     for seed in seeds:
         started = time.perf_counter()
         model = initial_model(TrainConfig(projector="linear", dim=dim, seed=seed), image_dim, text_dim)
-        raw.append({"cache": cache, "config": {"projector": UNTRAINED_LINEAR, "loss": "—", "dim": dim, "seed": seed,
-                                               **chosen},
-                    "metrics": evaluate_model(model, evaluated), "parameters": model.projector_parameters(),
-                    "seconds": time.perf_counter() - started, "split": split})
+        raw.append(row(UNTRAINED_LINEAR, seed, model_ranks(model, evaluated), model.projector_parameters(),
+                       time.perf_counter() - started))
     started = time.perf_counter()
-    fitted = baseline_metrics(train_split, evaluated, dim)
+    fitted = baseline_ranks(train_split, evaluated, dim)
     seconds = (time.perf_counter() - started) / len(fitted)
     for name, parameters in ((CCA_ROW, (image_dim + text_dim) * dim), (ASIF_ROW, 0)):
-        raw.append({"cache": cache, "config": {"projector": name, "loss": "—", "dim": dim, "seed": 0, **chosen},
-                    "metrics": fitted[name], "parameters": parameters, "seconds": seconds, "split": split})
+        raw.append(row(name, 0, fitted[name], parameters, seconds))
     return raw
 
 
@@ -182,11 +231,18 @@ def ablate(
     base_config: dict | None = None,
     progress: bool = True,
     threads: int | None = None,
+    resamples: int = RESAMPLES,
+    tune: dict[str, tuple] | None = None,
 ) -> AblationResult:
     """Run the grid (skipping cells already in `out/cells`), then write ablation.json and ablation.csv.
 
     `image_features`/`text_features`: feature-set combinations of each cache to compare ('a+b'; None is
-    the default set), so "which encoders?" is an axis of the table.
+    the default set), so "which encoders?" is an axis of the table. Every cell's per-query ranks are kept
+    in `out/cells/<key>.npz`; each row gets a 95% interval per metric (bootstrap over the evaluated images
+    and the seeds, `resamples` replicates) and a paired test against the best row (see add_statistics).
+    `tune` ({option: values}, see parse_tune): each cell is trained with every combination of the values, and
+    each row reports the combination with the best mean recall on the selection split (`--select-on`,
+    which must not be the reported split), averaged over seeds.
     """
     started = time.perf_counter()
     if not caches:
@@ -196,8 +252,14 @@ def ablate(
     if empty:  # an empty grid would train nothing and validate nothing
         raise VlmcacheError(f"{empty[0]}: no values; give at least one, comma-separated")
     caches = [str(Path(c).resolve()) for c in caches]
+    shared = TrainConfig(**{**(base_config or {}), "epochs": epochs})  # the options every cell has: checked once
     for cache in caches:  # fail now, with the cache and set named, not inside a worker
         opened = open_cache(cache)
+        check_selection(shared, opened)
+        if tune and shared.selection[0] == opened.default_split():
+            raise VlmcacheError(f"--tune: each cell's values would be chosen on the reported split "
+                                f"{opened.default_split()!r} of {opened.path}; choose them elsewhere, e.g. "
+                                f"--select-on {shared.train_split}:1000")
         for modality, combos in (("images", image_features), ("texts", text_features)):
             for name in {n for combo in combos for n in parse_sets(combo) or ()}:
                 opened.feature_set(modality, name)
@@ -208,16 +270,23 @@ def ablate(
         (out / "cells").mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise VlmcacheError(f"--out {out}: cannot create it ({error.strerror})") from None
-    cells = [Cell(cache, asdict(TrainConfig(**{**(base_config or {}), **projector_spec(projector), "loss": loss,
+    tune = tune or {}
+    clash = [spec for spec in projectors if set(projector_spec(spec)) & set(tune)]
+    if clash:
+        raise VlmcacheError(f"--projectors {clash[0]}: sets an option --tune also sets; tune it in one place")
+    combos = [dict(zip(tune, values, strict=True)) for values in itertools.product(*tune.values())]
+    cells = [Cell(cache, asdict(TrainConfig(**{**(base_config or {}), **projector_spec(projector), **combo, "loss": loss,
                                                "dim": dim, "seed": seed, "epochs": epochs,
                                                "image_features": image, "text_features": text})))
              for cache in caches for image in image_features for text in text_features
-             for projector in projectors for loss in losses for dim in dims for seed in seeds]
+             for projector in projectors for loss in losses for dim in dims for combo in combos for seed in seeds]
     with FolderLock(out, "ablation"):
         raw, pending = [], []
         for cell in cells:
             path = out / "cells" / f"{cell.key()}.json"
             finished = _read_cell(path)
+            if finished is not None and tune and "selection_metrics" not in finished:
+                finished = None  # from before selection metrics were kept: trained again
             raw.append(finished) if finished is not None else pending.append((cell, path))
         reused = len(raw)
         jobs = max(1, min(jobs or os.cpu_count() or 1, len(pending) or 1))
@@ -238,30 +307,57 @@ def ablate(
                     for future in as_completed(futures):
                         raw.append(_keep(future.result(), futures[future]))
                         bars.advance(task)
+        for item in raw if tune else ():  # trained cells only so far
+            item["tuned"] = {key: item["config"][key] for key in tune}
         if with_baselines:
             for cache in caches:
                 for image in image_features:
                     for text in text_features:
                         for dim in dims:
-                            raw += baseline_rows(cache, dim, list(seeds), (image, text))
-        rows = aggregate(raw, caches)
+                            raw += [_keep_ranks(item, out / "cells" / f"{Cell(cache, item['config']).key()}.npz", out)
+                                    for item in baseline_rows(cache, dim, list(seeds), (image, text))]
+        reported = choose_tuned(raw) if tune else raw
+        rows = aggregate(reported, caches)
+        statistics = add_statistics(rows, reported, out, resamples)
         result = AblationResult(rows, out, len(pending), reused, time.perf_counter() - started,
-                                raw[0]["split"] if raw else "val", raw)
+                                raw[0]["split"] if raw else "val", raw, statistics, shared.select_on or shared.val_split)
         _write(result)
     return result
 
 
+def check_selection(config: TrainConfig, opened) -> None:
+    """Refuse a --select-on that overlaps the split the table reports, or carves more images than train has."""
+    name, carved = config.selection
+    reported = opened.default_split()
+    if config.select_on and name == reported:
+        raise VlmcacheError(f"--select-on {config.select_on}: overlaps the reported split {reported!r} of {opened.path}; "
+                            f"select on another split, or carve one out of the training split ({config.train_split}:1000)")
+    if carved and name in opened.splits and carved >= opened.manifest["dataset"]["splits"][name]["images"]:
+        raise VlmcacheError(f"--select-on {config.select_on}: split {name!r} of {opened.path} has only "
+                            f"{opened.manifest['dataset']['splits'][name]['images']} images; carve fewer")
+
+
 def _read_cell(path: Path) -> dict | None:
-    """A finished cell's result, or None when it is missing or was cut short (it is trained again)."""
+    """A finished cell's result, or None when it is missing, was cut short or lacks its ranks (it is trained again)."""
     try:
-        return json.loads(path.read_text())
+        finished = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    ranks = path.with_suffix(".npz")
+    return {**finished, "ranks": str(ranks.relative_to(path.parent.parent))} if ranks.is_file() else None
+
+
+def _keep_ranks(item: dict, path: Path, out: Path) -> dict:
+    """Save a fresh result's ranks to `path` (an .npz under `out`); the result then names that file instead."""
+    save_ranks(path, {item["config"]["projector"]: item.pop(RANKED)})
+    return {**item, "ranks": str(path.relative_to(out))}
 
 
 def _keep(cell_result: dict, path: Path) -> dict:
-    write_json_atomic(path, cell_result)
-    return cell_result
+    """Save a trained cell: its ranks first, then its JSON (whose presence marks the cell finished)."""
+    kept = _keep_ranks(cell_result, path.with_suffix(".npz"), path.parent.parent)
+    write_json_atomic(path, kept)
+    return kept
 
 
 def encoder_pair(cache: str, image_features: str | None = None, text_features: str | None = None) -> str:
@@ -274,13 +370,41 @@ def encoder_pair(cache: str, image_features: str | None = None, text_features: s
     return " + ".join(sides)
 
 
+def _cell_row(item: dict) -> tuple:
+    """The table row a raw cell belongs to: (cache, feature sets, projector label, loss, dim); tuned options are
+    not part of the label (a row's chosen values are in its own column)."""
+    defaults = TrainConfig()
+    config = {**item["config"], **{key: getattr(defaults, key) for key in item.get("tuned", {})}}
+    features = (config.get("image_features"), config.get("text_features"))
+    return item["cache"], features, projector_label(config), config["loss"], config["dim"]
+
+
+def choose_tuned(raw: list[dict]) -> list[dict]:
+    """The cells a table reports: per row, those of the tuned values with the best selection-split mean recall
+    (mean over seeds; the first such values of the grid on a tie); untuned cells all. Marks each tuned
+    cell `chosen` or not."""
+    rows: dict[tuple, dict[tuple, list[dict]]] = {}
+    for item in raw:
+        if "tuned" in item:
+            rows.setdefault(_cell_row(item), {}).setdefault(tuple(item["tuned"].items()), []).append(item)
+    for combos in rows.values():
+        best = max(combos.values(), key=lambda items: np.mean([i["selection_metrics"]["mean_recall"] for i in items]))
+        for items in combos.values():
+            for item in items:
+                item["chosen"] = items is best
+    return [item for item in raw if item.get("chosen", True)]
+
+
+def _row_key(row: dict) -> tuple:
+    """A row's (cache, feature sets, projector label, loss, dim), as `_cell_row` gives for its cells."""
+    return row["cache"], (row["image_features"], row["text_features"]), row["projector"], row["loss"], row["dim"]
+
+
 def aggregate(raw: list[dict], caches: list[str]) -> list[dict]:
     """One row per (cache, projector, loss, dim): mean and std of each metric over seeds."""
     groups: dict[tuple, list[dict]] = {}
     for item in raw:
-        config = item["config"]
-        features = (config.get("image_features"), config.get("text_features"))
-        groups.setdefault((item["cache"], features, projector_label(config), config["loss"], config["dim"]), []).append(item)
+        groups.setdefault(_cell_row(item), []).append(item)
     rows = []
     for (cache, features, projector, loss, dim), items in groups.items():
         row = {"cache": cache, "image_features": features[0], "text_features": features[1],
@@ -289,6 +413,10 @@ def aggregate(raw: list[dict], caches: list[str]) -> list[dict]:
                "seconds": float(np.mean([item["seconds"] for item in items]))}
         if all("cpu_seconds" in item for item in items):  # CPU beside wall time: runs on a shared machine
             row["cpu_seconds"] = float(np.mean([item["cpu_seconds"] for item in items]))
+        if len({item.get("items") for item in items}) == 1 and items[0].get("items"):
+            row["items"] = items[0]["items"]
+        if "tuned" in items[0]:
+            row["tuned"] = items[0]["tuned"]
         for metric in RETRIEVAL_KEYS:
             values = [item["metrics"][metric] for item in items]
             row[metric] = float(np.mean(values))
@@ -300,14 +428,52 @@ def aggregate(raw: list[dict], caches: list[str]) -> list[dict]:
                                        -r["mean_recall"]))
 
 
+def add_statistics(rows: list[dict], raw: list[dict], out: Path, resamples: int = RESAMPLES, seed: int = 0) -> dict:
+    """Add each row's interval and comparison with the best row, per metric (keys <metric>_ci_low,
+    _ci_high, _p_vs_best, _mark), from the cells' stored ranks; returns how they were computed.
+
+    Rows are compared within groups evaluated on the same items (all rows of one dataset, whatever the
+    encoders): each row's seeds are stacked, and vlmcache.metrics.stats.mark_best gives the 95%
+    intervals (images and seeds resampled), the Holm-corrected paired p-values against the group's best
+    row and the marks (best / tied: not distinguishable from the best at 5% / worse).
+    """
+    started = time.perf_counter()
+    cells: dict[tuple, list[dict]] = {}
+    for item in raw:
+        cells.setdefault(_cell_row(item), []).append(item)
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        if "items" in row:
+            groups.setdefault(row["items"], []).append(row)
+    for members in groups.values():
+        hits = [stack_seeds([next(iter(load_ranks(out / item["ranks"]).values())).hits()
+                             for item in sorted(cells[_row_key(row)], key=lambda item: item["config"]["seed"])])
+                for row in members]
+        table = mark_best(hits, resamples, seed=seed)
+        for index, row in enumerate(members):
+            row.update(table.row(index))
+    return {"interval": f"{CONFIDENCE:.0%} percentile bootstrap over the evaluated images (each with its captions) "
+                        "and the seeds", "test": "paired bootstrap against the best row on the same images",
+            "correction": "holm", "alpha": ALPHA, "confidence": CONFIDENCE, "resamples": resamples,
+            "seconds": time.perf_counter() - started}
+
+
+def tuned_text(row: dict) -> str:
+    """A row's chosen tuning values as 'lr=0.001 weight_decay=0.1' ('' for an untuned row)."""
+    return " ".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
+                    for key, value in row.get("tuned", {}).items())
+
+
 def _write(result: AblationResult) -> None:
     write_json_atomic(result.out / "ablation.json",
-                      {"split": result.split, "rows": result.rows, "cells": result.raw, "seconds": result.seconds})
+                      {"split": result.split, "rows": result.rows, "cells": result.raw, "seconds": result.seconds,
+                       "statistics": result.statistics, "selected_on": result.selected_on})
     buffer = io.StringIO()
     columns = ["encoders", "projector", "loss", "dim", *[c for m in RETRIEVAL_KEYS for c in (m, f"{m}_std")],
-               "parameters", "seconds", "seeds"]
+               "parameters", "seconds", "seeds",
+               *[f"{m}{suffix}" for m in RETRIEVAL_KEYS for suffix in STATISTICS_SUFFIXES], "tuned"]
     writer = csv.DictWriter(buffer, columns, extrasaction="ignore")
     writer.writeheader()
     for row in result.rows:
-        writer.writerow({**row, "seeds": " ".join(map(str, row["seeds"]))})
+        writer.writerow({**row, "seeds": " ".join(map(str, row["seeds"])), "tuned": tuned_text(row)})
     write_text_atomic(result.out / "ablation.csv", buffer.getvalue())

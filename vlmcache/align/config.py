@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from vlmcache.cache.layout import parse_sets
+from vlmcache.cache.layout import parse_selection, parse_sets
 from vlmcache.errors import VlmcacheError
 from vlmcache.options import check_options, option, read_toml, toml_types, typed_values
 from vlmcache.run.options import OptimConfig
@@ -65,6 +65,11 @@ class TrainConfig(OptimConfig):
                                                cli_type=str)
     init_scale: float | None = option(None, "Initial logit scale [default: the loss's].", cli=False)
     init_bias: float | None = option(None, "Initial logit bias of the sigmoid loss [default: the loss's].", cli=False)
+    # Where the best epoch is chosen: a split, or N images carved out of the training split (vlmcache.cache.carve),
+    # so that selection never happens on the split a table reports (Flickr8k has train and dev only).
+    select_on: str | None = option(None, "Choose the best epoch on this split instead of --val-split, or on N images "
+                                   "carved out of the training split (train:N; a fixed choice by image id, not trained "
+                                   "on; default: --val-split)")
     # Feature sets of the cache, joined by '+' and concatenated in that order (None: the default set).
     image_features: str | None = option(None, IMAGE_FEATURES_HELP)
     text_features: str | None = option(None, "Text feature sets, joined by '+' [default: the default set]")
@@ -110,6 +115,12 @@ class TrainConfig(OptimConfig):
             raise VlmcacheError("--standardize works on pooled features only; leave it off for token projectors")
         if self.max_memory is not None:
             parse_size(self.max_memory, "--max-memory")
+        if self.select_on is not None:
+            name, count = parse_selection(self.select_on)
+            if (count is None) == (name == self.train_split):
+                raise VlmcacheError(f"--select-on {self.select_on}: " + (
+                    f"carve from the training split ({self.train_split}:N), or name a whole split" if count else
+                    f"is the training split; carve part of it instead ({self.train_split}:1000)"))
         for name in ("init_scale", "init_bias"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
@@ -126,6 +137,11 @@ class TrainConfig(OptimConfig):
     @property
     def text_sets(self) -> tuple[str, ...] | None:
         return parse_sets(self.text_features)
+
+    @property
+    def selection(self) -> tuple[str, int | None]:
+        """(split the best epoch is chosen on, images carved out of it or None for the whole split)."""
+        return parse_selection(self.select_on) if self.select_on else (self.val_split, None)
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:

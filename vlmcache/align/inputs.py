@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from vlmcache.align.config import TrainConfig
@@ -15,7 +16,7 @@ from vlmcache.align.model import AlignmentModel
 from vlmcache.cache.store import Split
 from vlmcache.cache.tokens import EMBED_BATCH, POOLED_BATCH, Tokens, token_batch
 from vlmcache.errors import VlmcacheError
-from vlmcache.metrics.retrieval import retrieval_metrics
+from vlmcache.metrics.retrieval import cosine_ranks, recall_from_ranks
 
 
 def trained_row(config: TrainConfig) -> str:
@@ -31,11 +32,16 @@ def model_embeddings(model: AlignmentModel) -> Callable[[Split], tuple[torch.Ten
 
 
 @torch.no_grad()
+def model_ranks(model: AlignmentModel, split: Split, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Per-query retrieval ranks (image ranks, caption ranks) of a model on a split of cached features."""
+    model.eval()
+    return cosine_ranks(embed_side(model, split, "image", device), embed_side(model, split, "text", device),
+                        torch.from_numpy(split.caption_image).to(device))
+
+
 def evaluate_model(model: AlignmentModel, split: Split, device: str | torch.device = "cpu") -> dict[str, float]:
     """Retrieval metrics of a model on a split of cached features."""
-    model.eval()
-    return retrieval_metrics(embed_side(model, split, "image", device), embed_side(model, split, "text", device),
-                             torch.from_numpy(split.caption_image).to(device))
+    return recall_from_ranks(*model_ranks(model, split, device))
 
 
 def check_input_shapes(meta: dict, split: Split, path, sides=("image", "text")) -> None:

@@ -29,6 +29,7 @@ from vlmcache.align.config import TrainConfig, parse_size, to_toml
 from vlmcache.align.inputs import batch_inputs, evaluate_model, input_shape, token_options, token_sides
 from vlmcache.align.load import feature_set_meta
 from vlmcache.align.model import AlignmentModel, initial_model
+from vlmcache.cache.carve import carve
 from vlmcache.cache.store import FeatureCache, Split, load_features, open_cache
 from vlmcache.cache.stream import Batch, ShardStream, embed_split, in_memory_bytes, stream_buffer
 from vlmcache.encode.encoders import pick_device
@@ -141,7 +142,7 @@ def _validate(model: AlignmentModel, cache: FeatureCache, val_split: Split | Non
     """Retrieval metrics on the validation split: in memory, or embedded chunk by chunk when streaming."""
     if val_split is not None:
         return evaluate_model(model, val_split, device)
-    return retrieval_metrics(*embed_split(model, cache, config.val_split, config.image_sets, config.text_sets, device,
+    return retrieval_metrics(*embed_split(model, cache, config.selection[0], config.image_sets, config.text_sets, device,
                                           tokens=token_sides(config)))
 
 
@@ -153,11 +154,14 @@ def _training_data(cache: FeatureCache, text_source: FeatureCache | None, config
     max_memory = None if config.max_memory is None else parse_size(config.max_memory, "--max-memory")
     tokens = token_sides(config)
     streaming = config.stream or world > 1 or (max_memory is not None and text_source is None and max_memory < in_memory_bytes(
-        cache, (config.train_split, config.val_split), config.image_sets, config.text_sets, tokens))
+        cache, tuple(dict.fromkeys((config.train_split, config.selection[0]))), config.image_sets, config.text_sets, tokens))
     if not streaming:
         sets = {"image_sets": config.image_sets, "text_sets": config.text_sets, **token_options(config)}
         train_split = load_features(cache, config.train_split, text_source, **sets)
-        val_split = load_features(cache, config.val_split, text_source, **sets)
+        selection, carved = config.selection
+        # --select-on train:N: the best epoch is chosen on N training images, which are then not trained on.
+        train_split, val_split = (carve(train_split, carved) if carved else
+                                  (train_split, load_features(cache, selection, text_source, **sets)))
         if len(train_split.image_features) < 2 or len(train_split.text_features) < 2:
             raise VlmcacheError(f"{cache.path}: split {config.train_split!r} has fewer than 2 usable image–caption pairs")
         return InMemoryBatches(train_split, config, generator, device), val_split
@@ -168,7 +172,10 @@ def _training_data(cache: FeatureCache, text_source: FeatureCache | None, config
     if config.batch_size % world:
         raise VlmcacheError(f"--batch-size {config.batch_size}: must be a multiple of the {world} ranks (the global "
                             "batch is split evenly between them)")
-    cache.split_rows(config.val_split)  # a missing val split is refused now, not after the first epoch
+    if config.selection[1]:
+        raise VlmcacheError(f"--select-on {config.select_on}: carving needs the training split in memory; drop {why} "
+                            "or select on a whole split")
+    cache.split_rows(config.selection[0])  # a missing val split is refused now, not after the first epoch
     local = config.batch_size // world
     # Token states are ~100x the pooled features: without --max-memory their windows are still held to a budget.
     budget = max_memory if max_memory is not None or not tokens else TOKEN_STREAM_MEMORY

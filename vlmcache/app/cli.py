@@ -210,18 +210,47 @@ def train(
 
 
 def _report_table(report) -> Table:
-    return _metrics_table(f"retrieval on split {report.split!r} of {report.cache} (%)", report.rows)
+    """An EvalReport as a table: every row with its 95% interval and its mark against the best row."""
+    return _metrics_table(f"retrieval on split {report.split!r} of {report.cache} (%); "
+                          f"{_selected(report.selected_on, report.split)}",
+                          {name: {**row, **report.statistics.get(name, {})} for name, row in report.rows.items()})
+
+
+# The caption under every table with intervals (see vlmcache.metrics.stats).
+STATISTICS_CAPTION = ("± = half-width of the 95% interval (bootstrap over the evaluated images, each with its captions, "
+                      "and over the seeds of a row that has several); * = best; ≈ = not distinguishable from the best "
+                      "(paired bootstrap on the same images, Holm-corrected, 5%)")
+
+
+def _with_interval(row: dict, metric: str, digits: int = 1, spread: str = "_std") -> str:
+    """'45.3 ±1.4' marked best (*, bold green) or not distinguishable from it (≈, green), from a row's
+    <metric>_ci_low/_ci_high/_mark keys; rows without them (older files) show `spread` (± std over seeds)."""
+    value = row[metric]
+    if f"{metric}_ci_low" not in row:
+        return f"{value:.{digits}f}" + (f" ± {row[metric + spread]:.{digits}f}" if metric + spread in row else "")
+    half = (row[f"{metric}_ci_high"] - row[f"{metric}_ci_low"]) / 2
+    text = f"{value:.{digits}f} ±{half:.{digits}f}"
+    mark = row[f"{metric}_mark"]
+    return f"[bold green]{text}*[/bold green]" if mark == "best" else f"[green]{text}≈[/green]" if mark == "tied" else text
+
+
+def _selected(selected_on: str, reported: str) -> str:
+    """Where choices were made, for a table's title; flags selection on the reported split itself."""
+    if selected_on == reported:
+        return f"best epoch chosen on {selected_on!r} too (optimistic: --select-on train:1000 keeps them apart)"
+    return f"best epoch chosen on {selected_on!r}"
 
 
 def _metrics_table(title: str, rows: dict[str, dict]) -> Table:
     from vlmcache.metrics.retrieval import MEDIAN_RANK_KEYS, MEDIAN_RANK_LABELS, RETRIEVAL_KEYS, RETRIEVAL_LABELS
 
-    table = Table(title=title, title_justify="left")
+    with_intervals = any("mean_recall_ci_low" in m for m in rows.values())
+    table = Table(title=title, title_justify="left", caption=STATISTICS_CAPTION if with_intervals else None, caption_justify="left")
     table.add_column("model", no_wrap=True)
     for column in (*RETRIEVAL_LABELS, *MEDIAN_RANK_LABELS):
         table.add_column(column, justify="right")
     for name, m in rows.items():
-        table.add_row(name, *(f"{m[key]:.2f}" if key == "mean_recall" else f"{m[key]:.1f}" for key in RETRIEVAL_KEYS),
+        table.add_row(escape(name), *(_with_interval(m, key, 2 if key == "mean_recall" else 1) for key in RETRIEVAL_KEYS),
                       *(f"{m[key]:g}" for key in MEDIAN_RANK_KEYS))
     return table
 
@@ -237,7 +266,7 @@ def eval_command(
     zero_shot: Annotated[Path | None, typer.Option(help="Also report zero-shot accuracy on this labelled-folder cache.")] = None,
     ensemble: Annotated[bool, typer.Option("--ensemble", help="Zero-shot with an 8-template prompt ensemble.")] = False,
     class_names: Annotated[Path | None, typer.Option(help='Zero-shot: JSON {"folder_name": "words for the prompt"} [default: folder names cleaned into words]')] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the numbers to this JSON file.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the numbers to this JSON file, and every row's per-query ranks beside it (.npz; vlmcache compare reads them).")] = None,
     qbnorm: Annotated[bool, typer.Option(help="Also the trained model and CCA with querybank normalisation (QB-Norm: bank of training queries, beta chosen on val).")] = True,
     qbnorm_bank: Annotated[str | None, typer.Option(help="Split whose queries form the QB-Norm bank [default: the run's train split]; never the evaluated split.")] = None,
 ) -> None:
@@ -246,13 +275,15 @@ def eval_command(
     from vlmcache.eval.evaluate import zero_shot as run_zero_shot
     from vlmcache.files import check_writable, write_json_atomic
     from vlmcache.metrics.retrieval import ZERO_SHOT_KEYS, ZERO_SHOT_LABELS
+    from vlmcache.run.ranks import ranks_path, save_ranks
 
     if json_out is not None:
         check_writable(json_out, "--json")  # before the work, not after it
     names = read_class_names(class_names)
     report = evaluate_checkpoint(checkpoint, split, cache, with_baselines=baselines, qbnorm=qbnorm, qbnorm_bank=qbnorm_bank)
     console.print(_report_table(report))
-    results: dict = {"split": report.split, "cache": str(report.cache), "retrieval": report.rows}
+    results: dict = {"split": report.split, "cache": str(report.cache), "retrieval": report.rows, "items": report.items,
+                     "selected_on": report.selected_on, "statistics": report.statistics}
     if zero_shot is not None:
         accuracy = run_zero_shot(checkpoint, zero_shot, ensemble, class_names=names)
         table = Table(title=f"zero-shot on {zero_shot} ({'8-template ensemble' if ensemble else 'a photo of a {}.'})",
@@ -265,7 +296,45 @@ def eval_command(
         console.print(table)
         results["zero_shot"] = accuracy
     if json_out is not None:
-        write_json_atomic(json_out, results)
+        save_ranks(ranks_path(json_out), report.ranked)
+        write_json_atomic(json_out, {**results, "ranks": ranks_path(json_out).name})
+        console.print(f"wrote {json_out} and its per-query ranks {ranks_path(json_out)}")
+
+
+@app.command(epilog="Examples:\n\n  vlmcache compare runs/linear-infonce runs/mlp-infonce\n\n"
+                    "  vlmcache compare a.json b.json          (the .npz ranks written by eval --json: no re-embedding)\n\n"
+                    "  vlmcache compare 'a.json#CCA (closed form)' a.json\n\n"
+                    "  vlmcache compare runs/ablation/cells/<key>.npz runs/ablation/cells/<other>.npz")
+def compare(
+    run_a: Annotated[str, typer.Argument(help="A run folder or checkpoint, an eval --json file or its .npz, or an ablation cell's .npz; PATH#ROW picks a row.")],
+    run_b: Annotated[str, typer.Argument(help="The result to compare it with (same kinds).")],
+    cache: Annotated[Path | None, typer.Option(help="Rank run folders on this cache (default: each run's own).")] = None,
+    split: Annotated[str | None, typer.Option(help="Split to rank run folders on (default: test if the cache has it, else val).")] = None,
+    test: Annotated[str, typer.Option(help="p-value: permutation (sign flips per image) | bootstrap (paired).")] = "permutation",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the comparison to this JSON file.")] = None,
+) -> None:
+    """Paired difference A − B of every retrieval metric on the same images, with its 95% interval and p-value."""
+    from dataclasses import asdict
+
+    from vlmcache.eval.compare import COMPARISON_NOTE
+    from vlmcache.eval.compare import compare as run_compare
+    from vlmcache.files import check_writable, write_json_atomic
+
+    if json_out is not None:
+        check_writable(json_out, "--json")
+    result = run_compare(run_a, run_b, cache, split, test)
+    table = Table(title=f"A = {run_a}\nB = {run_b}\non split {result.split!r}: {result.images:,} images, "
+                        f"{result.captions:,} captions (recall in %)", title_justify="left",
+                  caption=f"{COMPARISON_NOTE}; p by {result.test}", caption_justify="left")
+    for column in ("metric", "A", "B", "A − B", "95% interval", "p"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for metric, m in result.metrics.items():
+        label = "mean recall" if metric == "mean_recall" else metric.replace("i2t_r", "i→t R@").replace("t2i_r", "t→i R@")
+        table.add_row(label, f"{m['a']:.2f}", f"{m['b']:.2f}", f"{m['difference']:+.2f}",
+                      f"[{m['ci_low']:+.2f}, {m['ci_high']:+.2f}]", f"{m['p_value']:.3f}")
+    console.print(table, highlight=False)
+    if json_out is not None:
+        write_json_atomic(json_out, asdict(result))
         console.print(f"wrote {json_out}")
 
 
@@ -332,7 +401,7 @@ def search(
 
 
 # The keys an ablate --config file may hold beside TrainConfig's: a grid axis is a comma-separated string or a list.
-ABLATE_KEYS = {"caches": (list[str], None), "out": (str, None), "projectors": (str | list[str], None),
+ABLATE_KEYS = {"caches": (list[str], None), "out": (str, None), "projectors": (str | list[str], None), "tune": (str | None, None),
                "losses": (str | list[str], None), "seeds": (str | list[int], None), "dims": (str | list[int], None),
                "jobs": (int | None, None), "baselines": (bool, None), "image_features": (str | list[str] | None, None),
                "text_features": (str | list[str] | None, None)}
@@ -347,17 +416,27 @@ def _int_list(value, name: str) -> tuple[int, ...]:
         raise VlmcacheError(f"--{name} {value}: give comma-separated integers, e.g. 0,1,2") from None
 
 
-def ablation_table(rows: list[dict], split: str) -> Table:
-    """The ablation as a rich table: mean ± std over seeds, best value per column in bold green."""
-    table = Table(title=f"ablation on split {split!r}: recall in %, mean ± std over seeds", title_justify="left")
+def ablation_table(rows: list[dict], split: str, selected_on: str | None = None) -> Table:
+    """The ablation as a rich table: mean over seeds ± the half-width of its 95% interval, the best row per
+    column and those not distinguishable from it marked (older ablation files: mean ± std, best in bold green).
+    The title names the reported split and, when known, where each cell's best epoch was chosen."""
+    with_intervals = all("mean_recall_ci_low" in row for row in rows)
+    spread = "mean over seeds ± half-width of its 95% interval" if with_intervals else "mean ± std over seeds"
+    selection = "" if selected_on is None else f"; {_selected(selected_on, split)}"
+    table = Table(title=f"ablation on split {split!r}: recall in %, {spread}{selection}", title_justify="left",
+                  caption=STATISTICS_CAPTION if with_intervals else None, caption_justify="left")
     several_caches = len({row["encoders"] for row in rows}) > 1
     if several_caches:
         table.add_column("encoders")
+    from vlmcache.align.ablate import tuned_text
     from vlmcache.metrics.retrieval import RETRIEVAL_KEYS as metric_names
     from vlmcache.metrics.retrieval import RETRIEVAL_LABELS
 
     for column in ("projector", "loss", "dim"):
         table.add_column(column)
+    tuned = any("tuned" in row for row in rows)
+    if tuned:
+        table.add_column("tuned (on the selection split)")
     for column in RETRIEVAL_LABELS:
         table.add_column(column, justify="right")
     table.add_column("params", justify="right")
@@ -365,8 +444,11 @@ def ablation_table(rows: list[dict], split: str) -> Table:
     best = {metric: max(row[metric] for row in rows) for metric in metric_names}
     for row in rows:
         cells = [row["encoders"]] if several_caches else []
-        cells += [row["projector"], row["loss"], str(row["dim"])]
+        cells += [row["projector"], row["loss"], str(row["dim"])] + ([tuned_text(row)] if tuned else [])
         for metric in metric_names:
+            if with_intervals:
+                cells.append(_with_interval(row, metric))
+                continue
             text = f"{row[metric]:.1f} ± {row[metric + '_std']:.1f}"
             cells.append(f"[bold green]{text}[/bold green]" if row[metric] == best[metric] else text)
         cells += [f"{row['parameters']:,}", f"{row['seconds']:.1f}"]
@@ -389,17 +471,22 @@ def ablate(
     text_features: Annotated[str | None, typer.Option(help="Comma-separated text feature-set combinations [default: the default set]")] = None,
     epochs: Annotated[int, typer.Option(help="Epochs per run (best epoch on val is kept).")] = 20,
     batch_size: Annotated[int, typer.Option(help="Pairs per step.")] = 256,
+    tune: Annotated[str | None, typer.Option(help="Tune train options per cell, e.g. lr=3e-4,1e-3,3e-3,weight_decay=0.01,0.1: every combination is trained, each row reports the one best on the selection split (needs --select-on apart from the reported split); the table shows the chosen values")] = None,
+    select_on: Annotated[str | None, typer.Option(help="Choose each cell's best epoch on this split, or on N images carved out of the training split (train:N, the same images for every cell); never the reported split (default: val)")] = None,
     jobs: Annotated[int | None, typer.Option(help="Cells trained in parallel [default: CPU cores]")] = None,
     baselines: Annotated[bool, typer.Option(help="Add untrained, CCA and ASIF rows.")] = True,
     config_file: Annotated[Path | None, typer.Option("--config", help="TOML file of these options (lists allowed, e.g. seeds = [0, 1]); any other train option in it (lr, dropout, ...) applies to every cell. Options given here override it.")] = None,
 ) -> None:
     """Train the projector × loss grid on cached features (several seeds) and print one comparison table."""
     from vlmcache.align.ablate import ablate as run_ablate
+    from vlmcache.align.ablate import parse_tune
 
     options, rest = _with_config_file(context, config_file, {
         "caches": caches, "out": out, "projectors": projectors, "losses": losses, "seeds": seeds, "dims": dims,
         "epochs": epochs, "batch_size": batch_size, "jobs": jobs, "baselines": baselines,
-        "image_features": image_features, "text_features": text_features}, extra=ABLATE_KEYS, what="vlmcache ablate")
+        "image_features": image_features, "text_features": text_features, "select_on": select_on, "tune": tune},
+        extra=ABLATE_KEYS,
+        what="vlmcache ablate")
     if not options["caches"]:
         raise VlmcacheError("give at least one CACHE folder (or a --config file with caches = [...])")
     result = run_ablate(options["caches"], options["out"], projectors=tuple(_split_list(options["projectors"]) or ()),
@@ -407,8 +494,10 @@ def ablate(
                         dims=_int_list(options["dims"], "dims"), epochs=options["epochs"], jobs=options["jobs"],
                         image_features=tuple(_split_list(options["image_features"]) or (None,)),
                         text_features=tuple(_split_list(options["text_features"]) or (None,)),
-                        with_baselines=options["baselines"], base_config={**rest, "batch_size": options["batch_size"]})
-    console.print(ablation_table(result.rows, result.split))
+                        with_baselines=options["baselines"], base_config={**rest, "batch_size": options["batch_size"],
+                                                                          "select_on": options["select_on"]},
+                        tune=parse_tune(options["tune"]) if options["tune"] else None)
+    console.print(ablation_table(result.rows, result.split, result.selected_on))
     console.print(f"{result.cells_trained} runs trained, {result.cells_reused} reused from {result.out}/cells; "
                   f"{result.seconds:.1f} s; wrote {result.out}/ablation.json and ablation.csv")
 
@@ -656,7 +745,7 @@ def _print_error(errors: Console, error: VlmcacheError) -> None:
 
 def main() -> None:
     """Entry point: runs the app; user mistakes (bad options, bad files) print one line on stderr, exit 2."""
-    errors = Console(stderr=True, soft_wrap=True, highlight=False)
+    errors = Console(stderr=True, soft_wrap=True, highlight=False, emoji=False)  # a value "train:x:" stays as typed
     try:
         code = app(standalone_mode=False)
     except VlmcacheError as error:

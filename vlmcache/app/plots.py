@@ -101,7 +101,8 @@ def plot_caption_training(run_dir: Path, records: list[dict], out: str | Path | 
 
 
 def plot_ablation(ablation_json: str | Path, out: str | Path | None = None) -> Path:
-    """Mean recall per ablation row as bars with ±std error bars (over seeds); returns the PNG path."""
+    """Mean recall per ablation row as bars with error bars: its 95% interval (images and seeds), or ±std over
+    seeds for an ablation.json written before intervals; returns the PNG path."""
     path = Path(ablation_json)
     if path.is_dir():
         path = path / "ablation.json"
@@ -122,15 +123,17 @@ def plot_ablation(ablation_json: str | Path, out: str | Path | None = None) -> P
     figure, axis = plt.subplots(figsize=(max(6.0, 1.1 * len(rows)), 4.8))
     colours = ["tab:blue" if row["loss"] == "infonce" else "tab:orange" if row["loss"] == "sigmoid" else "tab:gray"
                for row in rows]
-    axis.bar(range(len(rows)), [row["mean_recall"] for row in rows],
-             yerr=[row["mean_recall_std"] for row in rows], capsize=4, color=colours)
+    intervals = all("mean_recall_ci_low" in row for row in rows)
+    below = [row["mean_recall"] - row["mean_recall_ci_low"] if intervals else row["mean_recall_std"] for row in rows]
+    above = [row["mean_recall_ci_high"] - row["mean_recall"] if intervals else row["mean_recall_std"] for row in rows]
+    axis.bar(range(len(rows)), [row["mean_recall"] for row in rows], yerr=[below, above], capsize=4, color=colours)
     for index, row in enumerate(rows):
-        axis.text(index, row["mean_recall"] + row["mean_recall_std"] + 0.5, f"{row['mean_recall']:.1f}",
-                  ha="center", fontsize=8)
+        axis.text(index, row["mean_recall"] + above[index] + 0.5, f"{row['mean_recall']:.1f}", ha="center", fontsize=8)
     axis.set_xticks(range(len(rows)), labels, fontsize=8)
     axis.set(ylabel="mean recall (%), R@1/5/10 both ways",
-             title=f"ablation on split {data['split']!r}: mean ± std over seeds (blue InfoNCE, orange sigmoid, "
-                   "grey training-free)")
+             title=f"ablation on split {data['split']!r}: mean, "
+                   f"{'95% interval (images and seeds)' if intervals else '± std over seeds'} (blue InfoNCE, "
+                   "orange sigmoid, grey training-free)")
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     out = check_writable(Path(out) if out else path.with_name("ablation.png"), "--out")

@@ -30,3 +30,12 @@ def parse_sets(value: str | list[str] | tuple[str, ...] | None) -> tuple[str, ..
         raise VlmcacheError(f"feature sets {value!r}: give distinct set names joined by '+', e.g. "
                             "efficientnet-lite0+efficientnet-lite2")
     return names
+
+
+def parse_selection(value: str) -> tuple[str, int | None]:
+    """'train:1000' -> ('train', 1000): 1000 images carved out of split train; 'val' -> ('val', None): a whole split."""
+    name, carve, count = value.strip().partition(":")
+    if not name or (carve and not count.strip().isdigit()) or (carve and int(count) < 1):
+        raise VlmcacheError(f"--select-on {value}: give a split name (e.g. val) or SPLIT:N to carve N images out of "
+                            "the training split (e.g. train:1000)")
+    return name.strip(), int(count) if carve else None

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,19 +16,20 @@ from vlmcache.align.config import TrainConfig
 from vlmcache.align.inputs import (
     check_input_shapes,
     embed_side,
-    evaluate_model,
     model_embeddings,
+    model_ranks,
     refuse_text_tokens,
     token_options,
     trained_row,
 )
 from vlmcache.align.load import check_encoders_match, checkpoint_caches, load_model
 from vlmcache.align.model import initial_model
+from vlmcache.cache.carve import carve
 from vlmcache.cache.store import load_features, open_cache
 from vlmcache.encode.prompts import PromptStore, prompt_folder
 from vlmcache.errors import VlmcacheError
 from vlmcache.metrics import baselines
-from vlmcache.metrics.baselines import CCA_ROW, baseline_metrics
+from vlmcache.metrics.baselines import CCA_ROW, baseline_ranks
 from vlmcache.metrics.qbnorm import QBNORM_SUFFIX, check_bank_split
 from vlmcache.metrics.retrieval import (
     DEFAULT_TEMPLATES,
@@ -38,6 +39,8 @@ from vlmcache.metrics.retrieval import (
     qbnorm_row,
     zero_shot_metrics,
 )
+from vlmcache.metrics.stats import RESAMPLES, mark_best
+from vlmcache.run.ranks import Ranked
 
 
 def clean_class_name(folder: str) -> str:
@@ -48,11 +51,28 @@ def clean_class_name(folder: str) -> str:
 
 @dataclass
 class EvalReport:
-    """Retrieval metrics per model on one split of one cache."""
+    """Retrieval metrics per model on one split of one cache, with each model's per-query ranks and, per
+    row, its 95% intervals and comparison with the best row (`statistics[row]`: keys <metric>_ci_low,
+    _ci_high, _p_vs_best, _mark; see vlmcache.metrics.stats.mark_best)."""
 
     cache: Path
     split: str
     rows: dict[str, dict]
+    ranked: dict[str, Ranked] = field(default_factory=dict)
+    statistics: dict[str, dict] = field(default_factory=dict)
+    selected_on: str = "val"  # where the best epoch (and QB-Norm's β) was chosen: a split or train:N
+
+    @property
+    def items(self) -> str | None:
+        """The fingerprint of the evaluated items (see vlmcache.run.ranks.items_key)."""
+        return next(iter(self.ranked.values())).items if self.ranked else None
+
+
+def table_statistics(ranked: dict[str, Ranked], resamples: int = RESAMPLES) -> dict[str, dict]:
+    """{row: its intervals, Holm-adjusted p-value against the best row and mark, per metric} of models ranked
+    on the same split."""
+    table = mark_best([row.hits() for row in ranked.values()], resamples)
+    return {name: table.row(index) for index, name in enumerate(ranked)}
 
 
 def evaluate_checkpoint(checkpoint: str | Path, split: str | None = None, cache: str | Path | None = None,
@@ -62,7 +82,8 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str | None = None, cache:
 
     With `qbnorm`, the trained model and CCA again with QB-Norm (rows named "... + QB-Norm"): the bank is
     the `qbnorm_bank` split's queries (default: the run's train split; never the evaluated split), β
-    chosen on the run's validation split.
+    chosen where the run chose its best epoch (its validation split, or with `select_on` train:N the
+    carved training images, which then leave the bank).
     """
     model, meta = load_model(checkpoint)
     opened, text_cache = checkpoint_caches(meta, cache)
@@ -79,20 +100,30 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str | None = None, cache:
     if config.standardize:  # the same standardised inputs, so the baseline differs only in the learned weights
         untrained.load_state_dict({k: v for k, v in model.state_dict().items() if k.endswith(("_shift", "_scale"))},
                                   strict=False)
-    rows = {trained_row(config): evaluate_model(model, evaluated), UNTRAINED_ROW: evaluate_model(untrained, evaluated)}
+    ranks = {trained_row(config): model_ranks(model, evaluated), UNTRAINED_ROW: model_ranks(untrained, evaluated)}
+    extra: dict[str, dict] = {}
     train_cache, train_text_cache = checkpoint_caches(meta) if cache is not None else (opened, text_cache)
     train = (load_features(train_cache, config.train_split, train_text_cache, **sets)
              if (with_baselines or qbnorm) and config.train_split in train_cache.splits else None)
     if with_baselines and train is not None:
-        rows.update(baseline_metrics(train, evaluated, config.dim))
+        ranks.update(baseline_ranks(train, evaluated, config.dim))
     if qbnorm:
         bank = train if bank_split == config.train_split else load_features(train_cache, bank_split, train_text_cache, **sets)
-        val = evaluated if split == config.val_split else load_features(train_cache, config.val_split, train_text_cache, **sets)
-        rows[trained_row(config) + QBNORM_SUFFIX] = qbnorm_row(model_embeddings(model), bank, val, evaluated)
+        selection, carved = config.selection
+        if carved and train is not None:  # the bank never holds the queries β is chosen on
+            rest, val = carve(train, carved)
+            bank = rest if bank_split == config.train_split else bank
+        else:
+            val = evaluated if split == selection else load_features(train_cache, selection, train_text_cache, **sets)
+        embedders = {trained_row(config): model_embeddings(model)}
         if with_baselines and train is not None:
-            rows[CCA_ROW + QBNORM_SUFFIX] = qbnorm_row(
-                lambda s: baselines.cca_embeddings(train, s, config.dim), bank, val, evaluated)
-    return EvalReport(opened.path, split, rows)
+            embedders[CCA_ROW] = lambda s: baselines.cca_embeddings(train, s, config.dim)
+        for name, embed in embedders.items():
+            beta, ranks[name + QBNORM_SUFFIX] = qbnorm_row(embed, bank, val, evaluated)
+            extra[name + QBNORM_SUFFIX] = {"qbnorm_beta": beta}
+    ranked = {name: Ranked.of(row, evaluated) for name, row in ranks.items()}
+    rows = {name: {**row.metrics(), **extra.get(name, {})} for name, row in ranked.items()}
+    return EvalReport(opened.path, split, rows, ranked, table_statistics(ranked), config.select_on or config.val_split)
 
 
 def read_class_names(path: str | Path | None) -> dict[str, str]:

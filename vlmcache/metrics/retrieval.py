@@ -166,21 +166,31 @@ def recall_from_ranks(image_ranks: np.ndarray, text_ranks: np.ndarray) -> dict[s
     return metrics
 
 
-def retrieval_metrics(image_emb, text_emb, caption_image, chunk_size: int = 1024) -> dict[str, float]:
-    """Image↔text recall of embeddings (compared by cosine similarity) with several captions per image."""
+def cosine_ranks(image_emb, text_emb, caption_image, chunk_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """`retrieval_ranks` of embeddings compared by cosine similarity (they are L2-normalised here)."""
     images = F.normalize(_as_tensor(image_emb).float(), dim=-1)
     texts = F.normalize(_as_tensor(text_emb).float(), dim=-1)
-    return recall_from_ranks(*retrieval_ranks(images, texts, caption_image, chunk_size))
+    return retrieval_ranks(images, texts, caption_image, chunk_size)
 
 
-def qbnorm_metrics(image_emb, text_emb, caption_image, bank_images, bank_texts, beta: float) -> dict[str, float]:
-    """Retrieval recall with QB-Norm: image queries normalised by a bank of (training) image queries, text
+def retrieval_metrics(image_emb, text_emb, caption_image, chunk_size: int = 1024) -> dict[str, float]:
+    """Image↔text recall of embeddings (compared by cosine similarity) with several captions per image."""
+    return recall_from_ranks(*cosine_ranks(image_emb, text_emb, caption_image, chunk_size))
+
+
+def qbnorm_ranks(image_emb, text_emb, caption_image, bank_images, bank_texts, beta: float) -> tuple[np.ndarray, np.ndarray]:
+    """Retrieval ranks with QB-Norm: image queries normalised by a bank of (training) image queries, text
     queries by a bank of (training) text queries. All embeddings are L2-normalised here."""
     images, texts = F.normalize(_as_tensor(image_emb).float(), dim=-1), F.normalize(_as_tensor(text_emb).float(), dim=-1)
     bank_images = F.normalize(_as_tensor(bank_images).float(), dim=-1)
     bank_texts = F.normalize(_as_tensor(bank_texts).float(), dim=-1)
-    ranks = retrieval_ranks(images, texts, caption_image, text_bank=query_bank(bank_images, texts, beta),
-                            image_bank=query_bank(bank_texts, images, beta))
+    return retrieval_ranks(images, texts, caption_image, text_bank=query_bank(bank_images, texts, beta),
+                           image_bank=query_bank(bank_texts, images, beta))
+
+
+def qbnorm_metrics(image_emb, text_emb, caption_image, bank_images, bank_texts, beta: float) -> dict[str, float]:
+    """Retrieval recall with QB-Norm (see qbnorm_ranks), with the β used."""
+    ranks = qbnorm_ranks(image_emb, text_emb, caption_image, bank_images, bank_texts, beta)
     return {**recall_from_ranks(*ranks), "qbnorm_beta": beta}
 
 
@@ -194,10 +204,11 @@ def choose_beta(embed: Callable[[Split], tuple], bank: Split, val: Split) -> tup
     return beta, bank_images, bank_texts
 
 
-def qbnorm_row(embed: Callable[[Split], tuple], bank: Split, val: Split, evaluated: Split) -> dict[str, float]:
-    """QB-Norm recall on `evaluated` of `embed`, the bank being `bank`'s queries, β chosen on `val`."""
+def qbnorm_row(embed: Callable[[Split], tuple], bank: Split, val: Split,
+               evaluated: Split) -> tuple[float, tuple[np.ndarray, np.ndarray]]:
+    """(β, QB-Norm ranks on `evaluated`) of `embed`, the bank being `bank`'s queries, β chosen on `val`."""
     beta, bank_images, bank_texts = choose_beta(embed, bank, val)
-    return qbnorm_metrics(*embed(evaluated), evaluated.caption_image, bank_images, bank_texts, beta)
+    return beta, qbnorm_ranks(*embed(evaluated), evaluated.caption_image, bank_images, bank_texts, beta)
 
 
 def class_embeddings(encode_texts, classnames: list[str], templates=DEFAULT_TEMPLATES) -> torch.Tensor:
