@@ -20,7 +20,7 @@ from pathlib import Path
 from rich.console import Console
 
 from vlmcache.align.ablate import ablate
-from vlmcache.app.cli import ablation_table
+from vlmcache.app.tables import ablation_table
 from vlmcache.data.synthetic import write_synthetic_cache
 
 

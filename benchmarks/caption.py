@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from vlmcache.app.cli import _caption_table
+from vlmcache.app.tables import caption_table
 from vlmcache.caption.config import CaptionConfig
 from vlmcache.caption.evaluate import evaluate_captioner
 from vlmcache.caption.train import train_captioner
@@ -72,7 +72,7 @@ def main() -> None:
                                                            ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider")}}
     rows = {**{name: row for name, row in beam.rows.items() if name.startswith("trained")}, **greedy,
             **{name: row for name, row in beam.rows.items() if not name.startswith("trained")}}
-    console.print(_caption_table(f"Flickr8k dev (1,000 images, 5 references), ×100; best epoch {result.best_epoch} "
+    console.print(caption_table(f"Flickr8k dev (1,000 images, 5 references), ×100; best epoch {result.best_epoch} "
                                  "by val CIDEr", rows))
     console.print(f"training: {train_wall:.0f} s wall, {train_cpu:.0f} CPU-s ({torch.get_num_threads()} threads) for "
                   f"{args.epochs} epochs ({optimisation:.0f} s optimisation, "

@@ -14,7 +14,7 @@ from pathlib import Path
 from caption import cpu_seconds  # benchmarks/caption.py (this folder is on the path when run as a script)
 from rich.console import Console
 
-from vlmcache.app.cli import _caption_table
+from vlmcache.app.tables import caption_table
 from vlmcache.cache.store import open_cache
 from vlmcache.caption.data import load_split
 from vlmcache.caption.decode import generate
@@ -45,7 +45,7 @@ def main() -> None:
                 "mean_words": sum(len(c.split()) for c in captions) / len(captions)}
             Console().print(f"{name}: BLEU-4 {rows[name]['bleu4']:.1f}, CIDEr {rows[name]['cider']:.1f}, "
                             f"{rows[name]['mean_words']:.1f} words, decoding {seconds[name]['cpu']:.0f} CPU-s")
-    Console(width=160).print(_caption_table(f"{args.run} on split {args.split!r} (×100)", rows))
+    Console(width=160).print(caption_table(f"{args.run} on split {args.split!r} (×100)", rows))
     if args.json:
         args.json.write_text(json.dumps({"run": str(args.run), "split": args.split, "captioning": rows,
                                          "decoding_seconds": seconds}, indent=2))

@@ -14,6 +14,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from vlmcache.align.config import TrainConfig
+from vlmcache.app.tables import (
+    ablation_table,
+    caption_table,
+    ranking_table,
+    report_table,
+)
 from vlmcache.caption.config import CaptionConfig
 from vlmcache.encode.config import ExtractConfig
 from vlmcache.errors import VlmcacheError
@@ -24,7 +30,11 @@ app = typer.Typer(
     help="Run frozen vision/text encoders once, cache their features, then train and compare CLIP-style "
          "projectors on the cache in minutes on a CPU.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
+
+
 console = Console()
+
+
 if not console.is_terminal and "COLUMNS" not in os.environ:
     console.width = 160  # piped into a file or CI log: keep whole tables rather than 80 truncated columns
 
@@ -209,50 +219,7 @@ def train(
                   f"parameters; {result.seconds:.1f} s; checkpoints in {result.out}")
 
 
-def _report_table(report) -> Table:
-    """An EvalReport as a table: every row with its 95% interval and its mark against the best row."""
-    return _metrics_table(f"retrieval on split {report.split!r} of {report.cache} (%); "
-                          f"{_selected(report.selected_on, report.split)}",
-                          {name: {**row, **report.statistics.get(name, {})} for name, row in report.rows.items()})
-
-
 # The caption under every table with intervals (see vlmcache.metrics.stats).
-STATISTICS_CAPTION = ("± = half-width of the 95% interval (bootstrap over the evaluated images, each with its captions, "
-                      "and over the seeds of a row that has several); * = best; ≈ = not distinguishable from the best "
-                      "(paired bootstrap on the same images, Holm-corrected, 5%)")
-
-
-def _with_interval(row: dict, metric: str, digits: int = 1, spread: str = "_std") -> str:
-    """'45.3 ±1.4' marked best (*, bold green) or not distinguishable from it (≈, green), from a row's
-    <metric>_ci_low/_ci_high/_mark keys; rows without them (older files) show `spread` (± std over seeds)."""
-    value = row[metric]
-    if f"{metric}_ci_low" not in row:
-        return f"{value:.{digits}f}" + (f" ± {row[metric + spread]:.{digits}f}" if metric + spread in row else "")
-    half = (row[f"{metric}_ci_high"] - row[f"{metric}_ci_low"]) / 2
-    text = f"{value:.{digits}f} ±{half:.{digits}f}"
-    mark = row[f"{metric}_mark"]
-    return f"[bold green]{text}*[/bold green]" if mark == "best" else f"[green]{text}≈[/green]" if mark == "tied" else text
-
-
-def _selected(selected_on: str, reported: str) -> str:
-    """Where choices were made, for a table's title; flags selection on the reported split itself."""
-    if selected_on == reported:
-        return f"best epoch chosen on {selected_on!r} too (optimistic: --select-on train:1000 keeps them apart)"
-    return f"best epoch chosen on {selected_on!r}"
-
-
-def _metrics_table(title: str, rows: dict[str, dict]) -> Table:
-    from vlmcache.metrics.retrieval import MEDIAN_RANK_KEYS, MEDIAN_RANK_LABELS, RETRIEVAL_KEYS, RETRIEVAL_LABELS
-
-    with_intervals = any("mean_recall_ci_low" in m for m in rows.values())
-    table = Table(title=title, title_justify="left", caption=STATISTICS_CAPTION if with_intervals else None, caption_justify="left")
-    table.add_column("model", no_wrap=True)
-    for column in (*RETRIEVAL_LABELS, *MEDIAN_RANK_LABELS):
-        table.add_column(column, justify="right")
-    for name, m in rows.items():
-        table.add_row(escape(name), *(_with_interval(m, key, 2 if key == "mean_recall" else 1) for key in RETRIEVAL_KEYS),
-                      *(f"{m[key]:g}" for key in MEDIAN_RANK_KEYS))
-    return table
 
 
 @app.command("eval", epilog="Examples:\n\n  vlmcache eval runs/mlp-infonce\n\n"
@@ -281,7 +248,7 @@ def eval_command(
         check_writable(json_out, "--json")  # before the work, not after it
     names = read_class_names(class_names)
     report = evaluate_checkpoint(checkpoint, split, cache, with_baselines=baselines, qbnorm=qbnorm, qbnorm_bank=qbnorm_bank)
-    console.print(_report_table(report))
+    console.print(report_table(report))
     results: dict = {"split": report.split, "cache": str(report.cache), "retrieval": report.rows, "items": report.items,
                      "selected_on": report.selected_on, "statistics": report.statistics}
     if zero_shot is not None:
@@ -367,17 +334,7 @@ def classify(
     if not label_list:
         label_list = _read_labels(labels, labels_file)
     rows, scale = classify_image(checkpoint, image, label_list, template)
-    console.print(_ranking_table(image, rows, scale))
-
-
-def _ranking_table(image: Path, rows: list, scale: float) -> Table:
-    table = Table(title=f"{image}", caption=f"probability = softmax(cosine × {scale:.1f}, the learned logit scale)",
-                  title_justify="left")
-    for column, justify in (("rank", "right"), ("prompt", "left"), ("cosine", "right"), ("probability", "right")):
-        table.add_column(column, justify=justify)
-    for row in rows:
-        table.add_row(str(row.rank), row.prompt, f"{row.cosine:.4f}", f"{100 * row.probability:.1f}%")
-    return table
+    console.print(ranking_table(image, rows, scale))
 
 
 @app.command(epilog='Example:\n\n  vlmcache search runs/mlp-infonce "a dog running on a beach" --top 5')
@@ -414,46 +371,6 @@ def _int_list(value, name: str) -> tuple[int, ...]:
         return tuple(int(item) for item in value.split(",") if item.strip())
     except ValueError:
         raise VlmcacheError(f"--{name} {value}: give comma-separated integers, e.g. 0,1,2") from None
-
-
-def ablation_table(rows: list[dict], split: str, selected_on: str | None = None) -> Table:
-    """The ablation as a rich table: mean over seeds ± the half-width of its 95% interval, the best row per
-    column and those not distinguishable from it marked (older ablation files: mean ± std, best in bold green).
-    The title names the reported split and, when known, where each cell's best epoch was chosen."""
-    with_intervals = all("mean_recall_ci_low" in row for row in rows)
-    spread = "mean over seeds ± half-width of its 95% interval" if with_intervals else "mean ± std over seeds"
-    selection = "" if selected_on is None else f"; {_selected(selected_on, split)}"
-    table = Table(title=f"ablation on split {split!r}: recall in %, {spread}{selection}", title_justify="left",
-                  caption=STATISTICS_CAPTION if with_intervals else None, caption_justify="left")
-    several_caches = len({row["encoders"] for row in rows}) > 1
-    if several_caches:
-        table.add_column("encoders")
-    from vlmcache.align.ablate import tuned_text
-    from vlmcache.metrics.retrieval import RETRIEVAL_KEYS as metric_names
-    from vlmcache.metrics.retrieval import RETRIEVAL_LABELS
-
-    for column in ("projector", "loss", "dim"):
-        table.add_column(column)
-    tuned = any("tuned" in row for row in rows)
-    if tuned:
-        table.add_column("tuned (on the selection split)")
-    for column in RETRIEVAL_LABELS:
-        table.add_column(column, justify="right")
-    table.add_column("params", justify="right")
-    table.add_column("s/run", justify="right")
-    best = {metric: max(row[metric] for row in rows) for metric in metric_names}
-    for row in rows:
-        cells = [row["encoders"]] if several_caches else []
-        cells += [row["projector"], row["loss"], str(row["dim"])] + ([tuned_text(row)] if tuned else [])
-        for metric in metric_names:
-            if with_intervals:
-                cells.append(_with_interval(row, metric))
-                continue
-            text = f"{row[metric]:.1f} ± {row[metric + '_std']:.1f}"
-            cells.append(f"[bold green]{text}[/bold green]" if row[metric] == best[metric] else text)
-        cells += [f"{row['parameters']:,}", f"{row['seconds']:.1f}"]
-        table.add_row(*cells)
-    return table
 
 
 @app.command(epilog="Examples:\n\n  vlmcache ablate features/flickr8k\n\n"
@@ -518,9 +435,9 @@ def demo(
     if result.generated:
         console.print(f"[yellow]No Flickr8k data found: generated a procedural dataset of coloured shapes with "
                       f"matching captions in {result.source} (synthetic pictures, not real photos).[/yellow]")
-    console.print(_report_table(result.report))
+    console.print(report_table(result.report))
     console.print(f"true caption: {result.true_caption!r}")
-    console.print(_ranking_table(result.image, result.ranking, result.scale))
+    console.print(ranking_table(result.image, result.ranking, result.scale))
 
 
 @app.command(epilog="Examples:\n\n  vlmcache plot runs/mlp-infonce          (writes runs/mlp-infonce/training.png)\n\n"
@@ -638,8 +555,6 @@ def probe(
         console.print(f"wrote {json_out}")
 
 
-
-
 class _CaptionGroup(typer.core.TyperGroup):
     """`vlmcache caption IMAGE... --checkpoint RUN` is `vlmcache caption predict IMAGE...`: anything that is not
     a subcommand name or --help goes to `predict`, so the issue's interface and `caption train/eval` coexist."""
@@ -654,19 +569,9 @@ caption_app = typer.Typer(cls=_CaptionGroup, no_args_is_help=True, rich_markup_m
                           help="Captioning on cached image features: train a projector (+ decoder), score it with "
                                "BLEU/METEOR/ROUGE-L/CIDEr beside baselines, caption image files "
                                "(vlmcache caption IMAGE... --checkpoint RUN is caption predict).")
+
+
 app.add_typer(caption_app, name="caption")
-
-
-def _caption_table(title: str, rows: dict[str, dict]) -> Table:
-    from vlmcache.metrics.captions import METRIC_LABELS, METRICS
-
-    table = Table(title=title, title_justify="left")
-    table.add_column("captioner", no_wrap=True)
-    for column in METRIC_LABELS:
-        table.add_column(column, justify="right")
-    for name, m in rows.items():
-        table.add_row(name, *("-" if m[key] is None else f"{m[key]:.1f}" for key in METRICS))
-    return table
 
 
 @caption_app.command("train", epilog="Examples:\n\n  vlmcache caption train features/flickr8k --out runs/caption\n\n"
@@ -715,7 +620,7 @@ def caption_eval(
     report = evaluate_captioner(run, cache, split, beam)
     if not java_available():
         console.print("[yellow]no java: METEOR skipped, captions tokenised in Python instead of the PTB tokenizer[/yellow]")
-    console.print(_caption_table(f"captioning on split {report.split!r} of {report.cache} (×100)", report.rows))
+    console.print(caption_table(f"captioning on split {report.split!r} of {report.cache} (×100)", report.rows))
     for image_id, generated, reference in report.examples:
         console.print(f"{image_id}: {generated!r}  (a reference: {reference!r})")
     if json_out is not None:
@@ -764,3 +669,4 @@ def main() -> None:
         _print_error(errors, DiskFullError.from_error(error))
         sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)
+

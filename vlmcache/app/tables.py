@@ -1,0 +1,117 @@
+"""The rich tables vlmcache prints (and benchmarks reuse): retrieval reports with intervals, label rankings,
+the ablation grid, caption metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.markup import escape
+from rich.table import Table
+
+STATISTICS_CAPTION = ("± = half-width of the 95% interval (bootstrap over the evaluated images, each with its captions, "
+                      "and over the seeds of a row that has several); * = best; ≈ = not distinguishable from the best "
+                      "(paired bootstrap on the same images, Holm-corrected, 5%)")
+
+
+def report_table(report) -> Table:
+    """An EvalReport as a table: every row with its 95% interval and its mark against the best row."""
+    return metrics_table(f"retrieval on split {report.split!r} of {report.cache} (%); "
+                          f"{selection_note(report.selected_on, report.split)}",
+                          {name: {**row, **report.statistics.get(name, {})} for name, row in report.rows.items()})
+
+
+def with_interval(row: dict, metric: str, digits: int = 1, spread: str = "_std") -> str:
+    """'45.3 ±1.4' marked best (*, bold green) or not distinguishable from it (≈, green), from a row's
+    <metric>_ci_low/_ci_high/_mark keys; rows without them (older files) show `spread` (± std over seeds)."""
+    value = row[metric]
+    if f"{metric}_ci_low" not in row:
+        return f"{value:.{digits}f}" + (f" ± {row[metric + spread]:.{digits}f}" if metric + spread in row else "")
+    half = (row[f"{metric}_ci_high"] - row[f"{metric}_ci_low"]) / 2
+    text = f"{value:.{digits}f} ±{half:.{digits}f}"
+    mark = row[f"{metric}_mark"]
+    return f"[bold green]{text}*[/bold green]" if mark == "best" else f"[green]{text}≈[/green]" if mark == "tied" else text
+
+
+def selection_note(selected_on: str, reported: str) -> str:
+    """Where choices were made, for a table's title; flags selection on the reported split itself."""
+    if selected_on == reported:
+        return f"best epoch chosen on {selected_on!r} too (optimistic: --select-on train:1000 keeps them apart)"
+    return f"best epoch chosen on {selected_on!r}"
+
+
+def metrics_table(title: str, rows: dict[str, dict]) -> Table:
+    from vlmcache.metrics.retrieval import MEDIAN_RANK_KEYS, MEDIAN_RANK_LABELS, RETRIEVAL_KEYS, RETRIEVAL_LABELS
+
+    with_intervals = any("mean_recall_ci_low" in m for m in rows.values())
+    table = Table(title=title, title_justify="left", caption=STATISTICS_CAPTION if with_intervals else None,
+                  caption_justify="left")
+    table.add_column("model", no_wrap=True)
+    for column in (*RETRIEVAL_LABELS, *MEDIAN_RANK_LABELS):
+        table.add_column(column, justify="right")
+    for name, m in rows.items():
+        table.add_row(escape(name), *(with_interval(m, key, 2 if key == "mean_recall" else 1) for key in RETRIEVAL_KEYS),
+                      *(f"{m[key]:g}" for key in MEDIAN_RANK_KEYS))
+    return table
+
+
+def ranking_table(image: Path, rows: list, scale: float) -> Table:
+    table = Table(title=f"{image}", caption=f"probability = softmax(cosine × {scale:.1f}, the learned logit scale)",
+                  title_justify="left")
+    for column, justify in (("rank", "right"), ("prompt", "left"), ("cosine", "right"), ("probability", "right")):
+        table.add_column(column, justify=justify)
+    for row in rows:
+        table.add_row(str(row.rank), row.prompt, f"{row.cosine:.4f}", f"{100 * row.probability:.1f}%")
+    return table
+
+
+def ablation_table(rows: list[dict], split: str, selected_on: str | None = None) -> Table:
+    """The ablation as a rich table: mean over seeds ± the half-width of its 95% interval, the best row per
+    column and those not distinguishable from it marked (older ablation files: mean ± std, best in bold green).
+    The title names the reported split and, when known, where each cell's best epoch was chosen."""
+    with_intervals = all("mean_recall_ci_low" in row for row in rows)
+    spread = "mean over seeds ± half-width of its 95% interval" if with_intervals else "mean ± std over seeds"
+    selection = "" if selected_on is None else f"; {selection_note(selected_on, split)}"
+    table = Table(title=f"ablation on split {split!r}: recall in %, {spread}{selection}", title_justify="left",
+                  caption=STATISTICS_CAPTION if with_intervals else None, caption_justify="left")
+    several_caches = len({row["encoders"] for row in rows}) > 1
+    if several_caches:
+        table.add_column("encoders")
+    from vlmcache.align.ablate import tuned_text
+    from vlmcache.metrics.retrieval import RETRIEVAL_KEYS as metric_names
+    from vlmcache.metrics.retrieval import RETRIEVAL_LABELS
+
+    for column in ("projector", "loss", "dim"):
+        table.add_column(column)
+    tuned = any("tuned" in row for row in rows)
+    if tuned:
+        table.add_column("tuned (on the selection split)")
+    for column in RETRIEVAL_LABELS:
+        table.add_column(column, justify="right")
+    table.add_column("params", justify="right")
+    table.add_column("s/run", justify="right")
+    best = {metric: max(row[metric] for row in rows) for metric in metric_names}
+    for row in rows:
+        cells = [row["encoders"]] if several_caches else []
+        cells += [row["projector"], row["loss"], str(row["dim"])] + ([tuned_text(row)] if tuned else [])
+        for metric in metric_names:
+            if with_intervals:
+                cells.append(with_interval(row, metric))
+                continue
+            text = f"{row[metric]:.1f} ± {row[metric + '_std']:.1f}"
+            cells.append(f"[bold green]{text}[/bold green]" if row[metric] == best[metric] else text)
+        cells += [f"{row['parameters']:,}", f"{row['seconds']:.1f}"]
+        table.add_row(*cells)
+    return table
+
+
+def caption_table(title: str, rows: dict[str, dict]) -> Table:
+    from vlmcache.metrics.captions import METRIC_LABELS, METRICS
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("captioner", no_wrap=True)
+    for column in METRIC_LABELS:
+        table.add_column(column, justify="right")
+    for name, m in rows.items():
+        table.add_row(name, *("-" if m[key] is None else f"{m[key]:.1f}" for key in METRICS))
+    return table
+
