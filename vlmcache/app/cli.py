@@ -219,9 +219,6 @@ def train(
                   f"parameters; {result.seconds:.1f} s; checkpoints in {result.out}")
 
 
-# The caption under every table with intervals (see vlmcache.metrics.stats).
-
-
 @app.command("eval", epilog="Examples:\n\n  vlmcache eval runs/mlp-infonce\n\n"
                             "  vlmcache eval runs/mlp-infonce --split test --json results.json\n\n"
                             "  vlmcache eval runs/mlp-infonce --zero-shot features/cifar10 --ensemble")
