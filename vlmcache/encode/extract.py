@@ -107,7 +107,8 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
         raise VlmcacheError(f"--out {out}: is a file; pass a folder path for the cache")
     dataset = datasets.load_dataset(data, config.format, config.images_dir, config.splits, config.limit,
                                     caption_key=config.caption_key, split_key=config.split_key,
-                                    val_fraction=config.val_fraction, on_error=config.on_error)
+                                    val_fraction=config.val_fraction, on_error=config.on_error,
+                                    image_column=config.image_column, caption_column=config.caption_column)
     if dataset.num_images == 0:
         raise VlmcacheError(f"{data}: no images selected")
     check_out_folder(out, dataset)
