@@ -415,7 +415,7 @@ class ImageDecodeError(Exception):
     """An image file that cannot be turned into RGB pixels; the message is the reason."""
 
 
-def load_rgb(path: str | Path) -> Image.Image:
+def load_rgb(path: str | Path, draft: int | None = None) -> Image.Image:
     """Open an image file as 8-bit RGB, handling the modes real datasets contain.
 
     Greyscale and CMYK are converted; transparent images (RGBA, LA, palette with transparency) are
@@ -424,6 +424,9 @@ def load_rgb(path: str | Path) -> Image.Image:
     Raises ImageDecodeError for missing, empty, truncated, non-image and decompression-bomb files.
     `path` may also name an image stored inside a data file: `<tar>#<member>` (a webdataset shard) or
     `<file>#<row>/<column>` (a Hugging Face dataset's row); either is read in place.
+
+    `draft`: decode a JPEG at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides ≥ `draft` pixels.
+    Several times faster on large photos; the pixels differ slightly from a full decode resized alike.
     """
     source = _stored_image(path)
     if source is not None:
@@ -440,6 +443,8 @@ def load_rgb(path: str | Path) -> Image.Image:
             # Pillow only warns between 1x and 2x its pixel limit; treat both as the bomb they may be.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as image:
+                if draft is not None:
+                    image.draft("RGB", (draft, draft))  # a no-op for formats other than JPEG
                 image.load()
                 image = ImageOps.exif_transpose(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
