@@ -159,6 +159,9 @@ def prepare_cache(out: Path, dataset, manifest: dict, sets: list[PendingSet], ov
             if differing:
                 hint = (f" (or --backend as before: {recorded.get(differing[0])})"
                         if differing in (["compute_path"], ["token_compute_path"]) else "")
+                if differing == ["encoder.preprocess.jpeg_draft"]:  # absent means a full decode (see Preprocess)
+                    before = "draft" if recorded["encoder"]["preprocess"].get("jpeg_draft") else "full"
+                    hint = f" (or --decode as before: {before})"
                 raise VlmcacheError(f"{out}: already holds a {chosen.modality[:-1]} feature set {chosen.name!r} made "
                                     f"differently ({', '.join(differing[:4])}); pass --overwrite to replace the cache"
                                     f"{hint}, or choose another --out")

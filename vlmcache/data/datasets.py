@@ -1,6 +1,6 @@
 """Image–caption datasets: Flickr8k (official layout), Karpathy JSON (Flickr8k/30k, COCO), CSV/JSONL
-pairs, labelled image folders and webdataset tar shards, all read into one `PairDataset` in a documented
-row order.
+pairs, labelled image folders, webdataset tar shards and Hugging Face datasets (save_to_disk folders, Hub
+parquet), all read into one `PairDataset` in a documented row order.
 
 Row order (the cache keeps it): images are grouped by split in the order train, val, test, then any
 other split name alphabetically; inside a split they keep the order of the source file. Captions follow
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import os
@@ -22,13 +23,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from vlmcache.data import tars
+from vlmcache.data import hf, tars
 from vlmcache.errors import VlmcacheError
 
 SPLIT_ORDER = ("train", "val", "test")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 ON_ERROR = ("fail", "skip")  # what to do with an item that cannot be read: stop, or record and skip it
-FORMATS = ("auto", "flickr8k", "karpathy", "pairs", "imagefolder", "webdataset")
+FORMATS = ("auto", "flickr8k", "karpathy", "pairs", "imagefolder", "webdataset", "hf")
 log = logging.getLogger("vlmcache")
 
 
@@ -94,27 +95,32 @@ def load_dataset(
     val_fraction: float | None = None,
     seed: int = 0,
     on_error: str = "fail",
+    image_column: str | None = None,
+    caption_column: str | None = None,
 ) -> PairDataset:
     """Read a dataset from `path`.
 
     `format` is one of FORMATS ("auto" guesses from the path). `images_dir` overrides where images are
-    looked up (Karpathy JSON, pairs). `splits` keeps only those splits; `limit` keeps the first N images
-    of each split (with all their captions), for quick runs and tests. The keyword options are for
-    webdataset shards (see `_read_webdataset`).
+    looked up (Karpathy JSON, pairs; for Hugging Face datasets it reads the stored paths inside that folder
+    instead of the stored bytes). `splits` keeps only those splits; `limit` keeps the first N images of each
+    split (with all their captions), for quick runs and tests. `caption_key`, `val_fraction` and `seed` are
+    for webdataset shards (see `_read_webdataset`), `image_column` and `caption_column` for Hugging Face
+    datasets (see `_read_hf`); `split_key` and `on_error` for both.
     """
     if format == "webdataset" or (format == "auto" and tars.looks_like_shards(path)):
         records, dropped = _read_webdataset(path, caption_key, split_key, val_fraction, seed, on_error)
-        dataset = _build("webdataset", Path(str(path)), records, [], splits, limit)
-        dataset.dropped = dropped
-        return dataset
+        return _build("webdataset", Path(str(path)), records, [], splits, limit, dropped)
     path = Path(path)
     if not path.exists():
         raise VlmcacheError(f"{path}: no such file or folder; pass a Flickr8k folder, a Karpathy JSON, "
-                            "a CSV/JSONL of pairs or a labelled image folder")
+                            "a CSV/JSONL of pairs, a labelled image folder or a Hugging Face dataset")
     if format not in FORMATS:
         raise VlmcacheError(f"unknown dataset format {format!r}; use one of {', '.join(FORMATS)}")
     if format == "auto":
         format = _guess_format(path)
+    if format == "hf":
+        records, dropped = _read_hf(path, images_dir, image_column, caption_column, split_key, on_error)
+        return _build("hf", path, records, [], splits, limit, dropped)
     if path.is_dir() != (format in ("flickr8k", "imagefolder")):
         raise VlmcacheError(f"{path}: --format {format} reads a {'file' if path.is_dir() else 'folder'}, and this is "
                             f"a {'folder' if path.is_dir() else 'file'}; pass the dataset's path or another --format")
@@ -138,6 +144,8 @@ def _guess_format(path: Path) -> str:
     if path.is_dir():
         if (path / "Flickr8k.token.txt").exists():
             return "flickr8k"
+        if hf.looks_like_hf(path):  # before image folders: Hub parquet lies in folders (data/, train/)
+            return "hf"
         if any(child.is_dir() for child in path.iterdir()):
             return "imagefolder"
         raise VlmcacheError(f"{path}: folder is neither Flickr8k (no Flickr8k.token.txt) nor a labelled "
@@ -147,6 +155,8 @@ def _guess_format(path: Path) -> str:
         return "karpathy"
     if suffix in (".csv", ".jsonl"):
         return "pairs"
+    if suffix in hf.SUFFIXES:
+        return "hf"
     raise VlmcacheError(f"{path}: cannot tell the dataset format from the name; pass --format")
 
 
@@ -323,7 +333,31 @@ def _read_webdataset(source, caption_key: str | None, split_key: str, val_fracti
     return records, dropped
 
 
-def _drop(on_error: str, dropped: list[dict], sample: tars.Sample, reason: str) -> None:
+def _read_hf(root: Path, images_dir: str | Path | None, image_column: str | None, caption_column: str | None,
+             split_key: str, on_error: str) -> tuple[list[_Record], list[dict]]:
+    """Rows of a Hugging Face dataset (see vlmcache.data.hf), one image each with its caption(s).
+
+    An image is its stored bytes, named `<file>#<row>/<column>`; with `images_dir`, the path the row stores,
+    inside that folder only: an absolute path or one whose `..` leaves it fails naming file and row. A row
+    with such a path or an unusable caption cell fails, or under on_error="skip" is left out, logged and
+    returned in the dropped list.
+    """
+    records, dropped = [], []
+    for file in hf.data_files(root):
+        for row in hf.scan_file(file, image_column, caption_column, split_key, by_path=images_dir is not None):
+            why = row.problem or (hf.unsafe_relative_path(row.path) if images_dir is not None else None)
+            if why:
+                _drop(on_error, dropped, row, why)
+                continue
+            # The reference stays a string: Path would normalise it and reach the file system.
+            image = row.ref if images_dir is None else Path(images_dir) / os.path.normpath(row.path)
+            records.append(_Record(row.key, image, row.split, row.captions))
+    if not records:
+        raise VlmcacheError(f"{root}: no usable rows in the dataset")
+    return records, dropped
+
+
+def _drop(on_error: str, dropped: list[dict], sample: tars.Sample | hf.Row, reason: str) -> None:
     if on_error != "skip":
         raise VlmcacheError(f"{sample.where()}: {reason}; fix the shard, or pass --on-error skip to leave it out")
     log.warning("skipped %s: %s", sample.where(), reason)
@@ -336,7 +370,7 @@ def split_rank(split: str) -> tuple[int, str]:
 
 
 def _build(fmt: str, root: Path, records: list[_Record], classes: list[str],
-           splits: list[str] | None, limit: int | None) -> PairDataset:
+           splits: list[str] | None, limit: int | None, dropped: list[dict] | None = None) -> PairDataset:
     _check_records(root, records)
     if splits:
         known = {record.split for record in records}
@@ -368,6 +402,7 @@ def _build(fmt: str, root: Path, records: list[_Record], classes: list[str],
         caption_image=np.asarray(caption_image, dtype=np.int64),
         classes=classes,
         image_labels=np.asarray([record.label for record in records], dtype=np.int64) if classes else None,
+        dropped=dropped or [],
     )
 
 
@@ -380,24 +415,24 @@ class ImageDecodeError(Exception):
     """An image file that cannot be turned into RGB pixels; the message is the reason."""
 
 
-def load_rgb(path: str | Path) -> Image.Image:
+def load_rgb(path: str | Path, draft: int | None = None) -> Image.Image:
     """Open an image file as 8-bit RGB, handling the modes real datasets contain.
 
     Greyscale and CMYK are converted; transparent images (RGBA, LA, palette with transparency) are
     composited on white rather than having their alpha dropped (which turns transparent areas into
     arbitrary colours); 16-bit images are scaled to 8 bits rather than clipped; EXIF rotation is applied.
     Raises ImageDecodeError for missing, empty, truncated, non-image and decompression-bomb files.
-    `path` may also name an image inside a webdataset shard, `<tar>#<member>` (read in place).
+    `path` may also name an image stored inside a data file: `<tar>#<member>` (a webdataset shard) or
+    `<file>#<row>/<column>` (a Hugging Face dataset's row); either is read in place.
+
+    `draft`: decode a JPEG at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides ≥ `draft` pixels.
+    Several times faster on large photos; the pixels differ slightly from a full decode resized alike.
     """
-    source = path
-    if tars.is_member_ref(path):
-        try:
-            source = tars.read_member(path)
-        except FileNotFoundError as error:
-            raise ImageDecodeError(str(error)) from None
+    source = _stored_image(path)
+    if source is not None:
         empty = source.getbuffer().nbytes == 0
     else:
-        path = Path(path)
+        source = path = Path(path)
         if not path.exists():
             raise ImageDecodeError("file not found")
         empty = path.stat().st_size == 0
@@ -408,6 +443,8 @@ def load_rgb(path: str | Path) -> Image.Image:
             # Pillow only warns between 1x and 2x its pixel limit; treat both as the bomb they may be.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as image:
+                if draft is not None:
+                    image.draft("RGB", (draft, draft))  # a no-op for formats other than JPEG
                 image.load()
                 image = ImageOps.exif_transpose(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -417,6 +454,18 @@ def load_rgb(path: str | Path) -> Image.Image:
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageDecodeError(f"corrupt or truncated image ({error})") from None
     return _to_rgb(image)
+
+
+def _stored_image(path: str | Path) -> io.BytesIO | None:
+    """The bytes of an image stored inside a data file (a tar member, a dataset row), None for a plain path."""
+    try:
+        if tars.is_member_ref(path):
+            return tars.read_member(path)
+        if hf.is_row_ref(path):
+            return hf.read_row_image(path)
+    except (FileNotFoundError, ValueError) as error:
+        raise ImageDecodeError(str(error)) from None
+    return None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

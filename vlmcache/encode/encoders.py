@@ -11,9 +11,10 @@ import contextlib
 import hashlib
 import importlib
 import io
+import math
 import threading
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,10 @@ LITE_SIZES = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientne
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+# A draft decode stops at 1.5× the side the resize needs. The feature change falls with what the bicubic resize
+# still has to shrink after the DCT scaling (benchmarks/decode.py, EfficientNet-Lite0 cosine to a full decode):
+# 1.17× left (800×600 at 1/2) gave mean 0.9988, 1.5× 0.9993, 1.9× 0.9996; the margin keeps it ≥ 0.999.
+DRAFT_MARGIN = 1.5
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,7 @@ class Preprocess:
 
     `resize_mode` "squash" resizes straight to size×size (ViT's processor); "shorter_crop" resizes the
     shorter side to size/crop_pct and centre-crops size×size (ResNet/EfficientNet evaluation).
+    `jpeg_draft`: images are decoded at a reduced JPEG DCT scale, never below `draft_side()` (see load_rgb).
     """
 
     size: int = 224
@@ -45,6 +51,23 @@ class Preprocess:
     resize_mode: str = "shorter_crop"
     crop_pct: float = 0.875
     resample: str = "bicubic"
+    jpeg_draft: bool = False
+
+    def draft_side(self) -> int | None:
+        """The side a draft decode must keep (None: decode fully): DRAFT_MARGIN times what the resize needs,
+        size×size (squash) or a shorter side of size/crop_pct (shorter_crop), so the resize still shrinks."""
+        if not self.jpeg_draft:
+            return None
+        needed = self.size if self.resize_mode == "squash" else round(self.size / self.crop_pct)
+        return math.ceil(needed * DRAFT_MARGIN)
+
+    def provenance(self) -> dict:
+        """The preprocessing as the cache records it. A full decode records no `jpeg_draft`, so caches made
+        before draft decoding existed (all decoded fully) compare equal to a full-decode extract."""
+        recorded = asdict(self)
+        if not self.jpeg_draft:
+            del recorded["jpeg_draft"]
+        return recorded
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         """RGB PIL image -> float32 array (3, size, size), normalised."""
@@ -314,7 +337,7 @@ class ImageEncoder:
     def provenance(self) -> dict:
         """What produced these features: enough to reload the same encoder and to refuse a different one."""
         return {"name": self.name, "kind": self.kind, "weights_sha256": self.weights_sha256,
-                "pooling": self.pooling, "dim": self.dim, "preprocess": asdict(self.preprocess),
+                "pooling": self.pooling, "dim": self.dim, "preprocess": self.preprocess.provenance(),
                 "precision": precision_name(self.device)}
 
 
@@ -401,6 +424,15 @@ def _finish(encoder: ImageEncoder, backend: str, conv: bool) -> ImageEncoder:
     if chosen == "onnxruntime":
         size = encoder.preprocess.size
         attach_onnxruntime(encoder, {"pixels": torch.zeros(1, 3, size, size)}, {"pixels": {0: "batch"}})
+    return encoder
+
+
+def set_decode(encoder: ImageEncoder, decode: str) -> ImageEncoder:
+    """Set how the encoder's images are decoded (ExtractConfig.decode): "draft", "full", or "auto" = draft on a
+    GPU, where JPEG decoding on the CPU bounds the pass, and full on a CPU, where the encoder's forward does
+    (there draft would change features for little speed). Returns the encoder."""
+    draft = decode == "draft" or (decode == "auto" and encoder.device.type == "cuda")
+    encoder.preprocess = replace(encoder.preprocess, jpeg_draft=draft)
     return encoder
 
 

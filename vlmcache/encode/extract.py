@@ -60,7 +60,8 @@ class _ImageRows(torch.utils.data.Dataset):
 
     def __getitem__(self, row: int):
         try:
-            return row, torch.from_numpy(self.preprocess(datasets.load_rgb(self.paths[row]))), ""
+            image = datasets.load_rgb(self.paths[row], self.preprocess.draft_side())
+            return row, torch.from_numpy(self.preprocess(image)), ""
         except datasets.ImageDecodeError as error:
             size = self.preprocess.size
             return row, torch.zeros(3, size, size), str(error)
@@ -107,7 +108,8 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
         raise VlmcacheError(f"--out {out}: is a file; pass a folder path for the cache")
     dataset = datasets.load_dataset(data, config.format, config.images_dir, config.splits, config.limit,
                                     caption_key=config.caption_key, split_key=config.split_key,
-                                    val_fraction=config.val_fraction, on_error=config.on_error)
+                                    val_fraction=config.val_fraction, on_error=config.on_error,
+                                    image_column=config.image_column, caption_column=config.caption_column)
     if dataset.num_images == 0:
         raise VlmcacheError(f"{data}: no images selected")
     check_out_folder(out, dataset)
@@ -116,7 +118,8 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
     fingerprint = dataset.fingerprint()
     sets = []  # one PendingSet per requested encoder; the first of each modality is the default set of a new cache
     for model in (config.image_model, *config.extra_image_models):
-        encoder = encoders.load_image_encoder(model, config.image_pooling, str(torch_device), backend)
+        encoder = encoders.set_decode(encoders.load_image_encoder(model, config.image_pooling, str(torch_device), backend),
+                                      config.decode)
         sets.append(PendingSet("images", set_name(model), encoder, encoder.compute_path))
     for model in (config.text_model, *config.extra_text_models):
         encoder = encoders.load_text_encoder(model, config.text_pooling, str(torch_device), config.max_length, backend)
