@@ -190,3 +190,22 @@ def test_file_names_in_save_to_disk_json_are_names_not_paths(tmp_path, rows):
     (tmp_path / "dict" / "dataset_dict.json").write_text(json.dumps({"splits": ["../saved"]}))
     with pytest.raises(VlmcacheError, match=r"dataset_dict.json: lists '../saved', which is not a plain"):
         load_dataset(tmp_path / "dict")
+
+
+def test_the_page_serves_a_dataset_row_image_from_its_own_bytes(tmp_path, rows, tiny_models):
+    """`serve` sends an image stored in a parquet row as that row's bytes, with the type its header says."""
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+
+    from vlmcache.align.config import TrainConfig
+    from vlmcache.align.train import train
+    from vlmcache.app.serve import create_app
+
+    write_hub_parquet(tmp_path / "hub", rows)
+    extract(tmp_path / "hub", tmp_path / "cache", image_model=str(tiny_models["vit"]),
+            text_model=str(tiny_models["distilbert"]), progress=False)
+    train(tmp_path / "cache", tmp_path / "run", TrainConfig(projector="linear", epochs=1, batch_size=4))
+    client = TestClient(create_app(tmp_path / "run", split="train"))
+    reply = client.get("/image/0")
+    assert reply.status_code == 200 and reply.headers["content-type"] == "image/jpeg"
+    assert reply.content == rows[0]["image"]["bytes"]

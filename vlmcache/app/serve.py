@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
+import io
 import json
 import os
 import re
@@ -20,10 +21,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
+
 from vlmcache.app.predictor import MAX_LABELS, Predictor
 from vlmcache.app.search_index import MAX_QUERY_CHARS
-from vlmcache.data import tars
-from vlmcache.data.datasets import ImageDecodeError, load_rgb
+from vlmcache.data.datasets import ImageDecodeError, image_container, load_rgb, stored_image
 from vlmcache.errors import VlmcacheError
 from vlmcache.run.checkpoint import read_checkpoint
 
@@ -757,7 +759,7 @@ def _routes(spec: PageSpec, responses, Route, predictor: Predictor | None, write
         if found is None:
             return JSONResponse({"error": "no such image"}, status_code=404)
         if isinstance(found, bytes):  # an image inside a webdataset shard: its own bytes, never a path
-            return responses.Response(found, media_type=_media_type(spec.gallery.image_paths[number]))
+            return responses.Response(found, media_type=_media_type(found))
         return responses.FileResponse(found)
 
     routes = [Route("/", index), Route("/favicon.svg", favicon), Route("/favicon.ico", favicon),
@@ -772,15 +774,15 @@ def _routes(spec: PageSpec, responses, Route, predictor: Predictor | None, write
 
 
 def _file_of(recorded: str) -> str:
-    """The file on disk that holds a recorded image: the image itself, or the tar shard that contains it."""
-    parts = tars.split_member_ref(recorded)
-    return recorded if parts is None else str(parts[0])
+    """The file on disk that holds a recorded image: the image itself, or the data file that contains it."""
+    container = image_container(recorded)
+    return recorded if container is None else str(container)
 
 
-def _media_type(recorded: str) -> str:
-    extension = recorded.rsplit(".", 1)[-1].lower()
-    return {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}.get(extension,
-                                                                                                 "application/octet-stream")
+def _media_type(data: bytes) -> str:
+    """The MIME type of image bytes, from their own header (a stored image's name says nothing reliable)."""
+    with Image.open(io.BytesIO(data)) as image:
+        return Image.MIME.get(image.format or "", "application/octet-stream")
 
 
 def servable_image(recorded: str, root: Path) -> Path | bytes | None:
@@ -788,18 +790,18 @@ def servable_image(recorded: str, root: Path) -> Path | bytes | None:
 
     A file: its path if it is, right now, a regular file inside the dataset root that decodes as an image
     (symlinks are resolved first, so a swapped link cannot point outside). An image inside a webdataset
-    shard: the member's own bytes, read from a shard inside the root, if they decode; its name is never
-    turned into a path.
+    shard or a row of a Hugging Face dataset: its own bytes, read from a data file inside the root, if they
+    decode; its name is never turned into a path.
     """
     resolved_root = root.resolve()
-    parts = tars.split_member_ref(recorded)
-    if parts is not None:
-        if not Path(os.path.realpath(parts[0])).is_relative_to(resolved_root):
+    container = image_container(recorded)
+    if container is not None:
+        if not Path(os.path.realpath(container)).is_relative_to(resolved_root):
             return None
         try:
-            data = tars.read_member(recorded).getvalue()
+            data = stored_image(recorded).getvalue()
             load_rgb(recorded)
-        except (FileNotFoundError, ImageDecodeError):
+        except ImageDecodeError:
             return None
         return data
     path = Path(os.path.realpath(recorded))

@@ -428,7 +428,7 @@ def load_rgb(path: str | Path, draft: int | None = None) -> Image.Image:
     `draft`: decode a JPEG at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides ≥ `draft` pixels.
     Several times faster on large photos; the pixels differ slightly from a full decode resized alike.
     """
-    source = _stored_image(path)
+    source = stored_image(path)
     if source is not None:
         empty = source.getbuffer().nbytes == 0
     else:
@@ -456,7 +456,14 @@ def load_rgb(path: str | Path, draft: int | None = None) -> Image.Image:
     return _to_rgb(image)
 
 
-def _stored_image(path: str | Path) -> io.BytesIO | None:
+def image_container(path: str | Path) -> Path | None:
+    """The data file that holds an image stored inside it (a tar shard, a dataset's parquet/arrow file), None for
+    a plain image file. The name inside the container is data, never turned into a path."""
+    parts = tars.split_member_ref(path) or hf.split_row_ref(path)
+    return None if parts is None else Path(parts[0])
+
+
+def stored_image(path: str | Path) -> io.BytesIO | None:
     """The bytes of an image stored inside a data file (a tar member, a dataset row), None for a plain path."""
     try:
         if tars.is_member_ref(path):
