@@ -391,14 +391,17 @@ def ablate(
     jobs: Annotated[int | None, typer.Option(help="Cells trained in parallel [default: CPU cores]")] = None,
     baselines: Annotated[bool, typer.Option(help="Add untrained, CCA and ASIF rows.")] = True,
     config_file: Annotated[Path | None, typer.Option("--config", help="TOML file of these options (lists allowed, e.g. seeds = [0, 1]); any other train option in it (lr, dropout, ...) applies to every cell. Options given here override it.")] = None,
+    log: Annotated[str | None, typer.Option(help="Record every cell trained, grouped under the grid, and the grid's tables and plot: tensorboard, mlflow, wandb (any, comma-separated).")] = None,
+    log_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI [default: OUT/mlruns].")] = None,
 ) -> None:
     """Train the projector × loss grid on cached features (several seeds) and print one comparison table."""
-    from vlmcache.align.ablate import ablate as run_ablate
+    from vlmcache.app.workflows import ablate as run_ablate
 
     options, rest = _with_config_file(context, config_file, {
         "caches": caches, "out": out, "projectors": projectors, "losses": losses, "seeds": seeds, "dims": dims,
         "epochs": epochs, "batch_size": batch_size, "jobs": jobs, "baselines": baselines,
-        "image_features": image_features, "text_features": text_features}, extra=ABLATE_KEYS, what="vlmcache ablate")
+        "image_features": image_features, "text_features": text_features, "log": log, "log_uri": log_uri},
+        extra=ABLATE_KEYS, what="vlmcache ablate")
     if not options["caches"]:
         raise VlmcacheError("give at least one CACHE folder (or a --config file with caches = [...])")
     result = run_ablate(options["caches"], options["out"], projectors=tuple(_split_list(options["projectors"]) or ()),
@@ -406,7 +409,8 @@ def ablate(
                         dims=_int_list(options["dims"], "dims"), epochs=options["epochs"], jobs=options["jobs"],
                         image_features=tuple(_split_list(options["image_features"]) or (None,)),
                         text_features=tuple(_split_list(options["text_features"]) or (None,)),
-                        with_baselines=options["baselines"], base_config={**rest, "batch_size": options["batch_size"]})
+                        with_baselines=options["baselines"],
+                        base_config={**rest, **{key: options[key] for key in ("batch_size", "log", "log_uri")}})
     console.print(ablation_table(result.rows, result.split))
     console.print(f"{result.cells_trained} runs trained, {result.cells_reused} reused from {result.out}/cells; "
                   f"{result.seconds:.1f} s; wrote {result.out}/ablation.json and ablation.csv")
@@ -589,8 +593,8 @@ def caption_train(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the run in --out again.")] = False,
 ) -> None:
     """Train a captioner on cached image features; the best epoch by validation CIDEr (greedy) is kept."""
+    from vlmcache.app.workflows import train_captioner
     from vlmcache.caption.config import CaptionConfig
-    from vlmcache.caption.train import train_captioner
 
     config = CaptionConfig(**options)
 
