@@ -486,6 +486,23 @@ def export_command(
                   f"in {result.seconds:.1f} s")
 
 
+@app.command("export-model", epilog="Example:\n\n  vlmcache export-model runs/mlp-infonce --format onnx --out exported/mlp-infonce\n\n"
+                                    "  (docs/export.md: classify a photo with onnxruntime, tokenizers, numpy and Pillow alone)")
+def export_model_command(
+    run: Annotated[Path, typer.Argument(help="Run folder of vlmcache train (its best checkpoint) or a .safetensors file.")],
+    out: Annotated[Path, typer.Option(help="New or empty folder for image.onnx, text.onnx, their JSON and tokenizer files.")],
+    format: Annotated[str, typer.Option(help="onnx")] = "onnx",
+) -> None:
+    """Write a trained run's image side (frozen encoder + projector) and text side as ONNX graphs that embed
+    with onnxruntime and tokenizers alone."""
+    from vlmcache.app.export_model import export_model
+
+    result = export_model(run, out, format)
+    console.print(f"[green]exported[/green] {run} to {result.out}: image.onnx ({', '.join(result.image_encoders)}) "
+                  f"and text.onnx ({', '.join(result.text_encoders)}) give {result.dim}-d unit embeddings; "
+                  f"{len(result.files)} files in {result.seconds:.1f} s")
+
+
 @app.command("import", epilog="Examples:\n\n  vlmcache import embeddings/ --format clip-retrieval --out features/imported\n\n"
                               "  vlmcache import datacomp/shards --format datacomp --features b32 --val-fraction 0.01 --out features/dc\n\n"
                               "  vlmcache import my-arrays/ --format npy --out features/mine   (img_emb.npy, text_emb.npy, metadata.parquet)")
