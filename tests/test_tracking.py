@@ -18,6 +18,7 @@ from vlmcache.app import workflows
 from vlmcache.caption.config import CaptionConfig
 from vlmcache.data.synthetic import write_synthetic_cache
 from vlmcache.errors import VlmcacheError
+from vlmcache.run.tracking import check_tracking
 
 BLOCK = 32768  # W&B's run file is a LevelDB-style log of 32 KiB blocks
 
@@ -228,6 +229,10 @@ def test_bad_tracking_input_is_one_line_before_any_training(cache, tmp_path, cap
     code, _, err = run_cli(["train", cache, "--out", tmp_path / "c", "--log", "mlflow", "--log-uri", blocker / "mlruns"],
                            capsys)
     assert code == 2 and f"--log-uri {blocker / 'mlruns'}: cannot write there" in err and len(err.strip().splitlines()) == 1
+    for uri in ("http://[::1", "bad\x00path", str(blocker)):
+        with pytest.raises(VlmcacheError, match="--log-uri .*: cannot write there"):
+            check_tracking("mlflow", uri)
+    check_tracking("tensorboard", "http://[::1")  # only MLflow reads the URI
     with pytest.raises(VlmcacheError, match="unknown tracker .wandb;mlflow."):
         TrainConfig(log="wandb;mlflow")
     assert TrainConfig(log=" MLflow, tensorboard,mlflow").log == "mlflow,tensorboard"

@@ -109,14 +109,16 @@ def check_tracking(log: str | None, uri: str | None) -> None:
     for kind in log_kinds(log):
         if importlib.util.find_spec(kind) is None:
             raise VlmcacheError(f"--log {kind}: pip install 'vlmcache[{kind}]'")
-    folder = _store_folder(uri) if uri and "mlflow" in log_kinds(log) else None
+    try:
+        folder = _store_folder(uri) if uri and "mlflow" in log_kinds(log) else None
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+    except (OSError, ValueError) as error:  # ValueError: a malformed URL, a NUL byte in a path
+        reason = getattr(error, "strerror", None) or error
+        raise VlmcacheError(f"--log-uri {uri}: cannot write there ({reason}); give a writable folder or an MLflow "
+                            "server URI") from None
     if folder is None:
         return
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise VlmcacheError(f"--log-uri {uri}: cannot write there ({error.strerror}); give a writable folder or an "
-                            "MLflow server URI") from None
     if not os.access(folder, os.W_OK):
         raise VlmcacheError(f"--log-uri {uri}: not writable; give a writable folder or an MLflow server URI")
 
@@ -133,7 +135,7 @@ def _store_folder(uri: str) -> Path | None:
 
 def _mlflow_uri(uri: str | None, folder: Path) -> str:
     """A local path as an absolute file URI (MLflow reads a relative one against its own working folder)."""
-    if uri is None:
+    if not uri:
         return (folder / "mlruns").resolve().as_uri()
     return Path(uri).resolve().as_uri() if urlparse(uri).scheme == "" else uri
 
