@@ -109,16 +109,21 @@ def check_tracking(log: str | None, uri: str | None) -> None:
     for kind in log_kinds(log):
         if importlib.util.find_spec(kind) is None:
             raise VlmcacheError(f"--log {kind}: pip install 'vlmcache[{kind}]'")
+    if uri and "mlflow" in log_kinds(log):
+        _check_store(uri)
+
+
+def _check_store(uri: str) -> None:
+    """Create a local MLflow store's folder now, or refuse it in one line (a server says so itself when used)."""
     try:
-        folder = _store_folder(uri) if uri and "mlflow" in log_kinds(log) else None
-        if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
+        folder = _store_folder(uri)
+        if folder is None:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
     except (OSError, ValueError) as error:  # ValueError: a malformed URL, a NUL byte in a path
         reason = getattr(error, "strerror", None) or error
         raise VlmcacheError(f"--log-uri {uri}: cannot write there ({reason}); give a writable folder or an MLflow "
                             "server URI") from None
-    if folder is None:
-        return
     if not os.access(folder, os.W_OK):
         raise VlmcacheError(f"--log-uri {uri}: not writable; give a writable folder or an MLflow server URI")
 
@@ -155,7 +160,7 @@ class TensorBoardTracker:
         self.run_id = str(logdir)
 
     def log_params(self, params: dict) -> None:
-        rows = "\n".join(f"| {key} | {value} |" for key, value in params.items())
+        rows = "\n".join(f"| {key} | {str(value).replace('|', '&#124;')} |" for key, value in params.items())
         self.writer.add_text("config", "| option | value |\n|---|---|\n" + rows)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -187,15 +192,23 @@ class MlflowTracker:
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=_mlflow_uri(place.uri, place.folder))
-        self.resumed = place.run_id is not None
-        if self.resumed:
-            self.run_id = self.client.get_run(place.run_id).info.run_id
-        else:
+        self.run_id = self._saved_run(place.run_id)
+        self.resumed = self.run_id is not None
+        if not self.resumed:
             tags = {"vlmcache.grid": place.group} if place.group else {}
             self.run_id = self.client.create_run(_experiment(self.client, place.group or PROJECT), run_name=place.name,
                                                  tags=tags).info.run_id
         self.pending: list = []
         self.flushed = time.monotonic()
+
+    def _saved_run(self, run_id: str | None) -> str | None:
+        """The run a resumed run recorded to, if this store still has it (else the resumed run starts a new one)."""
+        if run_id is None:
+            return None
+        try:
+            return self.client.get_run(run_id).info.run_id
+        except Exception:  # MlflowException for a missing run; the store's own errors otherwise
+            return None
 
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param
