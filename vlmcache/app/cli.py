@@ -392,7 +392,7 @@ def ablate(
     baselines: Annotated[bool, typer.Option(help="Add untrained, CCA and ASIF rows.")] = True,
     config_file: Annotated[Path | None, typer.Option("--config", help="TOML file of these options (lists allowed, e.g. seeds = [0, 1]); any other train option in it (lr, dropout, ...) applies to every cell. Options given here override it.")] = None,
     log: Annotated[str | None, typer.Option(help="Record every cell trained, grouped under the grid, and the grid's tables and plot: tensorboard, mlflow, wandb (any, comma-separated).")] = None,
-    log_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI [default: OUT/mlruns].")] = None,
+    log_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI; OUT/mlruns when not given.")] = None,
 ) -> None:
     """Train the projector × loss grid on cached features (several seeds) and print one comparison table."""
     from vlmcache.app.workflows import ablate as run_ablate

@@ -56,5 +56,5 @@ class OptimConfig:
     log: str | None = option(None, f"Record the run with {', '.join(TRACKERS)} (any of them, comma-separated): "
                              "per-step loss and lr, per-epoch validation, config, tables, plots. Each is an extra, e.g. "
                              "pip install 'vlmcache[mlflow]'.", parse=parse_log)
-    log_uri: str | None = option(None, "MLflow tracking URI: a folder (a local file store) or a server [default: "
-                                 "RUN/mlruns].")
+    log_uri: str | None = option(None, "MLflow tracking URI: a folder (a local file store) or a server; RUN/mlruns "
+                                 "when not given.")
