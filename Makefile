@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q $(TORCH_SPEC) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	# compat: the checkout goes on sys.path through a .pth file. The default editable mode installs an import
 	# hook that costs ≈60 ms of every command's start (measured: an argument error 0.53 → 0.46 s).
-	$(BIN)/python -m pip install -q -e '.[offline,fast,plots,serve,formats,hf,caption,dev]' \
+	$(BIN)/python -m pip install -q -e '.[offline,fast,plots,serve,formats,hf,caption,tensorboard,mlflow,wandb,dev]' \
 		--config-settings editable_mode=compat
 	touch $(STAMP)
 

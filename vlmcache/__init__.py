@@ -17,7 +17,7 @@ _EXPORTS = {"VlmcacheError": "vlmcache.errors", "extract": "vlmcache.encode.extr
             "ExtractConfig": "vlmcache.encode.config", "open_cache": "vlmcache.cache.store",
             "verify_cache": "vlmcache.cache.store", "TrainConfig": "vlmcache.align.config", "train": "vlmcache.app.workflows",
             "load_model": "vlmcache.align.load", "evaluate_checkpoint": "vlmcache.eval.evaluate",
-            "zero_shot": "vlmcache.eval.evaluate", "Predictor": "vlmcache.app.predictor", "ablate": "vlmcache.align.ablate",
+            "zero_shot": "vlmcache.eval.evaluate", "Predictor": "vlmcache.app.predictor", "ablate": "vlmcache.app.workflows",
             "compare": "vlmcache.eval.compare"}
 __all__ = [*_EXPORTS, "__version__"]
 

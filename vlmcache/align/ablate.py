@@ -2,7 +2,9 @@
 
 Each cell is one `train` run. Its result is saved as `<out>/cells/<config hash>.json` the moment it
 finishes, so re-running an interrupted ablation only trains the missing cells. Cells are independent
-and run in `jobs` worker processes, each limited to its share of the CPU threads.
+and run in `jobs` worker processes, each limited to its share of the CPU threads. With `--log`, every cell
+trained is one tracker run under the grid's folder, grouped by the grid, and the grid's tables and plot are one
+more (vlmcache.run.tracking).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import tempfile
 import time
 import typing
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -44,6 +46,7 @@ from vlmcache.metrics.retrieval import RETRIEVAL_KEYS
 from vlmcache.metrics.stats import ALPHA, CONFIDENCE, RESAMPLES, mark_best, stack_seeds
 from vlmcache.progress import make_progress
 from vlmcache.run.ranks import Ranked, load_ranks, save_ranks
+from vlmcache.run.tracking import TRACKING_KEYS, Tracking, check_tracking, log_kinds, tracked
 
 UNTRAINED_LINEAR = "untrained linear"
 RANKED = "ranked"  # a fresh cell's Ranked, saved as <out>/cells/<key>.npz and then dropped from its result
@@ -133,11 +136,14 @@ class Cell:
 
     cache: str
     config: dict
+    tracking: Tracking | None = None  # where the cell's run is recorded (--log), named after the cell
 
     def key(self) -> str:
-        """Hash of what determines the result: the cache's data and encoders, the full config and the code."""
+        """Hash of what determines the result: the cache's data and encoders, the config (less where it is recorded,
+        which changes nothing trained) and the code."""
         opened = open_cache(self.cache)
-        identity = {"fingerprint": opened.fingerprint, "provenance": opened.provenance, "config": self.config,
+        config = {key: value for key, value in self.config.items() if key not in TRACKING_KEYS}
+        identity = {"fingerprint": opened.fingerprint, "provenance": opened.provenance, "config": config,
                     "vlmcache": __version__}
         if "feature_sets" in opened.manifest:  # only caches with more sets: older cells keep their keys
             identity["feature_sets"] = {m: {n: s.provenance for n, s in opened.feature_sets(m).items()}
@@ -175,7 +181,7 @@ def run_cell(cell: Cell) -> dict:
     split = opened.default_split()
     started, cpu_started = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory(prefix="vlmcache-cell-") as folder:
-        result = train(opened, folder, config)
+        result = train(opened, folder, config, tracking=cell.tracking)
         training_seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
         # The best epoch's model ranks the evaluated split once more: its metrics and its per-query ranks
         # (kept for intervals and paired tests) then come from the same numbers.
@@ -233,6 +239,7 @@ def ablate(
     threads: int | None = None,
     resamples: int = RESAMPLES,
     tune: dict[str, tuple] | None = None,
+    tracking: Tracking | None = None,
 ) -> AblationResult:
     """Run the grid (skipping cells already in `out/cells`), then write ablation.json and ablation.csv.
 
@@ -243,6 +250,8 @@ def ablate(
     `tune` ({option: values}, see parse_tune): each cell is trained with every combination of the values, and
     each row reports the combination with the best mean recall on the selection split (`--select-on`,
     which must not be the reported split), averaged over seeds.
+    `base_config`'s `log` (and `log_uri`) record each cell trained and the grid's tables to trackers;
+    `tracking.plots` makes the grid's plots.
     """
     started = time.perf_counter()
     if not caches:
@@ -266,10 +275,6 @@ def ablate(
     if jobs is not None and not 1 <= jobs <= 64:
         raise VlmcacheError(f"--jobs {jobs}: must be between 1 and 64")
     out = Path(out)
-    try:
-        (out / "cells").mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise VlmcacheError(f"--out {out}: cannot create it ({error.strerror})") from None
     tune = tune or {}
     clash = [spec for spec in projectors if set(projector_spec(spec)) & set(tune)]
     if clash:
@@ -280,13 +285,20 @@ def ablate(
                                                "image_features": image, "text_features": text})))
              for cache in caches for image in image_features for text in text_features
              for projector in projectors for loss in losses for dim in dims for combo in combos for seed in seeds]
+    grid = grid_tracking(cells[0].config, out, tracking)  # a missing tracker library is refused before any folder
+    try:
+        (out / "cells").mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise VlmcacheError(f"--out {out}: cannot create it ({error.strerror})") from None
     with FolderLock(out, "ablation"):
         raw, pending = [], []
         for cell in cells:
-            path = out / "cells" / f"{cell.key()}.json"
+            key = cell.key()
+            path = out / "cells" / f"{key}.json"
             finished = _read_cell(path)
             if finished is not None and tune and "selection_metrics" not in finished:
                 finished = None  # from before selection metrics were kept: trained again
+            cell.tracking = None if grid is None else replace(grid, name=cell_name(cell, key), plots=None)
             raw.append(finished) if finished is not None else pending.append((cell, path))
         reused = len(raw)
         jobs = max(1, min(jobs or os.cpu_count() or 1, len(pending) or 1))
@@ -322,6 +334,10 @@ def ablate(
         result = AblationResult(rows, out, len(pending), reused, time.perf_counter() - started,
                                 raw[0]["split"] if raw else "val", raw, statistics, shared.select_on or shared.val_split)
         _write(result)
+        if grid is not None:
+            _record_grid(result, grid, {"caches": caches, "projectors": projectors, "losses": losses, "seeds": seeds,
+                                        "dims": dims, "image_features": image_features, "text_features": text_features,
+                                        "epochs": epochs, **(base_config or {})})
     return result
 
 
@@ -335,6 +351,33 @@ def check_selection(config: TrainConfig, opened) -> None:
     if carved and name in opened.splits and carved >= opened.manifest["dataset"]["splits"][name]["images"]:
         raise VlmcacheError(f"--select-on {config.select_on}: split {name!r} of {opened.path} has only "
                             f"{opened.manifest['dataset']['splits'][name]['images']} images; carve fewer")
+
+
+def grid_tracking(config: dict, out: Path, given: Tracking | None) -> Tracking | None:
+    """Where a grid's runs are recorded when its config asks (`log`): under the grid's folder (a cell's own folder
+    is temporary), grouped by the folder's name. None without `log`; a missing tracker library is refused now."""
+    if not log_kinds(config.get("log")):
+        return None
+    check_tracking(config["log"], config.get("log_uri"))
+    folder = out.resolve()
+    return replace(given or Tracking(), log=config["log"], uri=config.get("log_uri"), folder=folder, group=folder.name)
+
+
+def cell_name(cell: Cell, key: str) -> str:
+    """A cell's run name in the trackers: its cache, projector, loss, dim, seed and feature sets, then its key."""
+    config = cell.config
+    parts = [Path(cell.cache).name, projector_label(config), config["loss"], f"d{config['dim']}", f"s{config['seed']}",
+             config.get("image_features"), config.get("text_features"), key[:8]]
+    return " ".join(str(part) for part in parts if part)
+
+
+def _record_grid(result: AblationResult, grid: Tracking, definition: dict) -> None:
+    """The grid as one more tracker run: its axes as parameters, its tables and plots as files."""
+    with tracked(replace(grid, name="grid"), result.out) as tracker:
+        tracker.log_params({key: value for key, value in definition.items() if key not in TRACKING_KEYS})
+        plots = grid.plots(result.out) if grid.plots else []
+        for path in (result.out / "ablation.json", result.out / "ablation.csv", *plots):
+            tracker.log_artifact(path)
 
 
 def _read_cell(path: Path) -> dict | None:

@@ -39,6 +39,7 @@ from vlmcache.metrics.retrieval import retrieval_metrics
 from vlmcache.run.epochs import Run, run_epochs
 from vlmcache.run.folder import open_run_folder
 from vlmcache.run.loop import Optimisation, RunResult
+from vlmcache.run.tracking import Tracking, check_tracking
 
 CHECKPOINT_STEPS = 1000  # a streamed epoch also saves `last` every this many steps (resume continues mid-epoch)
 
@@ -65,14 +66,17 @@ def train(
     overwrite: bool = False,
     device: str = "cpu",
     on_epoch: Callable[[dict], None] | None = None,
+    tracking: Tracking | None = None,
 ) -> TrainResult:
     """Train projectors on a cache and write checkpoints to `out`; returns the run's result.
 
     `on_epoch(record)` is called after each epoch with its metrics (the CLI prints a live table from
-    it). `resume=True` continues the run in `out` exactly where its last checkpoint left it.
+    it). `resume=True` continues the run in `out` exactly where its last checkpoint left it. The trackers of
+    `config.log` record the run; `tracking` says where when not beside it (an ablation cell) and which plots.
     """
     started = time.perf_counter()
     config = config or TrainConfig()
+    check_tracking(config.log, config.log_uri)
     torch_device = pick_device(device)
     rank, world, torch_device = distributed.setup(torch_device)
     cache = cache if isinstance(cache, FeatureCache) else open_cache(cache)
@@ -110,7 +114,8 @@ def train(
                                                                    **config.to_dict()}))
         run_epochs(run, config.epochs, lambda: _train_epoch(run, model, source, config.lr, world, torch_device),
                    lambda: _validate(model, cache, val_split, config, torch_device),
-                   extras=lambda: {"logit_scale": model.loss.scale()}, on_epoch=on_epoch)
+                   extras=lambda: {"logit_scale": model.loss.scale()}, on_epoch=on_epoch,
+                   tracking=Tracking.of(config, tracking))
     distributed.finish(world)
     return run.result(TrainResult, config, started)
 

@@ -390,17 +390,18 @@ def ablate(
     jobs: Annotated[int | None, typer.Option(help="Cells trained in parallel [default: CPU cores]")] = None,
     baselines: Annotated[bool, typer.Option(help="Add untrained, CCA and ASIF rows.")] = True,
     config_file: Annotated[Path | None, typer.Option("--config", help="TOML file of these options (lists allowed, e.g. seeds = [0, 1]); any other train option in it (lr, dropout, ...) applies to every cell. Options given here override it.")] = None,
+    log: Annotated[str | None, typer.Option(help="Record every cell trained, grouped under the grid, and the grid's tables and plot: tensorboard, mlflow, wandb (any, comma-separated).")] = None,
+    log_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI; OUT/mlruns when not given.")] = None,
 ) -> None:
     """Train the projector × loss grid on cached features (several seeds) and print one comparison table."""
-    from vlmcache.align.ablate import ablate as run_ablate
     from vlmcache.align.ablate import parse_tune
+    from vlmcache.app.workflows import ablate as run_ablate
 
     options, rest = _with_config_file(context, config_file, {
         "caches": caches, "out": out, "projectors": projectors, "losses": losses, "seeds": seeds, "dims": dims,
         "epochs": epochs, "batch_size": batch_size, "jobs": jobs, "baselines": baselines,
-        "image_features": image_features, "text_features": text_features, "select_on": select_on, "tune": tune},
-        extra=ABLATE_KEYS,
-        what="vlmcache ablate")
+        "image_features": image_features, "text_features": text_features, "select_on": select_on, "tune": tune,
+        "log": log, "log_uri": log_uri}, extra=ABLATE_KEYS, what="vlmcache ablate")
     if not options["caches"]:
         raise VlmcacheError("give at least one CACHE folder (or a --config file with caches = [...])")
     result = run_ablate(options["caches"], options["out"], projectors=tuple(_split_list(options["projectors"]) or ()),
@@ -408,8 +409,8 @@ def ablate(
                         dims=_int_list(options["dims"], "dims"), epochs=options["epochs"], jobs=options["jobs"],
                         image_features=tuple(_split_list(options["image_features"]) or (None,)),
                         text_features=tuple(_split_list(options["text_features"]) or (None,)),
-                        with_baselines=options["baselines"], base_config={**rest, "batch_size": options["batch_size"],
-                                                                          "select_on": options["select_on"]},
+                        with_baselines=options["baselines"],
+                        base_config={**rest, **{key: options[key] for key in ("batch_size", "select_on", "log", "log_uri")}},
                         tune=parse_tune(options["tune"]) if options["tune"] else None)
     console.print(ablation_table(result.rows, result.split, result.selected_on))
     console.print(f"{result.cells_trained} runs trained, {result.cells_reused} reused from {result.out}/cells; "
@@ -485,6 +486,23 @@ def export_command(
                           rows_per_file=rows_per_file)
     console.print(f"[green]exported[/green] {result.rows:,} rows in {result.files} file(s) per kind to {result.out} "
                   f"in {result.seconds:.1f} s")
+
+
+@app.command("export-model", epilog="Example:\n\n  vlmcache export-model runs/mlp-infonce --format onnx --out exported/mlp-infonce\n\n"
+                                    "  (docs/export.md: classify a photo with onnxruntime, tokenizers, numpy and Pillow alone)")
+def export_model_command(
+    run: Annotated[Path, typer.Argument(help="Run folder of vlmcache train (its best checkpoint) or a .safetensors file.")],
+    out: Annotated[Path, typer.Option(help="New or empty folder for image.onnx, text.onnx, their JSON and tokenizer files.")],
+    format: Annotated[str, typer.Option(help="onnx")] = "onnx",
+) -> None:
+    """Write a trained run's image side (frozen encoder + projector) and text side as ONNX graphs that embed
+    with onnxruntime and tokenizers alone."""
+    from vlmcache.app.export_model import export_model
+
+    result = export_model(run, out, format)
+    console.print(f"[green]exported[/green] {run} to {result.out}: image.onnx ({', '.join(result.image_encoders)}) "
+                  f"and text.onnx ({', '.join(result.text_encoders)}) give {result.dim}-d unit embeddings; "
+                  f"{len(result.files)} files in {result.seconds:.1f} s")
 
 
 @app.command("import", epilog="Examples:\n\n  vlmcache import embeddings/ --format clip-retrieval --out features/imported\n\n"
@@ -584,8 +602,8 @@ def caption_train(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the run in --out again.")] = False,
 ) -> None:
     """Train a captioner on cached image features; the best epoch by validation CIDEr (greedy) is kept."""
+    from vlmcache.app.workflows import train_captioner
     from vlmcache.caption.config import CaptionConfig
-    from vlmcache.caption.train import train_captioner
 
     config = CaptionConfig(**options)
 

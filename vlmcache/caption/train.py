@@ -24,6 +24,7 @@ from vlmcache.caption.vocab import build_vocabulary
 from vlmcache.run.epochs import Run, run_epochs
 from vlmcache.run.folder import open_run_folder
 from vlmcache.run.loop import Optimisation, RunResult
+from vlmcache.run.tracking import Tracking, check_tracking
 
 
 @dataclass
@@ -49,10 +50,13 @@ def train_captioner(
     overwrite: bool = False,
     device: str = "auto",
     on_epoch: Callable[[dict], None] | None = None,
+    tracking: Tracking | None = None,
 ) -> CaptionResult:
-    """Train a captioner on a cache's training captions; checkpoints and metrics.jsonl go to `out`."""
+    """Train a captioner on a cache's training captions; checkpoints and metrics.jsonl go to `out`. The trackers
+    of `config.log` record the run (`tracking`: which plots, and where when not beside it)."""
     started = time.perf_counter()
     config = config or CaptionConfig()
+    check_tracking(config.log, config.log_uri)
     cache = cache if isinstance(cache, FeatureCache) else open_cache(cache)
     tokens = config.projector == "resampler"
     train_data = load_split(cache, config.train_split, tokens, config.image_sets)
@@ -77,7 +81,7 @@ def train_captioner(
                 "parameters": count_parameters(trainable)}
         run = Run.start(folder, meta, optimisation, "cider", config.patience)
         run_epochs(run, config.epochs, lambda: _train_epoch(run, model, batches, torch_device),
-                   lambda: validate(model, val_data), on_epoch=on_epoch)
+                   lambda: validate(model, val_data), on_epoch=on_epoch, tracking=Tracking.of(config, tracking))
     return run.result(CaptionResult, config, started)
 
 

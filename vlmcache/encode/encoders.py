@@ -516,9 +516,9 @@ def load_text_encoder(name_or_path: str = DEFAULT_TEXT_MODEL, pooling: str | Non
     return encoder
 
 
-def image_encoder_from_provenance(provenance: dict, device: str = "auto") -> ImageEncoder:
+def image_encoder_from_provenance(provenance: dict, device: str = "auto", backend: str = "auto") -> ImageEncoder:
     """Reload the image encoder a cache recorded, refusing one whose weights changed since."""
-    encoder = load_image_encoder(provenance["name"], provenance["pooling"], device)
+    encoder = load_image_encoder(provenance["name"], provenance["pooling"], device, backend)
     _check_same_weights(encoder.weights_sha256, provenance)
     return encoder
 

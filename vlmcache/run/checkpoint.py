@@ -18,6 +18,7 @@ from torch import nn
 from vlmcache.errors import VlmcacheError
 from vlmcache.files import atomic_write, write_json_atomic, write_text_atomic
 from vlmcache.run.loop import LoopState, Optimisation
+from vlmcache.run.tracking import TRACKING_KEYS
 
 
 def save_checkpoint(path: Path, meta: dict, model: nn.Module, optimisation: Optimisation | None = None) -> None:
@@ -73,12 +74,17 @@ def write_metrics_log(out: Path, history: list[dict]) -> None:
     write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(record) + "\n" for record in history))
 
 
+def _without_tracking(value):
+    """A config without the tracking options: resuming may add --log (and checkpoints older than it lack the keys)."""
+    return {k: v for k, v in value.items() if k not in TRACKING_KEYS} if isinstance(value, dict) else value
+
+
 def restore(path: Path, meta: dict, optimisation: Optimisation) -> LoopState:
     """Load a `last` checkpoint into the live model, optimiser, scheduler and RNGs; returns the loop state."""
     tensors, header = read_checkpoint(path)
     saved = header["vlmcache"]
     for key in ("config", "fingerprint", "image_dim", "text_dim"):
-        if saved.get(key) != meta[key]:
+        if _without_tracking(saved.get(key)) != _without_tracking(meta[key]):
             raise VlmcacheError(f"{path}: was trained with a different {key} than requested now; resume with the "
                                 "same cache and options, or start a new run with --overwrite or another --out")
     try:

@@ -100,6 +100,11 @@ class Optimisation:
         """The learning rate the next step takes."""
         return self.optimizer.param_groups[0]["lr"]
 
+    @property
+    def steps(self) -> int:
+        """Optimiser steps taken over the whole run (the scheduler's count, restored on resume)."""
+        return self.scheduler.last_epoch
+
     def step(self, loss: torch.Tensor, after_backward: Callable[[], None] | None = None) -> None:
         """One optimiser step on `loss`. `after_backward` runs before clipping (torchrun's gradient all-reduce:
         the clip must see the global gradient)."""

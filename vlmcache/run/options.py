@@ -1,5 +1,6 @@
 """The options every training run shares (projector training and captioner training): the optimiser, its
-learning-rate schedule, early stopping, the seed and the splits a run trains and validates on.
+learning-rate schedule, early stopping, the seed, the splits a run trains and validates on, and the experiment
+trackers it records to (vlmcache.run.tracking).
 
 Defined once here, each with its type, range and help (vlmcache.options); TrainConfig (vlmcache.align.config)
 and CaptionConfig (vlmcache.caption.config) inherit them, so `TrainConfig(lr=...)`, the CLI options, TOML keys
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vlmcache.options import option
+from vlmcache.run.tracking import TRACKERS, parse_log
 
 SCHEDULES = ("cosine", "onecycle", "constant")
 
@@ -51,3 +53,8 @@ class OptimConfig:
                                   high=100_000)
     train_split: str = option("train", "Split to train on.")
     val_split: str = option("val", "Split to validate on each epoch.")
+    log: str | None = option(None, f"Record the run with {', '.join(TRACKERS)} (any of them, comma-separated): "
+                             "per-step loss and lr, per-epoch validation, config, tables, plots. Each is an extra, e.g. "
+                             "pip install 'vlmcache[mlflow]'.", parse=parse_log)
+    log_uri: str | None = option(None, "MLflow tracking URI: a folder (a local file store) or a server; RUN/mlruns "
+                                 "when not given.")
