@@ -13,8 +13,8 @@ import vlmcache
 
 PACKAGE = Path(vlmcache.__file__).parent
 # Lowest first: a module may import from its own layer (without a cycle) or from a layer listed before it.
-LAYERS = ("errors", "files", "progress", "distributed", "cache", "data", "encode", "metrics", "run", "align", "eval",
-          "caption", "app")
+LAYERS = ("errors", "files", "options", "progress", "distributed", "cache", "data", "encode", "metrics", "run", "align",
+          "eval", "caption", "app")
 
 
 def module_name(path: Path) -> str:
