@@ -99,6 +99,15 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+def one_line_error(code: int, err: str, *expected: str) -> None:
+    """The promised failure: exit 2, exactly one line on stderr naming what went wrong, never a traceback."""
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert len(err.rstrip("\n").split("\n")) == 1 and "\r" not in err, err
+    for text in expected:
+        assert text in err, err
+
+
 REAL_CACHE = Path(__file__).resolve().parents[1] / "build" / "test-cache" / "flickr-1000-200"
 
 

@@ -116,7 +116,7 @@ def read_toml(path: str | Path) -> dict:
         values = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise VlmcacheError(f"--config {path}: file not found") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as error:
         raise VlmcacheError(f"--config {path}: not a readable TOML file ({error})") from None
     return {key.replace("-", "_"): value for key, value in values.items()}
 

@@ -37,7 +37,7 @@ from vlmcache.cache.layout import parse_sets
 from vlmcache.cache.store import load_features, open_cache
 from vlmcache.encode import encoders
 from vlmcache.errors import VlmcacheError
-from vlmcache.files import FolderLock, write_json_atomic, write_text_atomic
+from vlmcache.files import FolderLock, read_sealed_json, write_json_atomic, write_sealed_json, write_text_atomic
 from vlmcache.metrics.baselines import ASIF_ROW, CCA_ROW, baseline_metrics
 from vlmcache.metrics.retrieval import RETRIEVAL_KEYS
 from vlmcache.progress import make_progress
@@ -251,16 +251,19 @@ def ablate(
     return result
 
 
+# What a finished cell's result holds (vlmcache.files.shape_error): a file of another shape is trained again.
+CELL = {"cache": str, "config": dict, "metrics": {str: (int, float)}, "parameters": int, "seconds": (int, float),
+        "split": str}
+
+
 def _read_cell(path: Path) -> dict | None:
-    """A finished cell's result, or None when it is missing or was cut short (it is trained again)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    """A finished cell's result, or None when it is missing, was cut short, or differs from the SHA-256 sealed
+    into it (damaged, or written before cells were sealed): the cell is then trained again."""
+    return read_sealed_json(path, "ablation cell", CELL)
 
 
 def _keep(cell_result: dict, path: Path) -> dict:
-    write_json_atomic(path, cell_result)
+    write_sealed_json(path, cell_result)
     return cell_result
 
 

@@ -38,11 +38,10 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import h5py
 import numpy as np
 import torch
 
-from vlmcache.cache.store import FeatureCache
+from vlmcache.cache.store import FeatureCache, read_hdf5, shard_hint
 from vlmcache.cache.tokens import EMBED_BATCH, Tokens, token_batch
 from vlmcache.errors import VlmcacheError
 
@@ -185,7 +184,8 @@ class ShardStream:
                                     "re-extract the missing shards")
         if rows.stop > rows.start:
             return self.cache.read(modality, rows, name, feature_set)
-        with h5py.File(self.cache.path / chosen.folder / touched[0]["file"], "r") as shard:  # no rows: right shape
+        first = self.cache.path / chosen.folder / touched[0]["file"]
+        with read_hdf5(first, shard_hint(self.cache.path)) as shard:  # no rows: the right shape
             return np.zeros((0, *shard[name].shape[1:]), shard[name].dtype)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:

@@ -7,16 +7,24 @@ run of the same request wrote; `finalize_cache` lists every shard with its SHA-2
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from vlmcache.cache.layout import MODALITIES, set_folder, set_name
-from vlmcache.cache.store import differences, file_sha256, now_iso, shard_name, write_index, write_shard
+from vlmcache.cache.store import (
+    INDEX_HINT,
+    differences,
+    file_sha256,
+    now_iso,
+    read_hdf5,
+    read_manifest,
+    shard_name,
+    write_index,
+    write_shard,
+)
 from vlmcache.errors import VlmcacheError
 from vlmcache.files import remove_stale_temporaries, write_json_atomic
 
@@ -73,11 +81,8 @@ def shard_pending(path: Path, chosen: PendingSet) -> bool:
         return True
     if not chosen.provenance.get("tokens"):
         return False
-    try:
-        with h5py.File(path, "r") as shard:
-            return "tokens" not in shard
-    except OSError as error:
-        raise VlmcacheError(f"{path}: unreadable shard ({error}); delete it and run the same extract again") from None
+    with read_hdf5(path, REWRITE_SHARD) as shard:
+        return "tokens" not in shard
 
 
 def _assign_folders(manifest: dict, sets: list[PendingSet]) -> None:
@@ -91,6 +96,7 @@ def _assign_folders(manifest: dict, sets: list[PendingSet]) -> None:
             chosen.folder, chosen.complete = set_folder(chosen.modality, chosen.name, False), entry.get("status") == "complete"
 
 
+REWRITE_SHARD = "delete it and run the same extract again"
 CACHE_ENTRIES = {"images", "texts", "index.h5", "manifest.json", ".lock", "text-encoder.onnx", "text-encoder.json",
                  "text-tokenizer.json"}
 
@@ -135,7 +141,7 @@ def prepare_cache(out: Path, dataset, manifest: dict, sets: list[PendingSet], ov
     encoder (or wipe it with overwrite); record new sets; write index and manifest."""
     manifest_path = out / "manifest.json"
     if manifest_path.exists() and not overwrite:
-        old = json.loads(manifest_path.read_text())
+        old = read_manifest(manifest_path)
         differing = [path for path in differences(old.get("dataset", {}), manifest["dataset"]) if path != "root"]
         if differing:  # the same data may be reached by another path
             raise VlmcacheError(f"{out}: already holds a cache of other data (dataset.{', dataset.'.join(differing[:4])}); "
@@ -193,6 +199,7 @@ def prepare_cache(out: Path, dataset, manifest: dict, sets: list[PendingSet], ov
     remove_stale_temporaries(out)
     if not (out / "index.h5").exists():
         write_index(out / "index.h5", dataset)
+        manifest["index_sha256"] = file_sha256(out / "index.h5")  # checked by vlmcache verify
     write_json_atomic(manifest_path, manifest)
 
 
@@ -200,11 +207,8 @@ def write_or_extend_shard(path: Path, row_start: int, provenance: dict, arrays: 
     """Write a shard. One already there is a pooled shard being given token states: it keeps its own datasets
     bit for bit (its features may come from another backend) and gains only `tokens` and `token_mask`."""
     if path.exists():
-        try:
-            with h5py.File(path, "r") as old:
-                kept = {name: old[name].asstr()[()] if name == "error" else old[name][()] for name in old}
-        except OSError as error:  # includes a failed fletcher32 checksum
-            raise VlmcacheError(f"{path}: corrupt shard ({error}); delete it and run the same extract again") from None
+        with read_hdf5(path, REWRITE_SHARD) as old:
+            kept = {name: old[name].asstr()[()] if name == "error" else old[name][()] for name in old}
         lost = np.flatnonzero(kept["valid"].astype(bool) & ~arrays["valid"])
         if len(lost):
             raise VlmcacheError(f"{path}: row {row_start + lost[0]} was readable when the shard was made but is not now "
@@ -216,7 +220,7 @@ def write_or_extend_shard(path: Path, row_start: int, provenance: dict, arrays: 
 def finalize_cache(out: Path, manifest: dict, plans: dict, work: list[PendingSet], result: ExtractResult) -> None:
     """List the shards of every set computed now; for the default sets, gather skipped items and truncation
     from their shards. Mark the manifest (and each new set) complete."""
-    with h5py.File(out / "index.h5", "r") as index:
+    with read_hdf5(out / "index.h5", INDEX_HINT) as index:
         ids = {"images": index["image_id"].asstr(), "texts": index["caption"].asstr()}  # read lazily, row by row
         for chosen in work:
             shards, skipped, truncated = [], [], 0
@@ -224,7 +228,7 @@ def finalize_cache(out: Path, manifest: dict, plans: dict, work: list[PendingSet
                 path = out / chosen.folder / shard_name(number)
                 if not path.exists():
                     raise VlmcacheError(f"{path}: shard missing after extraction; run the same extract again")
-                with h5py.File(path, "r") as shard:
+                with read_hdf5(path, REWRITE_SHARD) as shard:
                     # A skipped row is always marked invalid; reading only those rows' strings keeps a
                     # million-row cache from decoding two million strings here.
                     for offset in np.flatnonzero(~shard["valid"][()].astype(bool)).tolist():

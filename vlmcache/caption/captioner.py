@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmcache.align.config import MAX_WIDTH
 from vlmcache.align.load import check_encoders_match, set_encoders
 from vlmcache.align.projectors import Resampler, build_projector, count_parameters
 from vlmcache.cache.layout import parse_sets
@@ -40,7 +41,15 @@ from vlmcache.cache.store import FeatureCache, open_cache
 from vlmcache.errors import VlmcacheError
 from vlmcache.files import FolderLock, remove_stale_temporaries
 from vlmcache.metrics.captions import words
-from vlmcache.run.checkpoint import finish_epoch, model_weights, read_checkpoint, restore, write_metrics_log
+from vlmcache.run.checkpoint import (
+    HINT,
+    finish_epoch,
+    load_checked,
+    model_weights,
+    read_checkpoint,
+    restore,
+    write_metrics_log,
+)
 from vlmcache.run.schedule import lr_factor
 
 CAPTION_PROJECTORS = ("linear", "mlp", "resampler")
@@ -49,6 +58,8 @@ PAD, BOS, EOS, UNK = range(4)
 # Beam search ranks by total log-probability / length**this: 1 (the mean per token) measured best on both final
 # Flickr8k models (Lite2 / Lite0: +0.8 / +0.0 BLEU-4, +2.5 / +1.0 CIDEr over 0 with beam 3; 1.5 was worse; README)
 LENGTH_PENALTY = 1.0
+# What a captioner checkpoint's metadata holds beside what every checkpoint has (vlmcache.run.checkpoint.META).
+CAPTIONER_META = {"vocabulary?": [str], "token_count?": int}
 
 
 @dataclass
@@ -550,13 +561,21 @@ def train_captioner(
 
 def load_captioner(path: str | Path, device: str = "cpu") -> tuple[Captioner, dict]:
     """Rebuild a trained captioner from a checkpoint file or run folder (its best checkpoint)."""
-    tensors, header = read_checkpoint(path)
+    tensors, header = read_checkpoint(path, "captioner", CAPTIONER_META)
     meta = header["vlmcache"]
-    if meta.get("kind") != "captioner":
-        raise VlmcacheError(f"{path}: not a captioner checkpoint (it was written by vlmcache train); train one with "
-                            "vlmcache caption train CACHE --out RUN")
-    model = Captioner(CaptionConfig.from_dict(meta["config"]), meta["image_dim"], meta["vocabulary"], meta["token_count"])
-    model.trainable().load_state_dict(model_weights(tensors))
+    try:
+        config = CaptionConfig.from_dict(meta["config"])
+    except VlmcacheError as error:
+        raise VlmcacheError(f"{header['path']}: checkpoint metadata is not valid ({error}); {HINT}") from None
+    vocabulary, sizes = meta.get("vocabulary"), (meta["image_dim"], meta.get("token_count") or 1)
+    if config.decoder == "small" and (vocabulary or [])[:len(SPECIALS)] != list(SPECIALS):
+        raise VlmcacheError(f"{header['path']}: checkpoint metadata is not valid (the small decoder's vocabulary is "
+                            f"missing or does not start with {', '.join(SPECIALS)}); {HINT}")
+    if not all(1 <= size <= MAX_WIDTH for size in sizes):  # before a model of that size is allocated
+        raise VlmcacheError(f"{header['path']}: checkpoint metadata asks for image inputs of {sizes[0]} features × "
+                            f"{sizes[1]} tokens; not a valid checkpoint ({HINT})")
+    model = Captioner(config, meta["image_dim"], vocabulary, meta.get("token_count") or 0)
+    load_checked(model.trainable(), model_weights(tensors), header["path"])
     return model.to(device).eval(), meta
 
 

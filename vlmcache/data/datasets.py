@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from PIL import Image, ImageOps
 
 from vlmcache.data import tars
 from vlmcache.errors import VlmcacheError
+from vlmcache.files import read_json_file
 
 SPLIT_ORDER = ("train", "val", "test")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -189,11 +191,8 @@ def _read_flickr8k(root: Path, images_dir: Path | None) -> tuple[list[_Record], 
 
 
 def _read_karpathy(path: Path, images_dir: Path | None) -> tuple[list[_Record], list[str]]:
-    try:
-        data = json.loads(_read_text(path))
-        entries = data["images"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise VlmcacheError(f"{path}: not a Karpathy split file (expected JSON with an 'images' list)") from None
+    entries = read_json_file(path, "Karpathy split file", "expected JSON with an 'images' list",
+                             shape={"images": list})["images"]
     base = images_dir or _karpathy_images_dir(path)
     records = []
     for number, entry in enumerate(entries):
@@ -226,7 +225,7 @@ def _read_pairs(path: Path, images_dir: Path | None) -> tuple[list[_Record], lis
             if line.strip():
                 try:
                     rows.append(json.loads(line))
-                except json.JSONDecodeError:
+                except (json.JSONDecodeError, RecursionError):
                     raise VlmcacheError(f"{path} line {number}: not valid JSON") from None
     else:
         rows = list(csv.DictReader(text.splitlines()))
@@ -292,7 +291,7 @@ def _read_webdataset(source, caption_key: str | None, split_key: str, val_fracti
         if sample.json_text is not None:
             try:
                 meta = json.loads(sample.json_text)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 meta = None
             if not isinstance(meta, dict):
                 reason = "its .json member is not a JSON object"
@@ -409,14 +408,14 @@ def load_rgb(path: str | Path) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as image:
                 image.load()
-                image = ImageOps.exif_transpose(image)
+                # Inside the try: a valid header can still hold EXIF or a pixel mode that fails to convert.
+                return _to_rgb(ImageOps.exif_transpose(image))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageDecodeError(f"larger than Pillow's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels") from None
     except Image.UnidentifiedImageError:
         raise ImageDecodeError("not an image file Pillow can read") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise ImageDecodeError(f"corrupt or truncated image ({error})") from None
-    return _to_rgb(image)
+    except (OSError, EOFError, SyntaxError, ValueError, TypeError, IndexError, struct.error) as error:
+        raise ImageDecodeError(f"corrupt or truncated image ({str(error)[:200]})") from None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
