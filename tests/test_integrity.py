@@ -1,5 +1,6 @@
 """Issue #23 "Trust, round 3": every artefact vlmcache writes and later trusts is checked against a SHA-256 recorded
-when it was written; every file kind is read by one reader that refuses bad input in one line.
+when it was written; every file kind is read by one reader that refuses bad input in one line; `caption`'s numeric
+options are range-checked in one place.
 
 Each CLI failure is checked as the project promises it: exit 2, exactly one line on stderr naming the file or
 option, never a traceback. The cache and runs are built once per module; a test that damages one works on a copy.
@@ -289,3 +290,30 @@ def test_a_metrics_log_line_of_the_wrong_types_is_skipped_by_plot(copied, tmp_pa
     pytest.importorskip("matplotlib")
     code, _, err = run_cli(["plot", copied["run"], "--out", tmp_path / "p.png"], capsys)
     assert code == 0, err
+
+
+# ----------------------------------------------------------------------- 3. caption's numeric options
+
+
+def test_a_captioner_checkpoint_with_a_config_of_the_wrong_type_is_refused(built, tmp_path, capsys):
+    run = Path(shutil.copytree(built["captioner"], tmp_path / "captioner"))
+    _rewrite_checkpoint_meta(run, lambda meta: meta["config"].update(epochs="four"))
+    code, _, err = run_cli(["caption", built["photo"], "--checkpoint", run], capsys)
+    one_line_error(code, err, "best.safetensors", "--epochs")
+
+
+@pytest.mark.parametrize("beam", ["0", "-3", "65"])
+def test_caption_beam_out_of_range_is_one_line_on_every_path(built, capsys, beam):
+    for command in (["caption", built["photo"], "--checkpoint", built["captioner"], "--beam", beam],
+                    ["caption", "eval", built["captioner"], "--beam", beam]):
+        code, _, err = run_cli(command, capsys)
+        one_line_error(code, err, f"--beam {beam}")
+
+
+@pytest.mark.parametrize("option", [("--lr", "nan"), ("--seed", str(10**30)), ("--width", "100000"),
+                                    ("--layers", "1000"), ("--prefix-tokens", "0"), ("--epochs", "0"),
+                                    ("--batch-size", "-1")])
+def test_every_numeric_caption_train_option_is_range_checked_before_any_work(built, tmp_path, capsys, option):
+    code, _, err = run_cli(["caption", "train", built["cache"], "--out", tmp_path / "c", *option], capsys)
+    one_line_error(code, err, option[0])
+    assert not (tmp_path / "c").exists()

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmcache.align.config import MAX_WIDTH
+from vlmcache.align.config import MAX_WIDTH, TrainConfig
 from vlmcache.align.load import check_encoders_match, set_encoders
 from vlmcache.align.projectors import Resampler, build_projector, count_parameters
 from vlmcache.cache.layout import parse_sets
@@ -41,6 +41,7 @@ from vlmcache.cache.store import FeatureCache, open_cache
 from vlmcache.errors import VlmcacheError
 from vlmcache.files import FolderLock, remove_stale_temporaries
 from vlmcache.metrics.captions import words
+from vlmcache.options import check_options, option, option_like
 from vlmcache.run.checkpoint import (
     HINT,
     finish_epoch,
@@ -62,45 +63,49 @@ LENGTH_PENALTY = 1.0
 CAPTIONER_META = {"vocabulary?": [str], "token_count?": int}
 
 
+MAX_BEAM = 64  # captions kept per image while decoding; wider only costs time
+
+
 @dataclass
 class CaptionConfig:
-    """Everything that defines a captioning run (saved with every checkpoint)."""
+    """Everything that defines a captioning run (saved with every checkpoint). Every field is an option with its
+    type and range (vlmcache.options), checked in one place when the config is made: on the command line, from
+    Python and from a checkpoint alike."""
 
-    decoder: str = "small"  # "small", or a Hugging Face causal LM name or folder
-    projector: str = "mlp"
-    image_features: str | None = None  # image feature sets joined by '+' (concatenated); None: the default set
-    prefix_tokens: int = 4
-    tune_lm: bool | None = None  # None: train the small decoder, freeze a pretrained one
-    layers: int = 3  # small decoder
-    width: int = 256
-    heads: int = 4
-    dropout: float = 0.1
-    min_count: int = 5  # words seen fewer times in the training captions become <unk>
-    max_words: int = 32  # longer training captions are cut (Flickr8k: 99.9% are shorter)
-    resampler_depth: int = 2
-    # 4 epochs of batch 128 at lr 1.5e-3: the measured recipe that fits 15 CPU-minutes (README)
-    epochs: int = 4
-    batch_size: int = 128
-    lr: float = 1.5e-3
-    weight_decay: float = 0.01
-    warmup: int = 200
-    schedule: str = "cosine"
-    grad_clip: float = 1.0
-    seed: int = 0
-    patience: int | None = None
-    max_length: int = 20  # decoding: most tokens generated per caption
-    train_split: str = "train"
-    val_split: str = "val"
+    decoder: str = option("small", "'small', or a Hugging Face causal LM name or folder.")
+    projector: str = option("mlp", "linear | mlp | resampler", choices=CAPTION_PROJECTORS)
+    image_features: str | None = option(None, "Image feature sets joined by '+' [default: the default set]")
+    prefix_tokens: int = option(4, "K: image prefix vectors fed to the decoder.", low=1, high=256)
+    tune_lm: bool | None = option(None, "Train the language model too [default: the small decoder trained, a "
+                                        "pretrained LM frozen]")
+    layers: int = option(3, "Small decoder: transformer blocks.", low=1, high=64)
+    width: int = option(256, "Small decoder: model width.", low=1, high=8192)
+    heads: int = option(4, "Small decoder: attention heads.", low=1, high=256)
+    dropout: float = option(0.1, "Small decoder: dropout.", low=0.0, high=0.99)
+    min_count: int = option(5, "Words seen fewer times in the training captions become <unk>.", low=1, high=1 << 30)
+    max_words: int = option(32, "Longer training captions are cut (Flickr8k: 99.9% are shorter).", low=1, high=1024)
+    resampler_depth: int = option(2, "Resampler: cross-attention blocks.", low=1, high=64)
+    # 4 epochs of batch 128 at lr 1.5e-3: the measured recipe that fits 15 CPU-minutes (README). The training
+    # loop's options are TrainConfig's (same ranges and checks), with the captioner's defaults.
+    epochs: int = option_like(TrainConfig, "epochs", 4, help="Passes over all training captions.")
+    batch_size: int = option_like(TrainConfig, "batch_size", 128, help="Captions per step.", low=1)
+    lr: float = option_like(TrainConfig, "lr", 1.5e-3)
+    weight_decay: float = option_like(TrainConfig, "weight_decay", 0.01)
+    warmup: int = option_like(TrainConfig, "warmup", 200)
+    schedule: str = option_like(TrainConfig, "schedule", "cosine")
+    grad_clip: float = option_like(TrainConfig, "grad_clip", 1.0)
+    seed: int = option_like(TrainConfig, "seed", 0)
+    patience: int | None = option_like(TrainConfig, "patience", None, help="Stop after N epochs without a better val "
+                                                                            "CIDEr.")
+    max_length: int = option(20, "Decoding: most tokens generated per caption.", low=1, high=1024)
+    train_split: str = option_like(TrainConfig, "train_split", "train")
+    val_split: str = option_like(TrainConfig, "val_split", "val")
 
     def __post_init__(self):
-        if self.projector not in CAPTION_PROJECTORS:
-            raise VlmcacheError(f"--projector {self.projector}: use one of {', '.join(CAPTION_PROJECTORS)}")
+        check_options(self)
         if self.decoder == "small" and self.tune_lm is False:
             raise VlmcacheError("--freeze-lm: the small decoder is trained from scratch; freeze only a pretrained "
                                 "--decoder (a Hugging Face causal LM)")
-        if min(self.epochs, self.prefix_tokens, self.layers, self.width, self.max_length) < 1 or self.batch_size < 1 \
-                or self.lr <= 0:
-            raise VlmcacheError("--epochs, --prefix-tokens, --batch-size and the decoder sizes must be ≥ 1, --lr > 0")
         if self.width % self.heads:
             raise VlmcacheError(f"width {self.width} is not divisible by {self.heads} heads")
         self.image_features = None if self.image_sets is None else "+".join(self.image_sets)
@@ -121,6 +126,17 @@ class CaptionConfig:
     def from_dict(cls, values: dict) -> CaptionConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{key: value for key, value in values.items() if key in known})
+
+
+@dataclass
+class CaptionDecoding:
+    """How a trained captioner writes captions: the option of `caption eval` and `caption predict`, checked where
+    the config is made, as CaptionConfig's are."""
+
+    beam: int = option(5, "Beam width; 1 is greedy decoding.", low=1, high=MAX_BEAM)
+
+    def __post_init__(self):
+        check_options(self)
 
 
 # --- tokenisation --------------------------------------------------------------------------------------
@@ -596,8 +612,7 @@ def evaluate_captioner(checkpoint: str | Path, cache: str | Path | None = None, 
     when the cache has it, else val), all scored against every reference caption of each image."""
     from vlmcache.metrics.captions import most_frequent_caption, nearest_neighbour_captions, score_captions
 
-    if beam < 1:
-        raise VlmcacheError(f"--beam {beam}: give 1 (greedy) or more")
+    CaptionDecoding(beam)  # refuses a beam out of range before any work
     model, meta = load_captioner(checkpoint)
     opened = open_cache(cache or meta["cache"])
     check_encoders_match(meta, opened, modalities=("images",))
@@ -638,6 +653,8 @@ class CaptionPredictor:
         """One caption per image file (the image encoder runs on each, as `extract` would)."""
         from vlmcache.data.datasets import ImageDecodeError, load_rgb
 
+        CaptionDecoding(beam)  # refuses a beam out of range before any image is read
+
         tokens = self.model.config.projector == "resampler"
         inputs = []
         for image in images:
@@ -655,4 +672,5 @@ class CaptionPredictor:
 
 def caption_images(checkpoint: str | Path, images: list[str | Path], beam: int = 5) -> list[str]:
     """Captions for image files with a trained captioner (see CaptionPredictor)."""
+    CaptionDecoding(beam)  # before the captioner and its image encoder are loaded
     return CaptionPredictor(checkpoint).caption(images, beam)
