@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
@@ -18,7 +21,22 @@ class RateColumn(ProgressColumn):
         return Text(f"{speed:,.1f} {unit}/s" if speed else f"- {unit}/s", style="progress.data.speed")
 
 
-def make_progress(enabled: bool = True) -> Progress:
-    """A progress display with count, rate and ETA; `enabled=False` gives a silent one (for library use)."""
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-                    TimeRemainingColumn(), console=console, disable=not enabled)
+@contextmanager
+def make_progress(enabled: bool = True) -> Iterator[Progress]:
+    """A progress display with count, rate and ETA; `enabled=False` gives a silent one (for library use).
+
+    A step that fails takes its bars with it: its error is then the one line left on stderr (without this, a
+    log or pipe would also get the bars' last state, which rich prints when they stop)."""
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+                        TimeRemainingColumn(), console=console, disable=not enabled)
+    progress.start()
+    try:
+        yield progress
+    except BaseException:
+        console.quiet = True  # stopping draws nothing, not even the line break that ends a live display
+        try:
+            progress.stop()
+        finally:
+            console.quiet = False
+        raise
+    progress.stop()
