@@ -117,6 +117,18 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+def works_or_one_line(argv: list, capsys) -> int:
+    """The fuzzing property: exit 0, or exit 2 with exactly one line on stderr; never a traceback (run_cli lets any
+    exception other than SystemExit through, which fails the example). Returns the exit code."""
+    capsys.readouterr()  # drop what an example that raised left uncollected, so it is not blamed on this one
+    code, out, err = run_cli(argv, capsys)
+    assert code in (0, 2), (argv, code, err)
+    assert "Traceback" not in out + err, (argv, err)
+    if code == 2:  # one line as a terminal or a log counts them (a quoted \x1e or \x85 is not a line break)
+        assert len(err.rstrip("\n").split("\n")) == 1 and "\r" not in err, (argv, err)
+    return code
+
+
 REAL_CACHE = Path(__file__).resolve().parents[1] / "build" / "test-cache" / "flickr-1000-200"
 
 

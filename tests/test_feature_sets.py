@@ -61,7 +61,7 @@ def test_verify_and_open_check_every_set(flickr_slice, tmp_path, tiny_models, ca
     problems = verify_cache(tmp_path / "c")
     assert [p for p, _ in problems] == [str(shard)] and "SHA-256" in problems[0][1]
     code, _, err = run_cli(["verify", tmp_path / "c"], capsys)
-    assert code == 2 and "1 bad shard(s)" in err
+    assert code == 2 and "1 bad file(s)" in err and "shard-00001.h5" in err
     # A set's shard copied over another is caught on open, naming the shard.
     folder = tmp_path / "c" / "images@vit"
     (folder / "shard-00000.h5").write_bytes((folder / "shard-00002.h5").read_bytes())

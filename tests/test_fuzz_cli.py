@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_flickr_slice, run_cli
+from conftest import make_flickr_slice, works_or_one_line
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -100,18 +100,6 @@ def command_line(draw, files: dict, positional: list[str], options: dict[str, st
         if draw(st.booleans()):
             argv.append(flag)
     return argv
-
-
-def check(argv: list[str], capsys) -> int:
-    """The property: exit 0, or exit 2 with exactly one line on stderr; never a traceback (run_cli lets any
-    exception other than SystemExit through, which fails the example). Returns the exit code."""
-    capsys.readouterr()  # drop what an example that raised left uncollected, so it is not blamed on this one
-    code, out, err = run_cli(argv, capsys)
-    assert code in (0, 2), (argv, code, err)
-    assert "Traceback" not in out + err, (argv, err)
-    if code == 2:  # one line as a terminal or a log counts them (a quoted \x1e or \x85 is not a line break)
-        assert len(err.rstrip("\n").split("\n")) == 1 and "\r" not in err, (argv, err)
-    return code
 
 
 def out_folder(files: dict) -> st.SearchStrategy[str]:
@@ -246,7 +234,7 @@ def test_any_command_line_works_or_fails_in_one_line(files, capsys, command):
     @FUZZ
     @given(argv=command(files))
     def property_holds(argv):
-        check(argv, capsys)
+        works_or_one_line(argv, capsys)
 
     property_holds()
 
@@ -254,13 +242,13 @@ def test_any_command_line_works_or_fails_in_one_line(files, capsys, command):
 @pytest.mark.parametrize("name", ["info", "verify"])
 def test_info_and_verify_on_every_file_kind(files, capsys, name):
     for key in (*BAD, "cache", "data", "run", "photo"):
-        check([name, str(files[key])], capsys)
+        works_or_one_line([name, str(files[key])], capsys)
 
 
 @FUZZ
 @given(name=st.sampled_from(["info", "verify"]), path=TEXT)
 def test_info_and_verify_on_any_path(capsys, name, path):
-    check([name, path], capsys)
+    works_or_one_line([name, path], capsys)
 
 
 def test_the_fuzzed_files_are_left_as_they_were(files):
@@ -381,7 +369,7 @@ def test_import_of_broken_embedding_files_fails_in_one_line(sources, capsys, tmp
             (folder / target).write_bytes(data)
             argv = ["import", str(folder), "--format", "clip-retrieval" if source == "export" else source,
                     "--out", str(Path(work) / "cache")] + (["--features", "b32"] if source == "datacomp" else [])
-            code = check(argv, capsys)
+            code = works_or_one_line(argv, capsys)
             if data == (sources[source] / target).read_bytes():  # also a flip undone by a second one
                 assert code == 0, (argv, target)
             elif must_fail:

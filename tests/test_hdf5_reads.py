@@ -61,7 +61,8 @@ def test_a_truncated_shard_is_one_line_naming_it_for_every_reader(cache):
 
 def test_a_truncated_index_is_one_line_saying_to_extract_again(cache):
     truncate(cache.path / "index.h5")
-    with pytest.raises(VlmcacheError, match=r"index.h5: missing or unreadable \(.*\); run the same vlmcache extract"):
+    with pytest.raises(VlmcacheError, match=r"index.h5: unreadable or corrupt \(.*\); delete it and run the same "
+                                             "vlmcache extract"):
         open_cache(cache.path)
 
 

@@ -43,7 +43,7 @@ def counted_encoder(monkeypatch) -> list[list[str]]:
 def test_prompt_store_encodes_once_and_appends(vit_cache, tmp_path, counted_encoder):
     provenance = open_cache(vit_cache).provenance["texts"]["encoder"]
     store = PromptStore(provenance, tmp_path)
-    record = 32 + 4 * provenance["dim"]
+    record = PromptStore(provenance, None).record.itemsize  # key, features and check
     first = store.encode(["a dog", "a cat", "a dog"])
     assert counted_encoder == [["a dog", "a cat"]] and first.shape == (3, 32) and np.array_equal(first[0], first[2])
     assert store.path.stat().st_size == 2 * record
@@ -63,7 +63,7 @@ def test_prompt_store_encodes_once_and_appends(vit_cache, tmp_path, counted_enco
 
 def test_prompt_store_ignores_a_truncated_tail_and_keeps_appending(vit_cache, tmp_path, counted_encoder):
     provenance = open_cache(vit_cache).provenance["texts"]["encoder"]
-    record = 32 + 4 * provenance["dim"]
+    record = PromptStore(provenance, None).record.itemsize  # key, features and check
     store = PromptStore(provenance, tmp_path)
     features = store.encode(["a dog", "a cat"])
     with open(store.path, "ab") as handle:  # a record cut short by a kill: its key and half its features
@@ -80,7 +80,7 @@ def test_prompt_store_ignores_a_truncated_tail_and_keeps_appending(vit_cache, tm
 
 def test_prompt_store_stops_growing_at_max_rows(vit_cache, tmp_path, counted_encoder):
     provenance = open_cache(vit_cache).provenance["texts"]["encoder"]
-    record = 32 + 4 * provenance["dim"]
+    record = PromptStore(provenance, None).record.itemsize  # key, features and check
     store = PromptStore(provenance, tmp_path, max_rows=3)
     prompts = ["one", "two", "three", "four", "five"]
     features = store.encode(prompts)

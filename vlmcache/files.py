@@ -1,4 +1,4 @@
-"""Writing files so that nothing is lost: temporary name then rename, and one writer per folder.
+"""Files that lose nothing and are never silently wrong: atomic writes, one writer per folder, checked reads.
 
 Every file vlmcache writes goes through `atomic_write`: a reader (or a resumed run) sees the old file
 or the new one, never half of one. Temporaries are named `.<name>.tmp-<pid>`, so `remove_stale_temporaries`
@@ -7,18 +7,24 @@ can clear those a killed process left behind — and only those, never a file vl
 A full disk (or quota, or file-size limit) during a write removes that write's temporary and raises
 `DiskFullError` naming the file and the space it needs: the files written before it stay whole, and the
 same command run again after freeing space resumes from them.
+
+Reading: `read_json_file` and `read_safetensors` are the readers of those two kinds (validated, one-line
+errors); safetensors files vlmcache writes carry the SHA-256 of their content (`write_sealed_safetensors`), and
+`read_verified_bytes` checks a file against a SHA-256 recorded elsewhere when it was written.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from vlmcache.errors import VlmcacheError
 
@@ -212,3 +218,183 @@ class FolderLock:
         if self.held:  # never remove a lock another process holds
             self.path.unlink(missing_ok=True)
             self.held = False
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------- reading files
+# Every file vlmcache reads goes through one reader of its kind: the JSON reader here, the safetensors reader
+# here, the cache's HDF5 reader (vlmcache.cache.store), the image reader (vlmcache.data.datasets.load_rgb), the
+# TOML reader (vlmcache.options) and the saved text encoder's reader (vlmcache.encode.prompts). Each validates
+# what it reads and turns its library's exceptions into one VlmcacheError naming the file and what to do.
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "an object",
+               list: "a list", type(None): "null"}
+
+
+def _at(where: str, key: object) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def shape_error(value: Any, shape: Any, where: str = "") -> str | None:
+    """Why a JSON value does not have `shape` (None when it does), naming the offending key's dotted path.
+
+    `shape` is a type or tuple of types (a bool is never an int or a float); `{key: shape}` an object with at
+    least those keys, where a key ending in '?' may be missing or null; `{str: shape}` an object whose every
+    value has `shape`; `[shape]` a list whose every item has it.
+    """
+    what = where or "the top level"
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            return f"{what} must be an object"
+        if str in shape:
+            return next((why for key, item in value.items() if (why := shape_error(item, shape[str], _at(where, key)))),
+                        None)
+        for key, inner in shape.items():
+            name = key.removesuffix("?")
+            if value.get(name) is None:
+                if key.endswith("?"):
+                    continue
+                return f"{_at(where, name)} is missing"
+            if why := shape_error(value[name], inner, _at(where, name)):
+                return why
+        return None
+    if isinstance(shape, list):
+        if not isinstance(value, list):
+            return f"{what} must be a list"
+        return next((why for number, item in enumerate(value) if (why := shape_error(item, shape[0], _at(where, number)))),
+                    None)
+    types = shape if isinstance(shape, tuple) else (shape,)
+    if isinstance(value, types) and (bool in types or not isinstance(value, bool)):
+        return None
+    return f"{what} must be {' or '.join(_TYPE_NAMES.get(kind, kind.__name__) for kind in types)}"
+
+
+def read_json_file(path: str | Path, what: str, hint: str, shape: Any = None) -> Any:
+    """The JSON value of a file vlmcache reads. A file that is missing, unreadable, not UTF-8, not JSON, or not of
+    `shape` (see shape_error) is refused in one line naming it, what it should be (`what`) and what to do (`hint`)."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise VlmcacheError(f"{path}: no {what} here; {hint}") from None
+    except (OSError, ValueError, RecursionError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise VlmcacheError(f"{path}: not a readable {what} ({_reason(error)}); {hint}") from None
+    if shape is not None and (why := shape_error(value, shape)):
+        raise VlmcacheError(f"{path}: not a valid {what} ({why}); {hint}")
+    return value
+
+
+def _reason(error: BaseException) -> str:
+    """An exception as a short reason (an OSError's own words, without the path it repeats)."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error)[:300] or type(error).__name__
+
+
+def _json_sha256(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def write_sealed_json(path: str | Path, value: dict) -> None:
+    """Write a JSON object atomically with the SHA-256 of its content under SEAL (read back by read_sealed_json)."""
+    write_json_atomic(path, {**value, SEAL: _json_sha256(value)})
+
+
+def read_sealed_json(path: str | Path, what: str, shape: Any) -> dict | None:
+    """A JSON object written by write_sealed_json, without its seal. None when it is missing, cut short, not of
+    `shape`, unsealed (written before vlmcache sealed it) or different from its seal: the reader's cue to make
+    it again (sealed JSON is derived data, such as an ablation cell's result)."""
+    try:
+        value = read_json_file(path, what, "", shape={**shape, SEAL: str})
+    except VlmcacheError:
+        return None
+    content = {key: item for key, item in value.items() if key != SEAL}
+    return content if value[SEAL] == _json_sha256(content) else None
+
+
+def read_verified_bytes(path: str | Path, sha256: str, what: str, hint: str) -> bytes:
+    """A file's bytes, refused in one line when it is missing or its SHA-256 is not the one recorded when it
+    was written (cut short, damaged or altered)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise VlmcacheError(f"{path}: cannot read the {what} ({_reason(error)}); {hint}") from None
+    if hashlib.sha256(raw).hexdigest() != sha256:
+        raise VlmcacheError(f"{path}: the {what} differs from the SHA-256 recorded when it was written (cut short, "
+                            f"damaged or altered); {hint}")
+    return raw
+
+
+# Safetensors files vlmcache writes (checkpoints, search indexes) carry the SHA-256 of their content in their
+# own metadata under this key: one file, written atomically, that can always tell whether it is whole.
+SEAL = "vlmcache_sha256"
+
+
+def _safetensors_header(raw: bytes | memoryview) -> tuple[dict, int]:
+    """(header, offset of the tensor bytes) of a safetensors file's bytes; ValueError when the header is not one."""
+    if len(raw) < 8:
+        raise ValueError("shorter than a safetensors header")
+    size = int.from_bytes(raw[:8], "little")
+    if size > len(raw) - 8:
+        raise ValueError(f"its header of {size} bytes runs past the end of the file (cut short?)")
+    header = json.loads(bytes(raw[8:8 + size]))
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(header, dict) or not isinstance(metadata or {}, dict) or not all(
+            isinstance(value, str) for value in (metadata or {}).values()):
+        raise ValueError("its header is not a safetensors header")
+    return header, 8 + size
+
+
+def _content_sha256(header: dict, data: memoryview) -> str:
+    """SHA-256 of what a safetensors file holds: its header (tensor names, types, shapes and offsets, and the
+    metadata without the seal itself) and its tensor bytes."""
+    described = {**header, "__metadata__": {k: v for k, v in (header.get("__metadata__") or {}).items() if k != SEAL}}
+    text = json.dumps(described, sort_keys=True).encode()
+    digest = hashlib.sha256(len(text).to_bytes(8, "little") + text)
+    digest.update(data)
+    return digest.hexdigest()
+
+
+def write_sealed_safetensors(path: str | Path, raw: bytes) -> None:
+    """Write a safetensors file (the bytes of safetensors' `save`) atomically, with the SHA-256 of its content
+    sealed into its metadata, so that every later read (read_safetensors) can tell it is whole."""
+    header, start = _safetensors_header(raw)
+    data = memoryview(raw)[start:]
+    header["__metadata__"] = {**(header.get("__metadata__") or {}), SEAL: _content_sha256(header, data)}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # tensors start 8-byte aligned, as safetensors writes them
+    with atomic_write(path) as temporary, open(temporary, "wb") as handle:
+        handle.write(len(text).to_bytes(8, "little") + text)
+        handle.write(data)
+
+
+def read_safetensors(path: str | Path, what: str, hint: str,
+                     load: Callable[[bytes], Any] | None = None) -> tuple[Any, dict[str, str]]:
+    """(tensors as `load` makes them from the file's bytes, None without `load`; the string metadata) of a
+    safetensors file. A file that is missing, cut short or malformed, or whose content differs from the SHA-256
+    sealed into it, is refused in one line naming it (`hint`: what to do). A file written before vlmcache sealed
+    them is read as it is: its metadata has no SEAL key, and the caller decides whether to trust it."""
+    from safetensors import SafetensorError
+
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        header, start = _safetensors_header(raw)
+        metadata = header.get("__metadata__") or {}
+        if SEAL in metadata and metadata[SEAL] != _content_sha256(header, memoryview(raw)[start:]):
+            raise VlmcacheError(f"{path}: the {what} differs from the SHA-256 recorded when it was written (cut short, "
+                                f"damaged or altered); {hint}")
+        return (load(raw) if load is not None else None), metadata
+    except FileNotFoundError:
+        raise VlmcacheError(f"{path}: no {what} here; {hint}") from None
+    except (OSError, ValueError, TypeError, RecursionError, SafetensorError) as error:
+        raise VlmcacheError(f"{path}: not a readable {what} ({_reason(error)}); {hint}") from None

@@ -43,6 +43,13 @@ def option(default: Any, help: str, **meaning: Any) -> Any:
     return dataclasses.field(default=default, metadata={"option": Option(help, **meaning)})
 
 
+def option_like(cls: type, name: str, default: Any, **changes: Any) -> Any:
+    """A dataclass field that is option `name` of the config class `cls` — its type checks, range and choices —
+    with another default; `changes` replace parts of its Option (help, a bound). For an option two configs share."""
+    meaning = next(meaning for field, meaning, _ in option_fields(cls) if field.name == name)
+    return dataclasses.field(default=default, metadata={"option": dataclasses.replace(meaning, **changes)})
+
+
 def option_fields(cls: type) -> list[tuple[dataclasses.Field, Option, Any]]:
     """(field, its Option, its resolved type) of every option of a config class, in declaration order."""
     hints = typing.get_type_hints(cls)
@@ -116,7 +123,7 @@ def read_toml(path: str | Path) -> dict:
         values = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise VlmcacheError(f"--config {path}: file not found") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as error:
         raise VlmcacheError(f"--config {path}: not a readable TOML file ({error})") from None
     return {key.replace("-", "_"): value for key, value in values.items()}
 

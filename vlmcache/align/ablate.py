@@ -40,7 +40,7 @@ from vlmcache.cache.layout import parse_sets
 from vlmcache.cache.store import load_features, open_cache
 from vlmcache.encode import encoders
 from vlmcache.errors import VlmcacheError
-from vlmcache.files import FolderLock, write_json_atomic, write_text_atomic
+from vlmcache.files import FolderLock, read_sealed_json, write_json_atomic, write_sealed_json, write_text_atomic
 from vlmcache.metrics.baselines import ASIF_ROW, CCA_ROW, baseline_ranks
 from vlmcache.metrics.retrieval import RETRIEVAL_KEYS
 from vlmcache.metrics.stats import ALPHA, CONFIDENCE, RESAMPLES, mark_best, stack_seeds
@@ -380,14 +380,19 @@ def _record_grid(result: AblationResult, grid: Tracking, definition: dict) -> No
             tracker.log_artifact(path)
 
 
+# What a finished cell's result holds (vlmcache.files.shape_error): a file of another shape is trained again.
+CELL = {"cache": str, "config": dict, "metrics": {str: (int, float)}, "parameters": int, "seconds": (int, float),
+        "split": str}
+
+
 def _read_cell(path: Path) -> dict | None:
-    """A finished cell's result, or None when it is missing, was cut short or lacks its ranks (it is trained again)."""
-    try:
-        finished = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    """A finished cell's result, or None when it is missing, was cut short, differs from the SHA-256 sealed into it
+    (damaged, or written before cells were sealed) or lacks its ranks: the cell is then trained again."""
+    finished = read_sealed_json(path, "ablation cell", CELL)
     ranks = path.with_suffix(".npz")
-    return {**finished, "ranks": str(ranks.relative_to(path.parent.parent))} if ranks.is_file() else None
+    if finished is None or not ranks.is_file():
+        return None
+    return {**finished, "ranks": str(ranks.relative_to(path.parent.parent))}
 
 
 def _keep_ranks(item: dict, path: Path, out: Path) -> dict:
@@ -397,9 +402,9 @@ def _keep_ranks(item: dict, path: Path, out: Path) -> dict:
 
 
 def _keep(cell_result: dict, path: Path) -> dict:
-    """Save a trained cell: its ranks first, then its JSON (whose presence marks the cell finished)."""
+    """Save a trained cell: its ranks first, then its sealed JSON (whose presence marks the cell finished)."""
     kept = _keep_ranks(cell_result, path.with_suffix(".npz"), path.parent.parent)
-    write_json_atomic(path, kept)
+    write_sealed_json(path, kept)
     return kept
 
 

@@ -14,10 +14,14 @@ import torch
 
 from vlmcache.align.config import MAX_WIDTH, TrainConfig, parse_sets
 from vlmcache.align.model import AlignmentModel
-from vlmcache.cache.store import FeatureCache, open_cache
+from vlmcache.cache.store import ENCODER, FeatureCache, open_cache
 from vlmcache.encode import encoders
 from vlmcache.errors import VlmcacheError
-from vlmcache.run.checkpoint import model_weights, read_checkpoint
+from vlmcache.run.checkpoint import load_checked, model_weights, read_checkpoint
+
+# What an alignment checkpoint's metadata holds beside what every checkpoint has (vlmcache.run.checkpoint.META).
+ALIGNMENT_META = {"text_dim": int, "text_encoder": ENCODER, "text_encoders?": [ENCODER], "text_cache?": str,
+                  "image_tokens?": int, "text_tokens?": int}
 
 
 def build_checked(meta: dict, tensors: dict[str, torch.Tensor], path: str) -> AlignmentModel:
@@ -34,22 +38,13 @@ def build_checked(meta: dict, tensors: dict[str, torch.Tensor], path: str) -> Al
         raise VlmcacheError(f"{path}: checkpoint metadata asks for {counts} tokens; not a valid checkpoint")
     with torch.device("meta"):  # shapes only: nothing is allocated however large the header says it is
         model = AlignmentModel(config, image_dim, text_dim, *counts)
-    weights = model_weights(tensors)
-    expected = {name: tuple(value.shape) for name, value in model.state_dict().items()}
-    found = {name: tuple(value.shape) for name, value in weights.items()}
-    if expected != found:
-        differing = sorted(set(expected.items()) ^ set(found.items()))[:3]
-        raise VlmcacheError(f"{path}: checkpoint metadata disagrees with its tensors ({differing}); the file was "
-                            "altered or not written by vlmcache train")
-    if not all(torch.isfinite(value).all() for value in weights.values()):
-        raise VlmcacheError(f"{path}: checkpoint holds NaN or infinite weights (a diverged run); retrain with a lower --lr")
-    model.load_state_dict(weights, assign=True)
+    load_checked(model, model_weights(tensors), path, assign=True)
     return model
 
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[AlignmentModel, dict]:
     """Rebuild a trained AlignmentModel from a checkpoint; returns (model in eval mode, its metadata)."""
-    tensors, header = read_checkpoint(path)
+    tensors, header = read_checkpoint(path, "alignment", ALIGNMENT_META)
     model = build_checked(header["vlmcache"], tensors, header["path"])
     return model.to(device).eval(), header["vlmcache"]
 

@@ -105,39 +105,47 @@ def info(cache: Annotated[Path, typer.Argument(help="Cache folder.")]) -> None:
             prov, what = feature_set.provenance, f"{modality} {name}" if len(sets) > 1 else modality
             encoder = prov["encoder"]
             table.add_row(f"{what} encoder", f"{encoder['name']}  pooling={encoder['pooling']}  dim={encoder['dim']}  "
-                                             f"precision={encoder['precision']}")
+                                             f"precision={encoder.get('precision')}")
             table.add_row(f"{what} weights sha256", encoder["weights_sha256"])
             extra = encoder.get("preprocess") or {"max_length": encoder.get("max_length"), "tokenizer": encoder.get("tokenizer")}
             table.add_row(f"{what} preprocessing", json.dumps(extra))
             table.add_row(f"{what} storage", f"{prov['dtype']}, {len(feature_set.shards)} shards of "
-                                             f"{prov['shard_size']} rows, tokens={prov['tokens']}")
+                                             f"{prov.get('shard_size')} rows, tokens={prov.get('tokens', False)}")
             table.add_row(f"{what} compute path", prov.get("compute_path", "eager")
                           + (f" (tokens: {prov['token_compute_path']})" if "token_compute_path" in prov else ""))
-    table.add_row("libraries", ", ".join(f"{k} {v}" for k, v in manifest["libraries"].items()))
-    table.add_row("created / finished", f"{manifest['created']} / {manifest.get('finished')}")
-    table.add_row("skipped", f"{len(manifest['skipped'])} items" + "".join(
-        f"\n  {s['modality']} row {s['row']} {s['item']}: {s['reason']}" for s in manifest["skipped"][:10]))
-    table.add_row("truncated captions", str(manifest["truncated_captions"]))
+    # Keys a manifest may lack (vlmcache.cache.store.MANIFEST): an older vlmcache did not write them all.
+    table.add_row("libraries", ", ".join(f"{k} {v}" for k, v in manifest.get("libraries", {}).items()))
+    table.add_row("created / finished", f"{manifest.get('created')} / {manifest.get('finished')}")
+    skipped = manifest.get("skipped", [])
+    table.add_row("skipped", f"{len(skipped)} items" + "".join(
+        f"\n  {s['modality']} row {s['row']} {s['item']}: {s['reason']}" for s in skipped[:10]))
+    table.add_row("truncated captions", str(manifest.get("truncated_captions", 0)))
     console.print(table)
 
 
-@app.command(epilog="Example:\n\n  vlmcache verify features/flickr8k")
-def verify(cache: Annotated[Path, typer.Argument(help="Cache folder.")]) -> None:
-    """Check every shard of a cache (checksums, content hashes, row ranges, provenance, finite features)."""
+@app.command(epilog="Examples:\n\n  vlmcache verify features/flickr8k\n\n  vlmcache verify runs/mlp-infonce")
+def verify(path: Annotated[Path, typer.Argument(help="Cache folder or run folder.")]) -> None:
+    """Check every file of a cache (shards: checksums, content hashes, row ranges, provenance, finite features;
+    index.h5 and the saved text encoder: content hashes) or of a run (checkpoints, search indexes: content hashes)."""
     from vlmcache.cache.store import verify_cache
 
-    problems = verify_cache(cache)
+    if path.is_dir() and not (path / "manifest.json").exists() and any(path.glob("*.safetensors")):
+        from vlmcache.app.search_index import verify_run
+
+        problems = verify_run(path)
+    else:
+        problems = verify_cache(path)
     if not problems:
-        console.print(f"[green]ok[/green] {cache}: every shard reads back whole and matches the manifest")
+        console.print(f"[green]ok[/green] {path}: every file reads back whole and matches what was recorded when it "
+                      "was written")
         return
-    table = Table(title=f"bad shards in {cache}", title_justify="left")
-    table.add_column("shard", no_wrap=True)
+    table = Table(title=f"bad files in {path}", title_justify="left")
+    table.add_column("file", no_wrap=True)
     table.add_column("problem")
-    for shard, problem in problems:
-        table.add_row(shard, problem)
+    for file, problem in problems:
+        table.add_row(file, problem)
     console.print(table)
-    raise VlmcacheError(f"{cache}: {len(problems)} bad shard(s), first {problems[0][0]}; delete them and run the same "
-                        "vlmcache extract again to recompute just those")
+    raise VlmcacheError(f"{path}: {len(problems)} bad file(s); first {problems[0][0]}: {problems[0][1]}")
 
 
 def _grid(value) -> tuple[int, int] | None:

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from vlmcache.errors import VlmcacheError
-from vlmcache.files import atomic_write, check_writable
+from vlmcache.files import atomic_write, check_writable, read_json_file, shape_error
 
 
 def _pyplot():
@@ -23,6 +23,16 @@ def _pyplot():
     return plt
 
 
+NUMBER = (int, float)
+# The epoch records a plot draws (vlmcache.files.shape_error): a training run's and a captioning run's.
+RUN_RECORD = {"epoch": int, "train_loss": NUMBER, "logit_scale": NUMBER,
+              **{f"val_{key}": NUMBER for key in ("i2t_r1", "t2i_r1", "i2t_r10", "t2i_r10", "mean_recall")}}
+CAPTION_RECORD = {"epoch": int, "train_loss": NUMBER, **{f"val_{key}": NUMBER for key in ("bleu1", "bleu4", "rouge_l",
+                                                                                         "cider")}}
+ABLATION = {"split": str, "rows": [{"cache": str, "encoders": str, "projector": str, "loss": str,
+                                    "mean_recall": NUMBER, "mean_recall_std": NUMBER}]}
+
+
 def save_figure(figure, out: Path) -> None:
     """Save a figure atomically, in the format its file name says (a full disk leaves no half image)."""
     with atomic_write(out) as temporary:
@@ -30,14 +40,21 @@ def save_figure(figure, out: Path) -> None:
 
 
 def read_metrics_log(log: Path) -> list[dict]:
-    """The complete epoch records of a metrics.jsonl (a line cut short by a kill, or not JSON, is skipped)."""
-    records = []
-    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+    """The complete epoch records of a metrics.jsonl, all of the first record's kind (a training or a captioning
+    run); a line cut short by a kill, not JSON, or without what a plot draws is skipped."""
+    records, kind = [], None
+    try:
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as error:
+        raise VlmcacheError(f"{log}: cannot be read ({error.strerror}); pass a run folder written by vlmcache train") from None
+    for line in lines:
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
-        if isinstance(record, dict) and "epoch" in record and "train_loss" in record:
+        shapes = [kind] if kind else [RUN_RECORD, CAPTION_RECORD]
+        kind = next((shape for shape in shapes if not shape_error(record, shape)), kind)
+        if kind is not None and not shape_error(record, kind):
             records.append(record)
     return records
 
@@ -108,14 +125,10 @@ def plot_ablation(ablation_json: str | Path, out: str | Path | None = None) -> P
         path = path / "ablation.json"
     if not path.exists():
         raise VlmcacheError(f"{path}: not found; run vlmcache ablate first")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        rows = data["rows"]
-        complete = bool(rows) and all("mean_recall" in row and "projector" in row for row in rows)
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
-        complete = False
-    if not complete:
-        raise VlmcacheError(f"{path}: not a complete ablation.json; run vlmcache ablate again")
+    data = read_json_file(path, "ablation.json", "run vlmcache ablate again", shape=ABLATION)
+    rows = data["rows"]
+    if not rows:
+        raise VlmcacheError(f"{path}: not a complete ablation.json (no rows); run vlmcache ablate again")
     several = len({row["cache"] for row in rows}) > 1
     labels = [(f"{row['encoders'].split(' (')[0]}\n" if several else "") +
               (row["projector"] if row["loss"] == "—" else f"{row['projector']}\n{row['loss']}") for row in rows]

@@ -29,7 +29,7 @@ from vlmcache.data.datasets import ImageDecodeError, load_rgb
 from vlmcache.encode import encoders
 from vlmcache.encode.prompts import PromptStore, prompt_folder
 from vlmcache.errors import VlmcacheError
-from vlmcache.files import atomic_write
+from vlmcache.files import write_sealed_safetensors
 from vlmcache.metrics.qbnorm import QueryBank, check_bank_split, query_bank
 from vlmcache.metrics.retrieval import choose_beta
 
@@ -186,7 +186,7 @@ def write_search_index(predictor: Predictor, checkpoint: str | Path, split: str 
                 cache: str | Path | None = None) -> Path | None:
     """Keep the index of a split for later searches; returns its path (None where it cannot be written)."""
     import torch
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     from vlmcache.align.model import TextEmbedding
 
@@ -203,10 +203,9 @@ def write_search_index(predictor: Predictor, checkpoint: str | Path, split: str 
     index.parent.mkdir(exist_ok=True)
     for stale in index.parent.glob(f"{index_prefix(path, split)}*.safetensors"):  # of older weights or caches
         stale.unlink(missing_ok=True)
-    with atomic_write(index) as temporary:
-        save_file({"images": image_emb.numpy().astype(np.float32),
-                   "text_projector": np.frombuffer(exported, dtype=np.uint8)}, str(temporary),
-                  metadata={"split": chosen.name, "image_ids": json.dumps(list(chosen.image_ids)),
-                            "image_paths": json.dumps(list(chosen.image_paths))})
+    write_sealed_safetensors(index, save(
+        {"images": image_emb.numpy().astype(np.float32), "text_projector": np.frombuffer(exported, np.uint8)},
+        metadata={"split": chosen.name, "image_ids": json.dumps(list(chosen.image_ids)),
+                  "image_paths": json.dumps(list(chosen.image_paths))}))
     return index
 

@@ -24,7 +24,6 @@ when complete, so a shard file that exists is whole.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Iterator
@@ -37,13 +36,74 @@ import h5py
 import numpy as np
 import torch
 
-from vlmcache.cache.hdf5 import HDF5_ERRORS, read_hdf5
-from vlmcache.cache.layout import MODALITIES, set_name
+from vlmcache.cache import query_encoder
+from vlmcache.cache.hdf5 import read_hdf5
+from vlmcache.cache.layout import MODALITIES, set_folder, set_name
 from vlmcache.errors import VlmcacheError
-from vlmcache.files import write_bytes_atomic
+from vlmcache.files import file_sha256, read_json_file, shape_error, write_bytes_atomic
 
 FORMAT_VERSION = 1
 _STRING = h5py.string_dtype("utf-8")
+
+# What a manifest holds, checked when it is read (vlmcache.files.shape_error): a manifest whose values have
+# other types is refused naming the key, before any of them is used.
+ENCODER = {"name": str, "weights_sha256": str, "pooling": str, "dim": int}
+PROVENANCE = {"encoder": ENCODER, "dtype": str, "tokens?": bool, "shard_size?": int, "dataset_fingerprint?": str,
+              "compute_path?": str}
+SHARDS = [{"file": str, "row_start": int, "rows": int, "sha256?": str}]
+MANIFEST = {
+    "format_version": int, "status": str,
+    "dataset": {"fingerprint": str, "images": int, "captions": int, "format": str, "root": str,
+                "splits": {str: {"images": int, "captions": int}}},
+    "provenance": {"images": PROVENANCE, "texts": PROVENANCE},
+    "shards?": {"images?": SHARDS, "texts?": SHARDS},
+    "feature_sets?": {str: {str: {"folder": str, "provenance": PROVENANCE, "status": str, "shards?": SHARDS}}},
+    "skipped?": [{"modality": str, "row": int, "item": str, "reason": str}],
+    "truncated_captions?": int, "libraries?": {str: str}, "created?": str, "finished?": str, "index_sha256?": str,
+}
+COMPLETE_MANIFEST = {"shards": {"images": SHARDS, "texts": SHARDS}}
+MANIFEST_HINT = "re-extract with --overwrite"
+INDEX_HINT = "delete it and run the same vlmcache extract again to rewrite it"
+RECOMPUTE = "delete it and run the same vlmcache extract again to recompute it"
+
+
+def read_manifest(path: Path) -> dict:
+    """A cache's manifest.json, refused in one line (naming the file and the key) when it is not JSON, is of
+    another cache format, or holds a value of the wrong type. The one reader of manifests."""
+    manifest = read_json_file(path, "manifest", MANIFEST_HINT, shape=dict)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise VlmcacheError(f"{path}: cache format {manifest.get('format_version')} is not {FORMAT_VERSION}; "
+                            "re-extract with this vlmcache")
+    if why := shape_error(manifest, MANIFEST) or _foreign_paths(manifest) or _uncounted_rows(manifest):
+        raise VlmcacheError(f"{path}: not a valid manifest ({why}); {MANIFEST_HINT}")
+    return manifest
+
+
+def _foreign_paths(manifest: dict) -> str | None:
+    """Why a manifest names a folder or shard file other than the cache's own (None if it does not): a name it
+    records is compared with the name vlmcache gives, so no read ever leaves the cache folder."""
+    listed = [(modality, manifest.get("shards", {}).get(modality) or []) for modality in MODALITIES]
+    for modality, sets in manifest.get("feature_sets", {}).items():
+        for name, entry in sets.items():
+            if modality not in MODALITIES or entry["folder"] != set_folder(modality, name, False):
+                return f"feature_sets.{modality}.{name}.folder is {entry['folder']!r}"
+            listed.append((entry["folder"], entry.get("shards") or []))
+    for folder, shards in listed:
+        for number, entry in enumerate(shards):
+            if entry["file"] != shard_name(number):
+                return f"shard {number} of {folder}/ is named {entry['file']!r}, not {shard_name(number)!r}"
+    return None
+
+
+def _uncounted_rows(manifest: dict) -> str | None:
+    """Why the per-split counts do not add up to the dataset's rows (None when they do): the splits' row ranges
+    are computed from them."""
+    dataset = manifest["dataset"]
+    for rows in ("images", "captions"):
+        counted = sum(counts[rows] for counts in dataset["splits"].values())
+        if counted != dataset[rows] or any(counts[rows] < 0 for counts in dataset["splits"].values()):
+            return f"dataset.splits hold {counted} {rows}, dataset.{rows} is {dataset[rows]}"
+    return None
 
 
 def shard_name(index: int) -> str:
@@ -99,13 +159,9 @@ def _row_chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
     return (max(1, min(shape[0], (1 << 19) // row_size)), *shape[1:]) if shape[0] else None
 
 
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes, read in 1 MB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def shard_hint(cache: Path) -> str:
+    """What to do about a bad shard of the cache `cache`."""
+    return f"run vlmcache verify {cache}, delete the shards it lists and run the same vlmcache extract again"
 
 
 def write_index(path: Path, dataset) -> None:
@@ -115,16 +171,18 @@ def write_index(path: Path, dataset) -> None:
         index.create_dataset("image_path", data=np.asarray(dataset.image_paths, dtype=object), dtype=_STRING)
         index.create_dataset("image_split", data=np.asarray(dataset.image_splits, dtype=object), dtype=_STRING)
         index.create_dataset("caption", data=np.asarray(dataset.captions, dtype=object), dtype=_STRING)
-        index.create_dataset("caption_image", data=dataset.caption_image)
+        # fletcher32: a flipped byte in a caption's image row or an image's label fails the read (strings cannot
+        # carry HDF5 checksums: the manifest's index_sha256, checked by verify, covers the whole file)
+        index.create_dataset("caption_image", data=dataset.caption_image, fletcher32=True)
         if dataset.image_labels is not None:
-            index.create_dataset("image_label", data=dataset.image_labels)
+            index.create_dataset("image_label", data=dataset.image_labels, fletcher32=True)
             index.attrs["classes"] = json.dumps(dataset.classes)
 
 
 def read_index(folder: Path) -> AbstractContextManager[h5py.File]:
     """The index.h5 of the cache folder `folder` opened for reading (see `read_hdf5`); a read error says to
     extract again, which rewrites a missing index."""
-    return read_hdf5(folder / "index.h5", "missing or unreadable", "run the same vlmcache extract again to rewrite it")
+    return read_hdf5(folder / "index.h5", "run the same vlmcache extract again to rewrite it", "missing or unreadable")
 
 
 @dataclass(frozen=True)
@@ -182,23 +240,16 @@ class FeatureCache:
         manifest_path = path / "manifest.json"
         if not manifest_path.exists():
             raise VlmcacheError(f"{path}: not a vlmcache cache (no manifest.json); run vlmcache extract first")
-        try:
-            self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-            version, status = self.manifest.get("format_version"), self.manifest.get("status")
-        except (OSError, UnicodeDecodeError, ValueError, AttributeError) as error:
-            raise VlmcacheError(f"{manifest_path}: not a valid manifest ({error}); re-extract with --overwrite") from None
-        if version != FORMAT_VERSION:
-            raise VlmcacheError(f"{manifest_path}: cache format {version} is not {FORMAT_VERSION}; re-extract with this vlmcache")
-        if status != "complete":
+        self.manifest = read_manifest(manifest_path)
+        if self.manifest["status"] != "complete":
             raise VlmcacheError(f"{path}: extraction is incomplete; run the same vlmcache extract again to finish it")
-        try:
-            for modality in MODALITIES:
-                for feature_set in self.feature_sets(modality).values():
-                    if check_shards:
-                        self._check_set(feature_set)
-            self.index_rows("caption_image", slice(0, 1))  # a missing or corrupt index.h5 is reported up front
-        except (KeyError, TypeError, AttributeError) as error:
-            raise VlmcacheError(f"{manifest_path}: not a valid manifest (missing {error}); re-extract with --overwrite") from None
+        if why := shape_error(self.manifest, COMPLETE_MANIFEST):
+            raise VlmcacheError(f"{manifest_path}: not a valid manifest ({why}); {MANIFEST_HINT}")
+        for modality in MODALITIES:
+            for feature_set in self.feature_sets(modality).values():
+                if check_shards:
+                    self._check_set(feature_set)
+        self._check_index()  # a missing or corrupt index.h5 is reported up front
 
     def feature_sets(self, modality: str, all_statuses: bool = False) -> dict[str, FeatureSet]:
         """The complete feature sets of a modality by name, the default set first.
@@ -208,7 +259,7 @@ class FeatureCache:
         sets = {set_name(default["encoder"]["name"]): FeatureSet(modality, set_name(default["encoder"]["name"]),
                                                                  modality, default, self.manifest["shards"][modality])}
         for name, entry in self.manifest.get("feature_sets", {}).get(modality, {}).items():
-            if entry.get("status") == "complete" or all_statuses:
+            if entry["status"] == "complete" or all_statuses:
                 sets[name] = FeatureSet(modality, name, entry["folder"], entry["provenance"], entry.get("shards") or [])
         return sets
 
@@ -282,6 +333,28 @@ class FeatureCache:
             data["classes"] = json.loads(index.attrs.get("classes", "[]"))
         return data
 
+    def _check_index(self) -> None:
+        """index.h5 holds every dataset the manifest's counts call for, of the right kind and length, and every
+        caption's image row and every image's label within range: refused in one line otherwise."""
+        images, captions = self.manifest["dataset"]["images"], self.manifest["dataset"]["captions"]
+        with read_hdf5(self.path / "index.h5", INDEX_HINT) as index:
+            labelled = "image_label" in index
+            classes = json.loads(index.attrs["classes"]) if labelled else []
+            if shape_error(classes, [str]):
+                raise ValueError("its classes attribute is not a list of names")
+            expected = {"image_id": (images, "O"), "image_path": (images, "O"), "image_split": (images, "O"),
+                        "caption": (captions, "O"), "caption_image": (captions, "iu"),
+                        **({"image_label": (images, "iu")} if labelled else {})}
+            for key, (rows, kinds) in expected.items():
+                if index[key].shape != (rows,) or index[key].dtype.kind not in kinds:
+                    raise ValueError(f"{key} is {index[key].shape} of {index[key].dtype}, the manifest expects "
+                                     f"{rows} rows")
+            bounds = {"caption_image": images, **({"image_label": len(classes)} if labelled else {})}
+            for key, bound in bounds.items():
+                values = index[key][()]
+                if len(values) and (values.min() < 0 or values.max() >= bound):
+                    raise ValueError(f"{key} holds rows outside 0..{bound - 1}")
+
     @property
     def _repair_advice(self) -> str:
         """What to do about a shard of this cache that cannot be read."""
@@ -290,7 +363,7 @@ class FeatureCache:
     def open_shard(self, shard_path: Path, problem: str = "corrupt shard") -> AbstractContextManager[h5py.File]:
         """A shard of this cache opened for reading (see `read_hdf5`): h5py's errors, a failed fletcher32
         checksum among them, become one line that says to verify the cache and re-extract."""
-        return read_hdf5(shard_path, problem, self._repair_advice)
+        return read_hdf5(shard_path, self._repair_advice, problem)
 
     @property
     def splits(self) -> list[str]:
@@ -559,32 +632,40 @@ def check_same_encoders(first: FeatureCache, second: FeatureCache) -> None:
 
 
 def verify_cache(path: str | Path) -> list[tuple[str, str]]:
-    """Check everything in a cache: (file, problem) for each bad shard or file; [] when all is well.
+    """Check everything in a cache: (file, problem) for each bad file; [] when all is well.
 
-    Covers every feature set. Reads every dataset of every shard in full (HDF5 checks each chunk's fletcher32 checksum), compares
-    each shard's SHA-256 with the manifest's, its rows with the manifest's rows, and looks for
-    non-finite features in rows marked valid.
+    Every shard of every feature set is read in full (HDF5 checks each chunk's fletcher32 checksum) and compared
+    with the manifest: its SHA-256, its rows and provenance; rows marked valid must hold finite features.
+    index.h5 and the saved text encoder's files are compared with the SHA-256 recorded when they were written
+    (in the manifest and in text-encoder.json); files written before vlmcache recorded a hash are not hashed.
     """
     cache = open_cache(path, check_shards=False)
     problems = []
     for feature_set in [s for modality in MODALITIES for s in cache.feature_sets(modality, all_statuses=True).values()]:
         for entry in feature_set.shards:
-            shard_path = cache.path / feature_set.folder / entry["file"]
             try:
-                cache._check_shard(feature_set.folder, entry, feature_set.provenance)
-                if entry.get("sha256") and file_sha256(shard_path) != entry["sha256"]:
-                    problems.append((str(shard_path), "content differs from the SHA-256 recorded at extraction"))
-                    continue
-                with h5py.File(shard_path, "r") as shard:
-                    arrays = {name: shard[name][()] for name in shard}
-                valid = arrays["valid"].astype(bool)
-                if not np.isfinite(arrays["features"][valid].astype(np.float32)).all():
-                    problems.append((str(shard_path), "NaN or infinite features in rows marked valid"))
+                _verify_shard(cache, feature_set, entry)
             except VlmcacheError as error:
-                problems.append((str(shard_path), str(error).split(": ", 1)[-1]))
-            except HDF5_ERRORS as error:  # verify reports each bad shard and goes on to the next
-                problems.append((str(shard_path), f"unreadable ({error})"))
-    return problems
+                problems.append((str(cache.path / feature_set.folder / entry["file"]), str(error).split(": ", 1)[-1]))
+    recorded = cache.manifest.get("index_sha256")
+    if recorded and file_sha256(cache.path / "index.h5") != recorded:
+        problems.append((str(cache.path / "index.h5"), f"content differs from the SHA-256 recorded at extraction; "
+                                                       f"{INDEX_HINT}"))
+    return problems + query_encoder.problems(cache.path)
+
+
+def _verify_shard(cache: FeatureCache, feature_set: FeatureSet, entry: dict) -> None:
+    """Refuse (VlmcacheError) a shard that differs from the manifest or holds non-finite valid rows."""
+    shard_path = cache.path / feature_set.folder / entry["file"]
+    cache._check_shard(feature_set.folder, entry, feature_set.provenance)
+    if entry.get("sha256") and file_sha256(shard_path) != entry["sha256"]:
+        raise VlmcacheError(f"{shard_path}: content differs from the SHA-256 recorded at extraction; {RECOMPUTE}")
+    with read_hdf5(shard_path, RECOMPUTE) as shard:
+        arrays = {name: shard[name][()] for name in shard}
+        valid = arrays["valid"].astype(bool)
+        finite = np.isfinite(arrays["features"][valid].astype(np.float32)).all()
+    if not finite:
+        raise VlmcacheError(f"{shard_path}: NaN or infinite features in rows marked valid; {RECOMPUTE}")
 
 
 def now_iso() -> str:

@@ -7,7 +7,6 @@ run of the same request wrote; `finalize_cache` lists every shard with its SHA-2
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,16 @@ import numpy as np
 
 from vlmcache.cache.hdf5 import read_hdf5
 from vlmcache.cache.layout import MODALITIES, set_folder, set_name
-from vlmcache.cache.store import differences, file_sha256, now_iso, read_index, shard_name, write_index, write_shard
+from vlmcache.cache.store import (
+    differences,
+    file_sha256,
+    now_iso,
+    read_index,
+    read_manifest,
+    shard_name,
+    write_index,
+    write_shard,
+)
 from vlmcache.errors import VlmcacheError
 from vlmcache.files import DiskFullError, human_size, remove_stale_temporaries, write_json_atomic
 
@@ -77,7 +85,7 @@ def shard_pending(path: Path, chosen: PendingSet) -> bool:
         return True
     if not chosen.provenance.get("tokens"):
         return False
-    with read_hdf5(path, "unreadable shard", _REDO_SHARD) as shard:
+    with read_hdf5(path, _REDO_SHARD, "unreadable shard") as shard:
         return "tokens" not in shard
 
 
@@ -92,6 +100,7 @@ def _assign_folders(manifest: dict, sets: list[PendingSet]) -> None:
             chosen.folder, chosen.complete = set_folder(chosen.modality, chosen.name, False), entry.get("status") == "complete"
 
 
+REWRITE_SHARD = "delete it and run the same extract again"
 CACHE_ENTRIES = {"images", "texts", "index.h5", "manifest.json", ".lock", "text-encoder.onnx", "text-encoder.json",
                  "text-tokenizer.json"}
 
@@ -136,7 +145,7 @@ def prepare_cache(out: Path, dataset, manifest: dict, sets: list[PendingSet], ov
     encoder (or wipe it with overwrite); record new sets; write index and manifest."""
     manifest_path = out / "manifest.json"
     if manifest_path.exists() and not overwrite:
-        old = json.loads(manifest_path.read_text())
+        old = read_manifest(manifest_path)
         differing = [path for path in differences(old.get("dataset", {}), manifest["dataset"]) if path != "root"]
         if differing:  # the same data may be reached by another path
             raise VlmcacheError(f"{out}: already holds a cache of other data (dataset.{', dataset.'.join(differing[:4])}); "
@@ -197,6 +206,7 @@ def prepare_cache(out: Path, dataset, manifest: dict, sets: list[PendingSet], ov
     remove_stale_temporaries(out)
     if not (out / "index.h5").exists():
         write_index(out / "index.h5", dataset)
+        manifest["index_sha256"] = file_sha256(out / "index.h5")  # checked by vlmcache verify
     write_json_atomic(manifest_path, manifest)
 
 
@@ -207,7 +217,7 @@ def write_or_extend_shard(path: Path, row_start: int, provenance: dict, arrays: 
     `left` counts the shards of this set still to write, this one included: on a full disk the error says
     about how much space they need (shards of one set are all about the same size)."""
     if path.exists():
-        with read_hdf5(path, "corrupt shard", _REDO_SHARD) as old:  # a failed fletcher32 checksum included
+        with read_hdf5(path, _REDO_SHARD, "corrupt shard") as old:  # a failed fletcher32 checksum included
             kept = {name: old[name].asstr()[()] if name == "error" else old[name][()] for name in old}
         lost = np.flatnonzero(kept["valid"].astype(bool) & ~arrays["valid"])
         if len(lost):
@@ -255,7 +265,7 @@ def finalize_cache(out: Path, manifest: dict, plans: dict, work: list[PendingSet
 def _shard_summary(path: Path, chosen: PendingSet) -> tuple[list[tuple[int, str]], int]:
     """(offset and reason of each row a just-written shard marks invalid, its truncated-caption count); a shard
     of a set that should hold token states but does not is refused."""
-    with read_hdf5(path, "unreadable shard", _REDO_SHARD) as shard:
+    with read_hdf5(path, _REDO_SHARD, "unreadable shard") as shard:
         # A skipped row is always marked invalid; reading only those rows' strings keeps a
         # million-row cache from decoding two million strings here.
         invalid = [(offset, shard["error"].asstr()[offset])

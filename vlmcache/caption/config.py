@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from vlmcache.align.config import IMAGE_FEATURES_HELP, MAX_WIDTH
+from vlmcache.align.config import IMAGE_FEATURES_HELP
 from vlmcache.cache.layout import parse_sets
 from vlmcache.errors import VlmcacheError
 from vlmcache.options import check_options, option
 from vlmcache.run.options import OptimConfig
 
 CAPTION_PROJECTORS = ("linear", "mlp", "resampler")
+MAX_BEAM = 64  # captions kept per image while decoding; wider only costs time
 
 
 @dataclass
@@ -26,7 +27,7 @@ class CaptionConfig(OptimConfig):
     tune_lm: bool | None = option(None, "Train the language model too [default: small decoder trained, a pretrained "
                                   "LM frozen]", flag="--tune-lm/--freeze-lm")
     layers: int = option(3, "Small decoder: transformer blocks.", low=1, high=64)
-    width: int = option(256, "Small decoder: model width.", low=1, high=MAX_WIDTH)
+    width: int = option(256, "Small decoder: model width.", low=1, high=8192)
     heads: int = option(4, "Small decoder and resampler: attention heads (must divide --width).", low=1, high=256)
     dropout: float = option(0.1, "Decoder dropout.", low=0.0, high=0.99)
     min_count: int = option(5, "Words seen fewer times in the training captions become <unk>.", low=1, high=1 << 20)
@@ -66,3 +67,14 @@ class CaptionConfig(OptimConfig):
     def from_dict(cls, values: dict) -> CaptionConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{key: value for key, value in values.items() if key in known})
+
+
+@dataclass
+class CaptionDecoding:
+    """How a trained captioner writes captions: the option of `caption eval` and `caption IMAGE`, checked where
+    the config is made, as CaptionConfig's are."""
+
+    beam: int = option(5, "Beam width; 1 is greedy decoding.", low=1, high=MAX_BEAM)
+
+    def __post_init__(self):
+        check_options(self)

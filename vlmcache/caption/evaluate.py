@@ -7,6 +7,7 @@ from pathlib import Path
 
 from vlmcache.align.load import check_encoders_match
 from vlmcache.cache.store import open_cache
+from vlmcache.caption.config import CaptionDecoding
 from vlmcache.caption.data import load_split
 from vlmcache.caption.decode import LENGTH_PENALTY, generate
 from vlmcache.caption.model import load_captioner
@@ -30,8 +31,7 @@ def evaluate_captioner(checkpoint: str | Path, cache: str | Path | None = None, 
     when the cache has it, else val), all scored against every reference caption of each image."""
     from vlmcache.metrics.captions import most_frequent_caption, nearest_neighbour_captions, score_captions
 
-    if beam < 1:
-        raise VlmcacheError(f"--beam {beam}: give 1 (greedy) or more")
+    CaptionDecoding(beam)  # refuses a beam out of range before any work
     model, meta = load_captioner(checkpoint)
     opened = open_cache(cache or meta["cache"])
     check_encoders_match(meta, opened, modalities=("images",))

@@ -9,12 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmcache.align.config import MAX_WIDTH
 from vlmcache.align.projectors import Resampler, build_projector
 from vlmcache.caption.config import CaptionConfig
 from vlmcache.caption.vocab import BOS, EOS, PAD, SPECIALS, UNK
 from vlmcache.errors import VlmcacheError
 from vlmcache.metrics.captions import words
-from vlmcache.run.checkpoint import model_weights, read_checkpoint
+from vlmcache.run.checkpoint import HINT, load_checked, model_weights, read_checkpoint
+
+# What a captioner checkpoint's metadata holds beside what every checkpoint has (vlmcache.run.checkpoint.META).
+CAPTIONER_META = {"vocabulary?": [str], "token_count?": int}
 
 
 class Block(nn.Module):
@@ -196,11 +200,19 @@ def initial_captioner(config: CaptionConfig, image_dim: int, vocabulary: list[st
 
 def load_captioner(path: str | Path, device: str = "cpu") -> tuple[Captioner, dict]:
     """Rebuild a trained captioner from a checkpoint file or run folder (its best checkpoint)."""
-    tensors, header = read_checkpoint(path)
+    tensors, header = read_checkpoint(path, "captioner", CAPTIONER_META)
     meta = header["vlmcache"]
-    if meta.get("kind") != "captioner":
-        raise VlmcacheError(f"{path}: not a captioner checkpoint (it was written by vlmcache train); train one with "
-                            "vlmcache caption train CACHE --out RUN")
-    model = Captioner(CaptionConfig.from_dict(meta["config"]), meta["image_dim"], meta["vocabulary"], meta["token_count"])
-    model.trainable().load_state_dict(model_weights(tensors))
+    try:
+        config = CaptionConfig.from_dict(meta["config"])
+    except VlmcacheError as error:
+        raise VlmcacheError(f"{header['path']}: checkpoint metadata is not valid ({error}); {HINT}") from None
+    vocabulary, sizes = meta.get("vocabulary"), (meta["image_dim"], meta.get("token_count") or 1)
+    if config.decoder == "small" and (vocabulary or [])[:len(SPECIALS)] != list(SPECIALS):
+        raise VlmcacheError(f"{header['path']}: checkpoint metadata is not valid (the small decoder's vocabulary is "
+                            f"missing or does not start with {', '.join(SPECIALS)}); {HINT}")
+    if not all(1 <= size <= MAX_WIDTH for size in sizes):  # before a model of that size is allocated
+        raise VlmcacheError(f"{header['path']}: checkpoint metadata asks for image inputs of {sizes[0]} features × "
+                            f"{sizes[1]} tokens; not a valid checkpoint ({HINT})")
+    model = Captioner(config, meta["image_dim"], vocabulary, meta.get("token_count") or 0)
+    load_checked(model.trainable(), model_weights(tensors), header["path"])
     return model.to(device).eval(), meta

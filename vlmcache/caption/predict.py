@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from vlmcache.caption.config import CaptionDecoding
 from vlmcache.caption.decode import generate
 from vlmcache.caption.model import load_captioner
 from vlmcache.errors import VlmcacheError
@@ -25,6 +26,7 @@ class CaptionPredictor:
         """One caption per image file (the image encoder runs on each, as `extract` would)."""
         from vlmcache.data.datasets import ImageDecodeError, load_rgb
 
+        CaptionDecoding(beam)  # refuses a beam out of range before any image is read
         tokens = self.model.config.projector == "resampler"
         inputs = []
         for image in images:
@@ -42,4 +44,5 @@ class CaptionPredictor:
 
 def caption_images(checkpoint: str | Path, images: list[str | Path], beam: int = 5) -> list[str]:
     """Captions for image files with a trained captioner (see CaptionPredictor)."""
+    CaptionDecoding(beam)  # before the captioner and its image encoder are loaded
     return CaptionPredictor(checkpoint).caption(images, beam)

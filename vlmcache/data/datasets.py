@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from PIL import Image, ImageOps
 
 from vlmcache.data import hf, tars
 from vlmcache.errors import VlmcacheError
+from vlmcache.files import read_json_file
 
 SPLIT_ORDER = ("train", "val", "test")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -199,11 +201,8 @@ def _read_flickr8k(root: Path, images_dir: Path | None) -> tuple[list[_Record], 
 
 
 def _read_karpathy(path: Path, images_dir: Path | None) -> tuple[list[_Record], list[str]]:
-    try:
-        data = json.loads(_read_text(path))
-        entries = data["images"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise VlmcacheError(f"{path}: not a Karpathy split file (expected JSON with an 'images' list)") from None
+    entries = read_json_file(path, "Karpathy split file", "expected JSON with an 'images' list",
+                             shape={"images": list})["images"]
     base = images_dir or _karpathy_images_dir(path)
     records = []
     for number, entry in enumerate(entries):
@@ -236,7 +235,7 @@ def _read_pairs(path: Path, images_dir: Path | None) -> tuple[list[_Record], lis
             if line.strip():
                 try:
                     rows.append(json.loads(line))
-                except json.JSONDecodeError:
+                except (json.JSONDecodeError, RecursionError):
                     raise VlmcacheError(f"{path} line {number}: not valid JSON") from None
     else:
         rows = list(csv.DictReader(text.splitlines()))
@@ -302,7 +301,7 @@ def _read_webdataset(source, caption_key: str | None, split_key: str, val_fracti
         if sample.json_text is not None:
             try:
                 meta = json.loads(sample.json_text)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 meta = None
             if not isinstance(meta, dict):
                 reason = "its .json member is not a JSON object"
@@ -446,14 +445,14 @@ def load_rgb(path: str | Path, draft: int | None = None) -> Image.Image:
                 if draft is not None:
                     image.draft("RGB", (draft, draft))  # a no-op for formats other than JPEG
                 image.load()
-                image = ImageOps.exif_transpose(image)
+                # Inside the try: a valid header can still hold EXIF or a pixel mode that fails to convert.
+                return _to_rgb(ImageOps.exif_transpose(image))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageDecodeError(f"larger than Pillow's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels") from None
     except Image.UnidentifiedImageError:
         raise ImageDecodeError("not an image file Pillow can read") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise ImageDecodeError(f"corrupt or truncated image ({error})") from None
-    return _to_rgb(image)
+    except (OSError, EOFError, SyntaxError, ValueError, TypeError, IndexError, struct.error) as error:
+        raise ImageDecodeError(f"corrupt or truncated image ({str(error)[:200]})") from None
 
 
 def image_container(path: str | Path) -> Path | None:

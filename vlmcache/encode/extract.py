@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from vlmcache import distributed
+from vlmcache.cache import query_encoder
 from vlmcache.cache.hdf5 import h5py_version
 from vlmcache.cache.layout import MODALITIES, set_name
-from vlmcache.cache.store import FORMAT_VERSION, now_iso, shard_name, shard_ranges
+from vlmcache.cache.store import FORMAT_VERSION, now_iso, read_manifest, shard_name, shard_ranges
 from vlmcache.cache.writer import (
     ExtractResult,
     PendingSet,
@@ -38,7 +39,7 @@ from vlmcache.data import datasets
 from vlmcache.encode import encoders
 from vlmcache.encode.config import ExtractConfig
 from vlmcache.errors import VlmcacheError
-from vlmcache.files import FolderLock, write_bytes_atomic, write_json_atomic, write_text_atomic
+from vlmcache.files import FolderLock
 from vlmcache.progress import make_progress
 
 # A lost rank's one line ends so: shards are whole once on disk, so a rerun (with any number of ranks) keeps them.
@@ -156,7 +157,7 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
                 error = f"--out {out}: cannot write the cache there ({failure.strerror})"
         distributed.share_error(error, world, DIST_RECOVERY)
         if world > 1:  # the other ranks learn each set's folder, status and provenance from rank 0's manifest
-            shared = json.loads((out / "manifest.json").read_text())
+            shared = read_manifest(out / "manifest.json")
             _assign_folders(shared, sets)
             for chosen in sets:
                 chosen.provenance = _recorded_provenance(shared, chosen)
@@ -187,11 +188,9 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
                                sum(len(plans[c.modality]) for c in sets) - written,
                                image_seconds=seconds["images"], text_seconds=seconds["texts"], shards_tokens_added=added)
         if rank == 0 and work:
-            # Before the manifest says complete: a full disk here leaves the cache incomplete, so the re-run
-            # that resumes it also saves the query encoder (a complete cache is left as it is).
-            if defaults["texts"].folder == "texts":
-                save_query_encoder(out, defaults["texts"].encoder)
             finalize_cache(out, manifest, plans, work, result)
+        if rank == 0 and defaults["texts"].folder == "texts":  # also on a complete cache: rebuilds one it cannot trust
+            save_query_encoder(out, defaults["texts"].encoder)
     result.seconds = time.perf_counter() - started
     return result
 
@@ -280,16 +279,15 @@ def _extract_texts(folder: Path, dataset, encoder, plan, shards, provenance, con
 
 
 def save_query_encoder(out: Path, encoder: encoders.TextEncoder) -> None:
-    """Keep the text encoder's ONNX export and its tokenizer in the cache, when this extract made one.
+    """Keep the text encoder's ONNX export and its tokenizer in the cache, with their SHA-256, when this extract
+    made an export and the cache has none it can trust (see vlmcache.cache.query_encoder).
 
     Queries and prompts are then encoded with `tokenizers` + ONNX Runtime (vlmcache.encode.prompts), which
     starts in a fraction of the time that importing transformers takes.
     """
-    if encoder.onnx_model is None or not getattr(encoder.tokenizer, "is_fast", False) or (out / "text-encoder.json").exists():
+    if encoder.onnx_model is None or not getattr(encoder.tokenizer, "is_fast", False) or \
+            not query_encoder.needs_writing(out):
         return
-    write_bytes_atomic(out / "text-encoder.onnx", encoder.onnx_model)
-    write_text_atomic(out / "text-tokenizer.json", encoder.tokenizer.backend_tokenizer.to_str())
-    write_json_atomic(out / "text-encoder.json", {  # written last: its presence says the other two are whole
+    query_encoder.write(out, encoder.onnx_model, encoder.tokenizer.backend_tokenizer.to_str(), {
         "weights_sha256": encoder.weights_sha256, "max_length": encoder.max_length, "pooling": encoder.pooling,
         "pad_id": encoder.tokenizer.pad_token_id, "pad_token": encoder.tokenizer.pad_token})
-

@@ -5,7 +5,6 @@ vlmcache.metrics.retrieval.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from vlmcache.cache.carve import carve
 from vlmcache.cache.store import load_features, open_cache
 from vlmcache.encode.prompts import PromptStore, prompt_folder
 from vlmcache.errors import VlmcacheError
+from vlmcache.files import read_json_file
 from vlmcache.metrics import baselines
 from vlmcache.metrics.baselines import CCA_ROW, baseline_ranks
 from vlmcache.metrics.qbnorm import QBNORM_SUFFIX, check_bank_split
@@ -130,12 +130,10 @@ def read_class_names(path: str | Path | None) -> dict[str, str]:
     """A JSON object mapping class folder names to the words used in prompts ({} without a file)."""
     if path is None:
         return {}
-    try:
-        names = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise VlmcacheError(f"--class-names {path}: not a readable JSON file ({error})") from None
-    if not isinstance(names, dict) or not all(isinstance(v, str) and v.strip() for v in names.values()):
-        raise VlmcacheError(f'--class-names {path}: give a JSON object {{"folder_name": "words for the prompt"}}')
+    hint = 'give a JSON object {"folder_name": "words for the prompt"}'
+    names = read_json_file(path, "--class-names file", hint, shape={str: str})
+    if not all(words.strip() for words in names.values()):
+        raise VlmcacheError(f"{path}: not a valid --class-names file (a class's words are empty); {hint}")
     return names
 
 

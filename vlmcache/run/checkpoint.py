@@ -1,8 +1,9 @@
 """Checkpoints: safetensors tensors plus JSON metadata in the header (and a .json copy beside it); a `last`
 checkpoint also holds the optimiser, scheduler and RNG states a resumed run restores, and a run's metrics log.
 
-Saving is atomic (see vlmcache.files). Reading never unpickles; vlmcache.align.load builds a model from
-what is read.
+Saving is atomic and seals the file with the SHA-256 of its content, checked on every read (see
+vlmcache.files); checkpoints written before that are read unchecked. Reading never unpickles, and the
+metadata's types are checked before any of it is used; vlmcache.align.load builds a model from what is read.
 """
 
 from __future__ import annotations
@@ -10,15 +11,28 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import safetensors.torch
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vlmcache.cache.store import ENCODER
 from vlmcache.errors import VlmcacheError
-from vlmcache.files import atomic_write, write_json_atomic, write_text_atomic
+from vlmcache.files import (
+    read_safetensors,
+    shape_error,
+    write_json_atomic,
+    write_sealed_safetensors,
+    write_text_atomic,
+)
 from vlmcache.run.loop import LoopState, Optimisation
 from vlmcache.run.tracking import TRACKING_KEYS
+
+# What every checkpoint's metadata holds (vlmcache.files.shape_error); each kind adds its own keys
+# (vlmcache.align.load, vlmcache.caption.model).
+META = {"config": dict, "cache": str, "fingerprint": str, "image_dim": int, "image_encoder": ENCODER,
+        "image_encoders?": [ENCODER]}
+HINT = "pass a run folder or .safetensors file written by vlmcache train (or train again)"
+KINDS = {"alignment": "vlmcache train", "captioner": "vlmcache caption train"}  # a checkpoint's kind: who writes it
 
 
 def save_checkpoint(path: Path, meta: dict, model: nn.Module, optimisation: Optimisation | None = None) -> None:
@@ -40,33 +54,56 @@ def save_checkpoint(path: Path, meta: dict, model: nn.Module, optimisation: Opti
                                           if k != "lr_lambdas"})
         tensors["rng.torch"] = torch.get_rng_state()
         tensors["rng.sampler"] = optimisation.generator.get_state()
-    size = sum(value.numel() * value.element_size() for value in tensors.values()) + len(json.dumps(header))
-    with atomic_write(path, size) as temporary:
-        save_file(tensors, str(temporary), metadata=header)
+    write_sealed_safetensors(path, safetensors.torch.save(tensors, metadata=header))
     write_json_atomic(path.with_suffix(".json"), meta)
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, header) of a checkpoint file or run folder (its best checkpoint). Never unpickles."""
+def read_checkpoint(path: str | Path, kind: str | None = None,
+                    shape: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, header) of a checkpoint file or run folder (its best checkpoint). Never unpickles.
+
+    Refused in one line naming the file: not a safetensors file, cut short, content that differs from its seal,
+    a checkpoint of another `kind` than asked for (None: any), or metadata without the keys every checkpoint
+    has (META) and those of `shape` (the kind's own), or with values of other types."""
     path = Path(path)
     if path.is_dir():
         path = path / "best.safetensors"
     if not path.is_file():
         raise VlmcacheError(f"{path}: no checkpoint here; pass a run folder written by vlmcache train or a .safetensors file")
+    tensors, header = read_safetensors(path, "safetensors checkpoint", HINT, load=safetensors.torch.load)
     try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), "pt") as handle:
-            header = handle.metadata() or {}
         meta = json.loads(header["vlmcache"]) if "vlmcache" in header else None
-    except (SafetensorError, OSError, ValueError) as error:
-        raise VlmcacheError(f"{path}: not a readable safetensors checkpoint ({error})") from None
+    except (ValueError, RecursionError) as error:
+        raise VlmcacheError(f"{path}: checkpoint metadata is not JSON ({error}); {HINT}") from None
     if not isinstance(meta, dict):
         raise VlmcacheError(f"{path}: a safetensors file, but not a vlmcache checkpoint")
+    found = meta.get("kind", "alignment")
+    if kind is not None and found != kind:
+        raise VlmcacheError(f"{path}: not {'an' if kind[0] in 'aeiou' else 'a'} {kind} checkpoint (it was written by "
+                            f"{KINDS.get(found, 'another program')}); train one with {KINDS[kind]} CACHE --out RUN")
+    if why := shape_error(meta, {**META, **(shape or {})}):
+        raise VlmcacheError(f"{path}: checkpoint metadata is not valid ({why}); {HINT}")
     return tensors, {**header, "vlmcache": meta, "path": str(path)}
 
 
 def model_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name[len("model."):]: value for name, value in tensors.items() if name.startswith("model.")}
+
+
+def load_checked(model: nn.Module, weights: dict[str, torch.Tensor], path: str | Path, assign: bool = False) -> None:
+    """Put a checkpoint's weights in `model` once they are exactly its tensors, by name and shape, and finite; a
+    checkpoint whose metadata describes another model than its tensors is refused in one line naming it.
+    `assign=True` puts the tensors themselves in place (a model built on the meta device has no memory to copy
+    into); otherwise they are copied, which keeps tied weights tied."""
+    expected = {name: tuple(value.shape) for name, value in model.state_dict().items()}
+    found = {name: tuple(value.shape) for name, value in weights.items()}
+    if expected != found:
+        differing = sorted(set(expected.items()) ^ set(found.items()))[:3]
+        raise VlmcacheError(f"{path}: checkpoint metadata disagrees with its tensors ({differing}); the file was "
+                            "altered or not written by vlmcache")
+    if not all(torch.isfinite(value).all() for value in weights.values() if value.is_floating_point()):
+        raise VlmcacheError(f"{path}: checkpoint holds NaN or infinite weights (a diverged run); retrain with a lower --lr")
+    model.load_state_dict(weights, assign=assign)
 
 
 def write_metrics_log(out: Path, history: list[dict]) -> None:
@@ -100,6 +137,6 @@ def restore(path: Path, meta: dict, optimisation: Optimisation) -> LoopState:
         torch.set_rng_state(tensors["rng.torch"])
         optimisation.generator.set_state(tensors["rng.sampler"])
         return state
-    except (KeyError, ValueError, RuntimeError) as error:
+    except (KeyError, ValueError, TypeError, RuntimeError, RecursionError) as error:
         raise VlmcacheError(f"{path}: cannot resume from this checkpoint ({str(error)[:200]}); "
                             "start again with --overwrite") from None
