@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+
 import numpy as np
 import pytest
+from conftest import run_cli
 
+from vlmcache.cache.sample import paired_rows
+from vlmcache.data.synthetic import write_synthetic_cache
 from vlmcache.errors import VlmcacheError
+from vlmcache.eval.compat import compat
 from vlmcache.metrics.compat import (
     gram,
     hsic_table,
@@ -70,7 +78,7 @@ def test_cka_matches_the_feature_space_formula_and_debiased_hsic_matches_song_et
 @pytest.mark.parametrize("debiased", [False, True])
 def test_cka_of_a_concatenation_comes_from_the_per_set_table(debiased):
     a, b, t = features(400, 10, 9), features(400, 30, 10), features(400, 8, 11)
-    table = hsic_table(["a", "b", "t"], [gram(a), gram(b), gram(t)])
+    table = hsic_table(["a", "b", "t"], np.stack([gram(a), gram(b), gram(t)]))
     direct = linear_cka(np.concatenate([a, b], 1), t, debiased)
     assert table.cka(("a", "b"), ("t",), debiased) == pytest.approx(direct, rel=1e-4)
 
@@ -105,7 +113,7 @@ def test_score_pairs_ranks_the_set_that_shares_more_structure_first():
     assert singles == ["clean", "noisy", "unrelated"]
     # Combinations only of the 2 best singles; every score ranks the same way here.
     assert {s.image_features for s in scores if len(s.image_sets) > 1} == {"clean+noisy"}
-    for by in ("cka_debiased", "mutual_knn"):
+    for by in ("cka", "mutual_knn"):
         assert [s.image_features for s in rank_pairs(scores, by) if len(s.image_sets) == 1] == singles
     clean = next(s for s in scores if s.image_sets == ("clean",))
     # Not 1: CKA is not invariant to the two sides' different (non-isotropic) maps of the latent.
@@ -118,7 +126,88 @@ def test_score_pairs_refuses_bad_input():
         score_pairs({"a": x}, {"t": x}, rank_by="speed")
     with pytest.raises(VlmcacheError, match="different numbers of paired rows"):
         score_pairs({"a": x}, {"t": x[:10]})
-    with pytest.raises(VlmcacheError, match="share a name"):
-        score_pairs({"a": x}, {"a": x})
+    assert score_pairs({"a": x}, {"a": x}, k=3)[0].cka == pytest.approx(1.0)  # a name may be on both sides
     with pytest.raises(VlmcacheError, match="at least 4 paired rows"):
         score_pairs({"a": x[:3]}, {"t": x[:3]}, k=1)
+
+
+def test_paired_rows_take_one_valid_caption_per_valid_image_with_a_fixed_seed():
+    caption_image = np.repeat(np.arange(6), 5)
+    image_valid = np.array([True, True, False, True, True, True])
+    caption_valid = np.ones(30, bool)
+    caption_valid[15:20] = False  # image 3 has no readable caption
+    caption_valid[0] = False
+    images, captions = paired_rows(caption_image, image_valid, caption_valid, None, seed=0)
+    assert images.tolist() == [0, 1, 4, 5]
+    assert caption_image[captions].tolist() == images.tolist() and caption_valid[captions].all() and 0 not in captions
+    again = paired_rows(caption_image, image_valid, caption_valid, None, seed=0)
+    assert [a.tolist() for a in again] == [images.tolist(), captions.tolist()]
+    drawn = {tuple(paired_rows(caption_image, image_valid, caption_valid, None, seed)[1]) for seed in range(20)}
+    assert len(drawn) > 1  # another seed, other captions
+    sample_images, sample_captions = paired_rows(caption_image, image_valid, caption_valid, 2, seed=0)
+    assert len(sample_images) == 2 and set(sample_images) <= set(images)
+    assert sorted(sample_images) == sample_images.tolist() and caption_image[sample_captions].tolist() == sample_images.tolist()
+
+
+@pytest.fixture(scope="module")
+def multi_cache(tmp_path_factory):
+    """A synthetic cache with 3 image sets (noise 1, 0.3, 8: 'sharp' shares most with the text) and 2 text sets."""
+    return write_synthetic_cache(tmp_path_factory.mktemp("compat") / "cache", 400, val_images=50, captions_per_image=5,
+                                 dim=24, text_dim=16, shard_size=128, extra_image_sets={"sharp": 0.3, "blurred": 8.0},
+                                 extra_text_sets={"texts-b": 1.0})
+
+
+def test_compat_scores_every_pair_of_a_cache(multi_cache, tmp_path):
+    result = compat(multi_cache, sample=300, k=10, combine=2, pool=2)
+    assert result.rows == 300 and result.split == "train" and result.rank_by == "cka_debiased" and not result.note
+    assert result.image_sets == ["synthetic-images", "sharp", "blurred"] and result.text_sets == ["synthetic-texts", "texts-b"]
+    singles = [(s.image_features, s.text_set) for s in result.scores if len(s.image_sets) == 1]
+    assert len(singles) == 6 and [image for image, _ in singles[:2]] == ["sharp", "sharp"]
+    assert [image for image, _ in singles[-2:]] == ["blurred", "blurred"]
+    assert {s.image_features for s in result.scores if len(s.image_sets) == 2} == {"synthetic-images+sharp"}
+    # The sample is fixed by the seed: the same call gives the same numbers.
+    assert compat(multi_cache, sample=300, combine=1).scores[0].cka == pytest.approx(
+        next(s.cka for s in result.scores if s.image_sets == ("sharp",) and s.text_set == result.scores[0].text_set))
+    assert compat(multi_cache, sample=0, combine=1).rows == 400  # 0: every train image
+
+
+def test_compat_command_prints_a_ranked_table_and_json(multi_cache, tmp_path, capsys):
+    code, out, err = run_cli(["compat", multi_cache, "--sample", "200", "--json", tmp_path / "c.json", "--rank-by",
+                              "mutual_knn"], capsys)
+    assert code == 0, err
+    flat = " ".join(out.split())  # the title wraps at the console's width
+    assert "200 image–caption pairs, k=10, ranked by mutual-kNN" in flat and "CKA (debiased)" in out
+    first_row = next(line for line in out.splitlines() if re.match(r"│\s+1 │", line))
+    assert "sharp" in first_row
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert saved["rank_by"] == "mutual_knn" and len(saved["pairs"]) == 6 + 3 * 2  # all 3 pairs of the 3 sets (pool 4)
+    assert saved["pairs"][0]["mutual_knn"] >= saved["pairs"][-1]["mutual_knn"]
+    assert set(saved["pairs"][0]) == {"image_features", "text_features", "cka", "cka_debiased", "mutual_knn"}
+
+
+def test_compat_on_one_pair_says_so(tmp_path, capsys):
+    cache = write_synthetic_cache(tmp_path / "one", 60, dim=8, text_dim=8, captions_per_image=2)
+    code, out, _ = run_cli(["compat", cache], capsys)
+    flat = " ".join(out.split())
+    assert code == 0 and "one image and one text set" in flat and "1 pairs of 1 image × 1 text" in flat
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--split", "test"], "has no split 'test'; it has train, val"),
+    (["--k", "500"], "--k 500: the sample has 400 paired rows"),
+    (["--sample", "2"], "--sample 2: must be at least 4"),
+    (["--rank-by", "vibes"], "--rank-by vibes: use one of cka, cka_debiased, mutual_knn"),
+])
+def test_compat_refuses_bad_options_in_one_line(multi_cache, capsys, args, message):
+    code, _, err = run_cli(["compat", multi_cache, *args], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_compat_refuses_a_set_of_other_data(multi_cache, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(multi_cache, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["feature_sets"]["images"]["sharp"]["provenance"]["dataset_fingerprint"] = "0" * 64
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = run_cli(["compat", copy], capsys)
+    assert code == 2 and "images@sharp: made from a different dataset" in err and len(err.strip().splitlines()) == 1

@@ -566,6 +566,45 @@ def probe(
         console.print(f"wrote {json_out}")
 
 
+@app.command(epilog="Examples:\n\n  vlmcache compat features/flickr8k-multi\n\n"
+                    "  vlmcache compat features/flickr8k-multi --sample 0 --k 20 --json compat.json\n\n"
+                    "  vlmcache ablate features/flickr8k-multi --image-features auto --top 3   (trains the 3 best pairs)")
+def compat(
+    cache: Annotated[Path, typer.Argument(help="Cache folder with several image and/or text feature sets.")],
+    split: Annotated[str, typer.Option(help="Split to score on (never the one you report).")] = "train",
+    sample: Annotated[int, typer.Option(help="Image–caption pairs drawn from the split (one caption per image, fixed seed); 0: every image.")] = 2000,
+    k: Annotated[int, typer.Option(help="Neighbours per row for mutual-kNN.")] = 10,
+    combine: Annotated[int, typer.Option(help="Also score '+' concatenations of up to this many image sets (1: none).")] = 2,
+    pool: Annotated[int, typer.Option(help="Concatenations are drawn from this many best single image sets.")] = 4,
+    rank_by: Annotated[str, typer.Option(help="cka | cka_debiased | mutual_knn")] = "cka_debiased",
+    seed: Annotated[int, typer.Option(help="Seed of the sample.")] = 0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write every pair's scores to this JSON file.")] = None,
+) -> None:
+    """Rank a cache's (image set, text set) pairs by linear CKA and mutual-kNN alignment: seconds, no training."""
+    from vlmcache.eval.compat import compat as run_compat
+    from vlmcache.files import check_writable, write_json_atomic
+    from vlmcache.metrics.compat import SCORE_LABELS, SCORES
+
+    if json_out is not None:
+        check_writable(json_out, "--json")
+    result = run_compat(cache, split, sample, k, combine=combine, pool=pool, rank_by=rank_by, seed=seed)
+    table = Table(title=f"encoder compatibility on split {result.split!r} of {cache}: {result.rows:,} image–caption "
+                        f"pairs, k={result.k}, ranked by {SCORE_LABELS[result.rank_by]}", caption=result.note or None,
+                  title_justify="left")
+    for column in ("rank", "image features", "text features"):
+        table.add_column(column, justify="right" if column == "rank" else "left")
+    for score in SCORES:
+        table.add_column(SCORE_LABELS[score], justify="right", style="bold" if score == result.rank_by else None)
+    for rank, pair in enumerate(result.scores, 1):
+        table.add_row(str(rank), pair.image_features, pair.text_set, *(f"{pair.score(s):.3f}" for s in SCORES))
+    console.print(table)
+    console.print(f"{len(result.scores)} pairs of {len(result.image_sets)} image × {len(result.text_sets)} text sets "
+                  f"in {result.seconds:.1f} s")
+    if json_out is not None:
+        write_json_atomic(json_out, result.to_json())
+        console.print(f"wrote {json_out}")
+
+
 
 
 class _CaptionGroup(typer.core.TyperGroup):

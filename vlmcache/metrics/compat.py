@@ -33,6 +33,9 @@ from vlmcache.errors import VlmcacheError
 
 SCORES = ("cka", "cka_debiased", "mutual_knn")
 SCORE_LABELS = {"cka": "CKA", "cka_debiased": "CKA (debiased)", "mutual_knn": "mutual-kNN"}
+# Plain CKA of unrelated sets grows with their widths, so it would favour wide sets and concatenations for
+# their width alone; the debiased estimate does not.
+DEFAULT_RANK_BY = "cka_debiased"
 
 
 def gram(features: np.ndarray) -> np.ndarray:
@@ -67,16 +70,16 @@ class HsicTable:
         return float(cross / np.sqrt(self_a * self_b))
 
 
-def hsic_table(names: list[str], grams: list[np.ndarray]) -> HsicTable:
-    """Plain and debiased HSIC between every pair of Gram matrices (same n rows each; n ≥ 4).
+def hsic_table(names: list[str], grams: np.ndarray) -> HsicTable:
+    """Plain and debiased HSIC between every pair of Gram matrices, given stacked as (sets, n, n) (n ≥ 4).
 
     Every term of both estimators is a bilinear form of the two Grams, so all pairs come from one
     (sets × n²) product and a few (sets × n) ones.
     """
-    n = grams[0].shape[0]
+    n = grams.shape[1]
     if n < 4:
         raise VlmcacheError(f"compatibility scores need at least 4 paired rows; got {n}")
-    flat = np.stack([g.reshape(-1) for g in grams])
+    flat = grams.reshape(len(grams), -1)
     inner = (flat @ flat.T).astype(np.float64)  # <K_i, K_j>
     diag = np.stack([np.diag(g) for g in grams]).astype(np.float64)
     row_sums = np.stack([g.sum(axis=1, dtype=np.float64) for g in grams])
@@ -109,7 +112,7 @@ def knn_overlap(first: np.ndarray, second: np.ndarray) -> float:
 
 def linear_cka(x: np.ndarray, y: np.ndarray, debiased: bool = False) -> float:
     """Linear CKA of paired rows x (n, p) and y (n, q): plain, or debiased (see the module docstring)."""
-    return hsic_table(["x", "y"], [gram(x), gram(y)]).cka(("x",), ("y",), debiased)
+    return hsic_table(["x", "y"], np.stack([gram(x), gram(y)])).cka(("x",), ("y",), debiased)
 
 
 def mutual_knn(x: np.ndarray, y: np.ndarray, k: int = 10) -> float:
@@ -149,7 +152,7 @@ def image_combinations(singles: list[str], ranking: list[str], combine: int, poo
 
 
 def score_pairs(image_features: dict[str, np.ndarray], text_features: dict[str, np.ndarray], *, k: int = 10,
-                combine: int = 2, pool: int = 4, rank_by: str = "cka") -> list[PairScore]:
+                combine: int = 2, pool: int = 4, rank_by: str = DEFAULT_RANK_BY) -> list[PairScore]:
     """Score every (image combination, text set) pair of paired rows, best first by `rank_by`.
 
     `image_features`/`text_features`: set name → (n, d) features, row i of each describing the same item.
@@ -163,17 +166,24 @@ def score_pairs(image_features: dict[str, np.ndarray], text_features: dict[str, 
     rows = {len(features) for features in (*image_features.values(), *text_features.values())}
     if len(rows) != 1:
         raise VlmcacheError(f"feature sets hold different numbers of paired rows ({sorted(rows)}); pass rows of one sample")
-    grams = {name: gram(features) for name, features in (*image_features.items(), *text_features.items())}
-    if len(grams) != len(image_features) + len(text_features):
-        raise VlmcacheError("an image and a text feature set share a name; scores need distinct names")
-    table = hsic_table(list(grams), list(grams.values()))
-    text_neighbours = {name: knn_indices(grams[name], k) for name in text_features}
+    # Keyed by side: an image set and a text set may share a name (one encoder run on both, say). Written into
+    # one preallocated stack, which the HSIC table reads without a copy.
+    sides = [("image", name, x) for name, x in image_features.items()] + [("text", name, x) for name, x in text_features.items()]
+    n = rows.pop()
+    stack = np.empty((len(sides), n, n), np.float32)
+    grams = {}
+    for index, (side, name, features) in enumerate(sides):
+        stack[index] = gram(features)
+        grams[side, name] = stack[index]
+    table = hsic_table([f"{side}:{name}" for side, name, _ in sides], stack)
+    text_neighbours = {name: knn_indices(grams["text", name], k) for name in text_features}
 
     def pair(images: tuple[str, ...], text: str) -> PairScore:
         neighbours = image_neighbours.get(images)
         if neighbours is None:
-            neighbours = image_neighbours[images] = knn_indices(sum(grams[name] for name in images), k)
-        return PairScore(images, text, table.cka(images, (text,)), table.cka(images, (text,), debiased=True),
+            neighbours = image_neighbours[images] = knn_indices(sum(grams["image", name] for name in images), k)
+        image_keys, text_key = tuple(f"image:{name}" for name in images), (f"text:{text}",)
+        return PairScore(images, text, table.cka(image_keys, text_key), table.cka(image_keys, text_key, debiased=True),
                          knn_overlap(neighbours, text_neighbours[text]))
 
     image_neighbours: dict[tuple[str, ...], np.ndarray] = {}
@@ -185,6 +195,6 @@ def score_pairs(image_features: dict[str, np.ndarray], text_features: dict[str, 
     return rank_pairs(scored, rank_by)
 
 
-def rank_pairs(scores: list[PairScore], by: str = "cka") -> list[PairScore]:
+def rank_pairs(scores: list[PairScore], by: str = DEFAULT_RANK_BY) -> list[PairScore]:
     """Pairs best first by one score (ties: fewer image sets first, then by name, so the order is stable)."""
     return sorted(scores, key=lambda s: (-s.score(by), len(s.image_sets), s.image_features, s.text_set))
