@@ -1,4 +1,5 @@
-"""Compatibility scores (linear CKA, mutual-kNN): known answers, and agreement with direct formulas."""
+"""Compatibility scores (linear CKA, mutual-kNN): known answers, agreement with direct formulas, the compat
+command on a cache, and ablate --image-features auto."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
+from vlmcache.align.ablate import ablate
 from vlmcache.cache.sample import paired_rows
 from vlmcache.data.synthetic import write_synthetic_cache
 from vlmcache.errors import VlmcacheError
@@ -211,3 +213,32 @@ def test_compat_refuses_a_set_of_other_data(multi_cache, tmp_path, capsys):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     code, _, err = run_cli(["compat", copy], capsys)
     assert code == 2 and "images@sharp: made from a different dataset" in err and len(err.strip().splitlines()) == 1
+
+
+def test_ablate_auto_trains_only_the_best_scoring_pairs(multi_cache, tmp_path, capsys):
+    expected = [(s.image_features, s.text_set) for s in compat(multi_cache).scores[:2]]
+    code, out, err = run_cli(["ablate", multi_cache, "--image-features", "auto", "--top", "2", "--projectors", "linear",
+                              "--losses", "infonce", "--seeds", "0", "--epochs", "2", "--jobs", "1", "--no-baselines",
+                              "--out", tmp_path / "ablation"], capsys)
+    assert code == 0, err
+    saved = json.loads((tmp_path / "ablation" / "ablation.json").read_text())
+    trained = [(cell["config"]["image_features"], cell["config"]["text_features"]) for cell in saved["cells"]]
+    assert sorted(trained) == sorted(expected) and "2 runs trained" in out
+    assert [(p["image_features"], p["text_features"]) for p in saved["selected"]] == expected
+    assert f"auto: {expected[0][0]} + {expected[0][1]} (cka_debiased" in out
+    # Only among the text sets asked for.
+    restricted = ablate([multi_cache], tmp_path / "restricted", projectors=("linear",), losses=("infonce",), seeds=(0,),
+                        epochs=1, jobs=1, image_features=("auto",), text_features=("texts-b",), top=1,
+                        with_baselines=False, progress=False)
+    assert [p["text_features"] for p in restricted.selected] == ["texts-b"] and restricted.cells_trained == 1
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--top", "2"], "--top 2: picks pairs for --image-features auto"),
+    (["--image-features", "auto,sharp"], "--image-features auto: chooses the image sets itself; give it alone"),
+    (["--image-features", "auto", "--top", "0"], "--top 0: must be at least 1"),
+    (["--image-features", "auto", "--text-features", "nope"], "--text-features nope: "),
+])
+def test_ablate_auto_refuses_bad_options_in_one_line(multi_cache, tmp_path, capsys, args, message):
+    code, _, err = run_cli(["ablate", multi_cache, "--out", tmp_path / "a", *args], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1

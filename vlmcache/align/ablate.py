@@ -34,11 +34,13 @@ from vlmcache.align.model import initial_model
 from vlmcache.align.projectors import TOKEN_PROJECTORS
 from vlmcache.align.train import train
 from vlmcache.cache.layout import parse_sets
+from vlmcache.cache.sample import read_paired_sample
 from vlmcache.cache.store import load_features, open_cache
 from vlmcache.encode import encoders
 from vlmcache.errors import VlmcacheError
 from vlmcache.files import FolderLock, write_json_atomic, write_text_atomic
 from vlmcache.metrics.baselines import ASIF_ROW, CCA_ROW, baseline_metrics
+from vlmcache.metrics.compat import DEFAULT_RANK_BY, DEFAULT_SAMPLE, score_pairs
 from vlmcache.metrics.retrieval import RETRIEVAL_KEYS
 from vlmcache.progress import make_progress
 
@@ -112,6 +114,8 @@ class AblationResult:
     seconds: float
     split: str = "val"
     raw: list[dict] = field(default_factory=list)
+    # --image-features auto: the pairs chosen per cache by their compatibility score, best first
+    selected: list[dict] = field(default_factory=list)
 
 
 def _worker_init(threads: int) -> None:
@@ -166,6 +170,38 @@ def baseline_rows(cache: str, dim: int, seeds: list[int], features: tuple[str | 
     return raw
 
 
+AUTO = "auto"
+DEFAULT_TOP = 3
+
+
+def best_pairs(cache: str, top: int, text_features: tuple[str | None, ...], split: str = "train") -> list[dict]:
+    """The `top` (image features, text features) pairs of a cache by compatibility score on its training split
+    (vlmcache compat's defaults), among the text sets asked for (all when `text_features` is (None,))."""
+    opened = open_cache(cache)
+    texts = [name for combo in text_features for name in parse_sets(combo) or ()] or None
+    if texts is not None and any(len(parse_sets(combo) or ()) != 1 for combo in text_features):
+        raise VlmcacheError("--image-features auto: give --text-features as single sets (or leave it out for all)")
+    paired = read_paired_sample(opened, split, DEFAULT_SAMPLE, 0, text_sets=texts)
+    scores = score_pairs(paired.images, paired.texts, rank_by=DEFAULT_RANK_BY)[:top]
+    return [{"cache": cache, "image_features": s.image_features, "text_features": s.text_set,
+             "rank_by": DEFAULT_RANK_BY, "score": s.score(DEFAULT_RANK_BY)} for s in scores]
+
+
+def feature_pairs(cache: str, image_features: tuple[str | None, ...], text_features: tuple[str | None, ...],
+                  top: int | None) -> list[dict]:
+    """The (image, text) feature pairs of one cache to train: every combination asked for, or with
+    `image_features=("auto",)` the `top` best-scoring pairs (see `best_pairs`)."""
+    if AUTO not in image_features:
+        if top is not None:
+            raise VlmcacheError(f"--top {top}: picks pairs for --image-features auto; give that too, or drop --top")
+        return [{"image_features": image, "text_features": text} for image in image_features for text in text_features]
+    if len(image_features) > 1:
+        raise VlmcacheError("--image-features auto: chooses the image sets itself; give it alone")
+    if top is not None and top < 1:
+        raise VlmcacheError(f"--top {top}: must be at least 1")
+    return best_pairs(cache, top or DEFAULT_TOP, text_features)
+
+
 def ablate(
     caches: list[str | Path],
     out: str | Path = "runs/ablation",
@@ -182,11 +218,14 @@ def ablate(
     base_config: dict | None = None,
     progress: bool = True,
     threads: int | None = None,
+    top: int | None = None,
 ) -> AblationResult:
     """Run the grid (skipping cells already in `out/cells`), then write ablation.json and ablation.csv.
 
     `image_features`/`text_features`: feature-set combinations of each cache to compare ('a+b'; None is
-    the default set), so "which encoders?" is an axis of the table.
+    the default set), so "which encoders?" is an axis of the table. `image_features=("auto",)` trains
+    only the `top` (default 3) pairs of each cache that score best by compatibility (vlmcache compat),
+    among the text sets of `text_features` (all of them when it is (None,)).
     """
     started = time.perf_counter()
     if not caches:
@@ -199,8 +238,9 @@ def ablate(
     for cache in caches:  # fail now, with the cache and set named, not inside a worker
         opened = open_cache(cache)
         for modality, combos in (("images", image_features), ("texts", text_features)):
-            for name in {n for combo in combos for n in parse_sets(combo) or ()}:
+            for name in {n for combo in combos for n in parse_sets(combo) or ()} - {AUTO}:
                 opened.feature_set(modality, name)
+    pairs = {cache: feature_pairs(cache, image_features, text_features, top) for cache in caches}
     if jobs is not None and not 1 <= jobs <= 64:
         raise VlmcacheError(f"--jobs {jobs}: must be between 1 and 64")
     out = Path(out)
@@ -210,8 +250,9 @@ def ablate(
         raise VlmcacheError(f"--out {out}: cannot create it ({error.strerror})") from None
     cells = [Cell(cache, asdict(TrainConfig(**{**(base_config or {}), **projector_spec(projector), "loss": loss,
                                                "dim": dim, "seed": seed, "epochs": epochs,
-                                               "image_features": image, "text_features": text})))
-             for cache in caches for image in image_features for text in text_features
+                                               "image_features": pair["image_features"],
+                                               "text_features": pair["text_features"]})))
+             for cache in caches for pair in pairs[cache]
              for projector in projectors for loss in losses for dim in dims for seed in seeds]
     with FolderLock(out, "ablation"):
         raw, pending = [], []
@@ -240,13 +281,13 @@ def ablate(
                         bars.advance(task)
         if with_baselines:
             for cache in caches:
-                for image in image_features:
-                    for text in text_features:
-                        for dim in dims:
-                            raw += baseline_rows(cache, dim, list(seeds), (image, text))
+                for pair in pairs[cache]:
+                    for dim in dims:
+                        raw += baseline_rows(cache, dim, list(seeds), (pair["image_features"], pair["text_features"]))
         rows = aggregate(raw, caches)
+        selected = [pair for cache in caches for pair in pairs[cache] if "score" in pair]
         result = AblationResult(rows, out, len(pending), reused, time.perf_counter() - started,
-                                raw[0]["split"] if raw else "val", raw)
+                                raw[0]["split"] if raw else "val", raw, selected)
         _write(result)
     return result
 
@@ -302,7 +343,8 @@ def aggregate(raw: list[dict], caches: list[str]) -> list[dict]:
 
 def _write(result: AblationResult) -> None:
     write_json_atomic(result.out / "ablation.json",
-                      {"split": result.split, "rows": result.rows, "cells": result.raw, "seconds": result.seconds})
+                      {"split": result.split, "rows": result.rows, "cells": result.raw, "seconds": result.seconds,
+                       **({"selected": result.selected} if result.selected else {})})
     buffer = io.StringIO()
     columns = ["encoders", "projector", "loss", "dim", *[c for m in RETRIEVAL_KEYS for c in (m, f"{m}_std")],
                "parameters", "seconds", "seeds"]

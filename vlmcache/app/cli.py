@@ -355,7 +355,7 @@ def search(
 ABLATE_KEYS = {"caches": (list[str], None), "out": (str, None), "projectors": (str | list[str], None),
                "losses": (str | list[str], None), "seeds": (str | list[int], None), "dims": (str | list[int], None),
                "jobs": (int | None, None), "baselines": (bool, None), "image_features": (str | list[str] | None, None),
-               "text_features": (str | list[str] | None, None)}
+               "text_features": (str | list[str] | None, None), "top": (int | None, None)}
 
 
 def _int_list(value, name: str) -> tuple[int, ...]:
@@ -405,13 +405,14 @@ def ablate(
     losses: Annotated[str, typer.Option(help="Comma-separated: infonce,sigmoid")] = "infonce,sigmoid",
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds; each cell runs once per seed.")] = "0,1,2",
     dims: Annotated[str, typer.Option(help="Comma-separated shared-space sizes.")] = "256",
-    image_features: Annotated[str | None, typer.Option(help="Comma-separated image feature-set combinations to compare, e.g. efficientnet-lite0,efficientnet-lite0+efficientnet-lite2 [default: the default set]")] = None,
+    image_features: Annotated[str | None, typer.Option(help="Comma-separated image feature-set combinations to compare, e.g. efficientnet-lite0,efficientnet-lite0+efficientnet-lite2; 'auto': the --top pairs that vlmcache compat ranks best [default: the default set]")] = None,
     text_features: Annotated[str | None, typer.Option(help="Comma-separated text feature-set combinations [default: the default set]")] = None,
     epochs: Annotated[int, typer.Option(help="Epochs per run (best epoch on val is kept).")] = 20,
     batch_size: Annotated[int, typer.Option(help="Pairs per step.")] = 256,
     jobs: Annotated[int | None, typer.Option(help="Cells trained in parallel [default: CPU cores]")] = None,
     baselines: Annotated[bool, typer.Option(help="Add untrained, CCA and ASIF rows.")] = True,
     config_file: Annotated[Path | None, typer.Option("--config", help="TOML file of these options (lists allowed, e.g. seeds = [0, 1]); any other train option in it (lr, dropout, ...) applies to every cell. Options given here override it.")] = None,
+    top: Annotated[int | None, typer.Option(help="With --image-features auto: how many best-scoring (image, text) pairs to train [default: 3]")] = None,
 ) -> None:
     """Train the projector × loss grid on cached features (several seeds) and print one comparison table."""
     from vlmcache.align.ablate import ablate as run_ablate
@@ -419,7 +420,8 @@ def ablate(
     options, rest = _with_config_file(context, config_file, {
         "caches": caches, "out": out, "projectors": projectors, "losses": losses, "seeds": seeds, "dims": dims,
         "epochs": epochs, "batch_size": batch_size, "jobs": jobs, "baselines": baselines,
-        "image_features": image_features, "text_features": text_features}, extra=ABLATE_KEYS, what="vlmcache ablate")
+        "image_features": image_features, "text_features": text_features, "top": top}, extra=ABLATE_KEYS,
+        what="vlmcache ablate")
     if not options["caches"]:
         raise VlmcacheError("give at least one CACHE folder (or a --config file with caches = [...])")
     result = run_ablate(options["caches"], options["out"], projectors=tuple(_split_list(options["projectors"]) or ()),
@@ -427,7 +429,10 @@ def ablate(
                         dims=_int_list(options["dims"], "dims"), epochs=options["epochs"], jobs=options["jobs"],
                         image_features=tuple(_split_list(options["image_features"]) or (None,)),
                         text_features=tuple(_split_list(options["text_features"]) or (None,)),
-                        with_baselines=options["baselines"], base_config={**rest, "batch_size": options["batch_size"]})
+                        with_baselines=options["baselines"], base_config={**rest, "batch_size": options["batch_size"]},
+                        top=options["top"])
+    for pair in result.selected:
+        console.print(f"auto: {pair['image_features']} + {pair['text_features']} ({pair['rank_by']} {pair['score']:.3f})")
     console.print(ablation_table(result.rows, result.split))
     console.print(f"{result.cells_trained} runs trained, {result.cells_reused} reused from {result.out}/cells; "
                   f"{result.seconds:.1f} s; wrote {result.out}/ablation.json and ablation.csv")

@@ -15,9 +15,8 @@ from pathlib import Path
 from vlmcache.cache.sample import read_paired_sample
 from vlmcache.cache.store import open_cache
 from vlmcache.errors import VlmcacheError
-from vlmcache.metrics.compat import DEFAULT_RANK_BY, SCORES, PairScore, score_pairs
+from vlmcache.metrics.compat import DEFAULT_RANK_BY, DEFAULT_SAMPLE, SCORES, PairScore, score_pairs
 
-DEFAULT_SAMPLE = 2000
 ONE_PAIR_NOTE = ("the cache holds one image and one text set, so there is only one pair: nothing to rank; "
                  "add sets with extract --image-model/--text-model or --layers")
 
