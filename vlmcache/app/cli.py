@@ -37,6 +37,8 @@ def _split_list(value) -> list[str] | None:
                     "--image-model efficientnet-lite2\n\n"
                     "  vlmcache extract data/pairs.csv --image-model google/vit-base-patch16-224-in21k "
                     "--text-model distilbert-base-uncased --out features/vit-distilbert\n\n"
+                    "  vlmcache extract ../shared/data/flickr8k --out features/flickr8k-multi --layers -2,-3   "
+                    "(two more layers of each encoder)\n\n"
                     "  torchrun --nproc_per_node=4 -m vlmcache extract data/dataset_coco.json --out features/coco\n\n"
                     "  vlmcache extract 'shards/{00000..00099}.tar' --val-fraction 0.05 --out features/laion-subset")
 def extract(
@@ -66,6 +68,9 @@ def extract(
     split_key: Annotated[str, typer.Option(help="webdataset: the .json field naming a sample's split (train/val/test).")] = "split",
     val_fraction: Annotated[float | None, typer.Option(help="webdataset: put this fraction of samples (fixed seed 0) in val, the rest in train, instead of --split-key.")] = None,
     backend: Annotated[str, typer.Option(help="Image encoder backend: auto (onnxruntime on a CPU when installed, else torch) | onnxruntime | torch (CNNs: BatchNorm folded, channels_last) | eager. All give the same features within float rounding.")] = "auto",
+    layers: Annotated[str | None, typer.Option(help="Also store these layers of every encoder, each as its own feature set NAME:LAYER beside the final output: comma-separated negative indices (-1 = the final output, -2 the layer before) or names (efficientnet-lite0: block1..block16, head; HF models: l0..lN). A cache that has the rest computes only the new layers.")] = None,
+    image_layers: Annotated[str | None, typer.Option(help="As --layers, for the image encoders only (overrides --layers for them).")] = None,
+    text_layers: Annotated[str | None, typer.Option(help="As --layers, for the text encoders only (overrides --layers for them).")] = None,
 ) -> None:
     """Encode a dataset once with frozen encoders and write a sharded HDF5 feature cache (resumable)."""
     from vlmcache.encode.extract import ExtractConfig
@@ -78,7 +83,9 @@ def extract(
                            limit=limit, shard_size=shard_size, dtype=dtype, batch_size=batch_size,
                            text_batch_size=text_batch_size, max_length=max_length, workers=workers, device=device,
                            tokens=tokens, on_error=on_error, backend=backend, caption_key=caption_key,
-                           split_key=split_key, val_fraction=val_fraction)
+                           split_key=split_key, val_fraction=val_fraction,
+                           image_layers=tuple(_split_list(image_layers or layers) or ()),
+                           text_layers=tuple(_split_list(text_layers or layers) or ()))
     result = run_extract(data, out, config, overwrite=overwrite)
     if int(os.environ.get("RANK", "0")) != 0:
         return

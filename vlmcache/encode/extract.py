@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import torch
 
-from vlmcache.cache.layout import MODALITIES, set_name
+from vlmcache.cache.layout import MODALITIES, layer_set_name, set_name
 from vlmcache.cache.store import FORMAT_VERSION, now_iso, shard_name, shard_ranges
 from vlmcache.cache.writer import (
     ExtractResult,
@@ -55,6 +55,9 @@ class ExtractConfig:
     # Further encoders: each becomes a feature set of its own in the same cache (see vlmcache.cache.store).
     extra_image_models: tuple[str, ...] = ()
     extra_text_models: tuple[str, ...] = ()
+    # Further layers of every image / text encoder (-2, block5, l4, ...): each a feature set NAME:LAYER of its own.
+    image_layers: tuple[str, ...] = ()
+    text_layers: tuple[str, ...] = ()
     image_pooling: str | None = None
     text_pooling: str | None = None
     format: str = "auto"
@@ -90,6 +93,7 @@ class ExtractConfig:
         if self.images_dir is not None:
             self.images_dir = str(self.images_dir)
         self.extra_image_models, self.extra_text_models = tuple(self.extra_image_models), tuple(self.extra_text_models)
+        self.image_layers, self.text_layers = tuple(map(str, self.image_layers)), tuple(map(str, self.text_layers))
         for modality, models in (("image", (self.image_model, *self.extra_image_models)),
                                  ("text", (self.text_model, *self.extra_text_models))):
             names = [set_name(model) for model in models]
@@ -193,12 +197,15 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
     backend = "torch" if config.tokens and config.backend == "auto" else config.backend
     fingerprint = dataset.fingerprint()
     sets = []  # one PendingSet per requested encoder; the first of each modality is the default set of a new cache
-    for model in (config.image_model, *config.extra_image_models):
-        encoder = encoders.load_image_encoder(model, config.image_pooling, str(torch_device), backend)
-        sets.append(PendingSet("images", set_name(model), encoder, encoder.compute_path))
+    for model in (config.image_model, *config.extra_image_models):  # each model's final output, then its --layers
+        for encoder in encoders.load_image_encoders(model, config.image_layers, config.image_pooling,
+                                                    str(torch_device), backend):
+            sets.append(PendingSet("images", layer_set_name(model, encoder.layer), encoder, encoder.compute_path))
     for model in (config.text_model, *config.extra_text_models):
-        encoder = encoders.load_text_encoder(model, config.text_pooling, str(torch_device), config.max_length, backend)
-        sets.append(PendingSet("texts", set_name(model), encoder, f"{encoder.compute_path}+length-sorted-batches"))
+        for encoder in encoders.load_text_encoders(model, config.text_layers, config.text_pooling, str(torch_device),
+                                                   config.max_length, backend):
+            sets.append(PendingSet("texts", layer_set_name(model, encoder.layer), encoder,
+                                   f"{encoder.compute_path}+length-sorted-batches"))
     for chosen in sets:
         chosen.provenance = json.loads(json.dumps(
             {"encoder": chosen.encoder.provenance(), "dataset_fingerprint": fingerprint, "dtype": config.dtype,

@@ -28,7 +28,10 @@ class PromptStore:
 
     def __init__(self, provenance: dict, folder: Path | None, max_rows: int = MAX_ROWS):
         self.provenance, self.max_rows = provenance, max_rows
-        self._identity = (provenance["weights_sha256"] + provenance["pooling"] + str(provenance["max_length"])).encode()
+        # A layer's features differ from the final output's: its name joins the identity (only when there is
+        # one, so the stores of existing caches keep their keys).
+        self._identity = (provenance["weights_sha256"] + provenance["pooling"] + str(provenance["max_length"])
+                          + (f":{provenance['layer']}" if provenance.get("layer") else "")).encode()
         encoder_id = hashlib.sha256(self._identity).hexdigest()[:16]
         self.folder = folder
         self.path = folder / f"prompt-features-{encoder_id}.bin" if folder is not None else None
@@ -100,7 +103,8 @@ class OnnxTextEncoder:
         except ImportError:
             return None
         saved = json.loads((folder / "text-encoder.json").read_text())
-        if any(saved.get(key) != provenance.get(key) for key in ("weights_sha256", "max_length", "pooling")):
+        # The saved export is of the final output: a layer's provenance (with "layer") never matches it.
+        if any(saved.get(key) != provenance.get(key) for key in ("weights_sha256", "max_length", "pooling", "layer")):
             return None
         tokenizer = Tokenizer.from_file(str(folder / "text-tokenizer.json"))
         tokenizer.enable_truncation(saved["max_length"])
