@@ -17,7 +17,8 @@ _EXPORTS = {"VlmcacheError": "vlmcache.errors", "extract": "vlmcache.encode.extr
             "ExtractConfig": "vlmcache.encode.extract", "open_cache": "vlmcache.cache.store",
             "verify_cache": "vlmcache.cache.store", "TrainConfig": "vlmcache.align.config", "train": "vlmcache.app.workflows",
             "load_model": "vlmcache.align.load", "evaluate_checkpoint": "vlmcache.eval.evaluate",
-            "zero_shot": "vlmcache.eval.evaluate", "Predictor": "vlmcache.app.predictor", "ablate": "vlmcache.align.ablate"}
+            "zero_shot": "vlmcache.eval.evaluate", "Predictor": "vlmcache.app.predictor", "ablate": "vlmcache.align.ablate",
+            "compat": "vlmcache.eval.compat"}
 __all__ = [*_EXPORTS, "__version__"]
 
 
