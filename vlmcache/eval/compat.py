@@ -55,14 +55,14 @@ def compat(cache: str | Path, split: str = "train", sample: int | None = DEFAULT
     single sets (`combine=1`: none).
     """
     started = time.perf_counter()
-    for option, value, low in (("--sample", sample or 4, 4), ("--k", k, 1), ("--combine", combine, 1),
-                               ("--pool", pool, 1)):
-        if value < low:
+    sample = sample or None  # 0 reads as "all", as on the command line
+    for option, value, low in (("--sample", sample, 4), ("--k", k, 1), ("--combine", combine, 1), ("--pool", pool, 1)):
+        if value is not None and value < low:
             raise VlmcacheError(f"{option} {value}: must be at least {low}")
     if rank_by not in SCORES:
         raise VlmcacheError(f"--rank-by {rank_by}: use one of {', '.join(SCORES)}")
     opened = open_cache(cache)
-    paired = read_paired_sample(opened, split, sample or None, seed)
+    paired = read_paired_sample(opened, split, sample, seed)
     rows = len(paired.image_rows)
     if k >= rows:
         raise VlmcacheError(f"--k {k}: the sample has {rows} paired rows; give a k below that")
