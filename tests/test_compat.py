@@ -17,6 +17,8 @@ from vlmcache.data.synthetic import write_synthetic_cache
 from vlmcache.errors import VlmcacheError
 from vlmcache.eval.compat import compat
 from vlmcache.metrics.compat import (
+    DEFAULT_RANK_BY,
+    SCORE_LABELS,
     gram,
     hsic_table,
     knn_indices,
@@ -115,7 +117,7 @@ def test_score_pairs_ranks_the_set_that_shares_more_structure_first():
     assert singles == ["clean", "noisy", "unrelated"]
     # Combinations only of the 2 best singles; every score ranks the same way here.
     assert {s.image_features for s in scores if len(s.image_sets) > 1} == {"clean+noisy"}
-    for by in ("cka", "mutual_knn"):
+    for by in ("cka", "cka_debiased"):
         assert [s.image_features for s in rank_pairs(scores, by) if len(s.image_sets) == 1] == singles
     clean = next(s for s in scores if s.image_sets == ("clean",))
     # Not 1: CKA is not invariant to the two sides' different (non-isotropic) maps of the latent.
@@ -161,7 +163,7 @@ def multi_cache(tmp_path_factory):
 
 def test_compat_scores_every_pair_of_a_cache(multi_cache, tmp_path):
     result = compat(multi_cache, sample=300, k=10, combine=2, pool=2)
-    assert result.rows == 300 and result.split == "train" and result.rank_by == "cka_debiased" and not result.note
+    assert result.rows == 300 and result.split == "train" and result.rank_by == "mutual_knn" and not result.note
     assert result.image_sets == ["synthetic-images", "sharp", "blurred"] and result.text_sets == ["synthetic-texts", "texts-b"]
     singles = [(s.image_features, s.text_set) for s in result.scores if len(s.image_sets) == 1]
     assert len(singles) == 6 and [image for image, _ in singles[:2]] == ["sharp", "sharp"]
@@ -175,15 +177,15 @@ def test_compat_scores_every_pair_of_a_cache(multi_cache, tmp_path):
 
 def test_compat_command_prints_a_ranked_table_and_json(multi_cache, tmp_path, capsys):
     code, out, err = run_cli(["compat", multi_cache, "--sample", "200", "--json", tmp_path / "c.json", "--rank-by",
-                              "mutual_knn"], capsys)
+                              "cka"], capsys)
     assert code == 0, err
     flat = " ".join(out.split())  # the title wraps at the console's width
-    assert "200 image–caption pairs, k=10, ranked by mutual-kNN" in flat and "CKA (debiased)" in out
+    assert "200 image–caption pairs, k=10, ranked by CKA" in flat and "CKA (debiased)" in out
     first_row = next(line for line in out.splitlines() if re.match(r"│\s+1 │", line))
     assert "sharp" in first_row
     saved = json.loads((tmp_path / "c.json").read_text())
-    assert saved["rank_by"] == "mutual_knn" and len(saved["pairs"]) == 6 + 3 * 2  # all 3 pairs of the 3 sets (pool 4)
-    assert saved["pairs"][0]["mutual_knn"] >= saved["pairs"][-1]["mutual_knn"]
+    assert saved["rank_by"] == "cka" and len(saved["pairs"]) == 6 + 3 * 2  # all 3 pairs of the 3 sets (pool 4)
+    assert saved["pairs"][0]["cka"] >= saved["pairs"][-1]["cka"]
     assert set(saved["pairs"][0]) == {"image_features", "text_features", "cka", "cka_debiased", "mutual_knn"}
 
 
@@ -192,6 +194,7 @@ def test_compat_on_one_pair_says_so(tmp_path, capsys):
     code, out, _ = run_cli(["compat", cache], capsys)
     flat = " ".join(out.split())
     assert code == 0 and "one image and one text set" in flat and "1 pairs of 1 image × 1 text" in flat
+    assert f"ranked by {SCORE_LABELS[DEFAULT_RANK_BY]}" in flat  # the command's default is the library's
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -225,7 +228,7 @@ def test_ablate_auto_trains_only_the_best_scoring_pairs(multi_cache, tmp_path, c
     trained = [(cell["config"]["image_features"], cell["config"]["text_features"]) for cell in saved["cells"]]
     assert sorted(trained) == sorted(expected) and "2 runs trained" in out
     assert [(p["image_features"], p["text_features"]) for p in saved["selected"]] == expected
-    assert f"auto: {expected[0][0]} + {expected[0][1]} (cka_debiased" in out
+    assert f"auto: {expected[0][0]} + {expected[0][1]} (mutual_knn" in out
     # Only among the text sets asked for.
     restricted = ablate([multi_cache], tmp_path / "restricted", projectors=("linear",), losses=("infonce",), seeds=(0,),
                         epochs=1, jobs=1, image_features=("auto",), text_features=("texts-b",), top=1,

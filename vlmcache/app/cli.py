@@ -588,7 +588,7 @@ def compat(
     k: Annotated[int, typer.Option(help="Neighbours per row for mutual-kNN.")] = 10,
     combine: Annotated[int, typer.Option(help="Also score '+' concatenations of up to this many image sets (1: none).")] = 2,
     pool: Annotated[int, typer.Option(help="Concatenations are drawn from this many best single image sets.")] = 4,
-    rank_by: Annotated[str, typer.Option(help="cka | cka_debiased | mutual_knn")] = "cka_debiased",
+    rank_by: Annotated[str, typer.Option(help="mutual_knn | cka | cka_debiased (mutual-kNN predicted trained recall best on Flickr8k; docs/results.md)")] = "mutual_knn",
     seed: Annotated[int, typer.Option(help="Seed of the sample.")] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write every pair's scores to this JSON file.")] = None,
 ) -> None:
