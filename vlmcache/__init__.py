@@ -18,7 +18,7 @@ _EXPORTS = {"VlmcacheError": "vlmcache.errors", "extract": "vlmcache.encode.extr
             "verify_cache": "vlmcache.cache.store", "TrainConfig": "vlmcache.align.config", "train": "vlmcache.app.workflows",
             "load_model": "vlmcache.align.load", "evaluate_checkpoint": "vlmcache.eval.evaluate",
             "zero_shot": "vlmcache.eval.evaluate", "Predictor": "vlmcache.app.predictor", "ablate": "vlmcache.app.workflows",
-            "compare": "vlmcache.eval.compare"}
+            "compare": "vlmcache.eval.compare", "compat": "vlmcache.eval.compat"}
 __all__ = [*_EXPORTS, "__version__"]
 
 

@@ -37,11 +37,13 @@ from vlmcache.align.model import initial_model
 from vlmcache.align.projectors import TOKEN_PROJECTORS
 from vlmcache.align.train import train
 from vlmcache.cache.layout import parse_sets
+from vlmcache.cache.sample import read_paired_sample
 from vlmcache.cache.store import load_features, open_cache
 from vlmcache.encode import encoders
 from vlmcache.errors import VlmcacheError
 from vlmcache.files import FolderLock, read_sealed_json, write_json_atomic, write_sealed_json, write_text_atomic
 from vlmcache.metrics.baselines import ASIF_ROW, CCA_ROW, baseline_ranks
+from vlmcache.metrics.compat import DEFAULT_RANK_BY, DEFAULT_SAMPLE, score_pairs
 from vlmcache.metrics.retrieval import RETRIEVAL_KEYS
 from vlmcache.metrics.stats import ALPHA, CONFIDENCE, RESAMPLES, mark_best, stack_seeds
 from vlmcache.progress import make_progress
@@ -164,6 +166,8 @@ class AblationResult:
     raw: list[dict] = field(default_factory=list)
     statistics: dict = field(default_factory=dict)
     selected_on: str = "val"  # where each cell's best epoch was chosen: a split, or train:N carved out of train
+    # --image-features auto: the pairs chosen per cache by their compatibility score, best first
+    selected: list[dict] = field(default_factory=list)
 
 
 def _worker_init(threads: int) -> None:
@@ -221,6 +225,38 @@ def baseline_rows(cache: str, dim: int, seeds: list[int], features: tuple[str | 
     return raw
 
 
+AUTO = "auto"
+DEFAULT_TOP = 3
+
+
+def best_pairs(cache: str, top: int, text_features: tuple[str | None, ...], split: str = "train") -> list[dict]:
+    """The `top` (image features, text features) pairs of a cache by compatibility score on its training split
+    (vlmcache compat's defaults), among the text sets asked for (all when `text_features` is (None,))."""
+    opened = open_cache(cache)
+    texts = [name for combo in text_features for name in parse_sets(combo) or ()] or None
+    if texts is not None and any(len(parse_sets(combo) or ()) != 1 for combo in text_features):
+        raise VlmcacheError("--image-features auto: give --text-features as single sets (or leave it out for all)")
+    paired = read_paired_sample(opened, split, DEFAULT_SAMPLE, 0, text_sets=texts)
+    scores = score_pairs(paired.images, paired.texts, rank_by=DEFAULT_RANK_BY)[:top]
+    return [{"cache": cache, "image_features": s.image_features, "text_features": s.text_set,
+             "rank_by": DEFAULT_RANK_BY, "score": s.score(DEFAULT_RANK_BY)} for s in scores]
+
+
+def feature_pairs(cache: str, image_features: tuple[str | None, ...], text_features: tuple[str | None, ...],
+                  top: int | None) -> list[dict]:
+    """The (image, text) feature pairs of one cache to train: every combination asked for, or with
+    `image_features=("auto",)` the `top` best-scoring pairs (see `best_pairs`)."""
+    if AUTO not in image_features:
+        if top is not None:
+            raise VlmcacheError(f"--top {top}: picks pairs for --image-features auto; give that too, or drop --top")
+        return [{"image_features": image, "text_features": text} for image in image_features for text in text_features]
+    if len(image_features) > 1:
+        raise VlmcacheError("--image-features auto: chooses the image sets itself; give it alone")
+    if top is not None and top < 1:
+        raise VlmcacheError(f"--top {top}: must be at least 1")
+    return best_pairs(cache, top or DEFAULT_TOP, text_features)
+
+
 def ablate(
     caches: list[str | Path],
     out: str | Path = "runs/ablation",
@@ -240,6 +276,7 @@ def ablate(
     resamples: int = RESAMPLES,
     tune: dict[str, tuple] | None = None,
     tracking: Tracking | None = None,
+    top: int | None = None,
 ) -> AblationResult:
     """Run the grid (skipping cells already in `out/cells`), then write ablation.json and ablation.csv.
 
@@ -252,6 +289,8 @@ def ablate(
     which must not be the reported split), averaged over seeds.
     `base_config`'s `log` (and `log_uri`) record each cell trained and the grid's tables to trackers;
     `tracking.plots` makes the grid's plots.
+    `image_features=("auto",)` trains only the `top` (default 3) pairs of each cache that score best by
+    compatibility (vlmcache compat), among the text sets of `text_features` (all of them when it is (None,)).
     """
     started = time.perf_counter()
     if not caches:
@@ -270,8 +309,9 @@ def ablate(
                                 f"{opened.default_split()!r} of {opened.path}; choose them elsewhere, e.g. "
                                 f"--select-on {shared.train_split}:1000")
         for modality, combos in (("images", image_features), ("texts", text_features)):
-            for name in {n for combo in combos for n in parse_sets(combo) or ()}:
+            for name in {n for combo in combos for n in parse_sets(combo) or ()} - {AUTO}:
                 opened.feature_set(modality, name)
+    pairs = {cache: feature_pairs(cache, image_features, text_features, top) for cache in caches}
     if jobs is not None and not 1 <= jobs <= 64:
         raise VlmcacheError(f"--jobs {jobs}: must be between 1 and 64")
     out = Path(out)
@@ -282,8 +322,9 @@ def ablate(
     combos = [dict(zip(tune, values, strict=True)) for values in itertools.product(*tune.values())]
     cells = [Cell(cache, asdict(TrainConfig(**{**(base_config or {}), **projector_spec(projector), **combo, "loss": loss,
                                                "dim": dim, "seed": seed, "epochs": epochs,
-                                               "image_features": image, "text_features": text})))
-             for cache in caches for image in image_features for text in text_features
+                                               "image_features": pair["image_features"],
+                                               "text_features": pair["text_features"]})))
+             for cache in caches for pair in pairs[cache]
              for projector in projectors for loss in losses for dim in dims for combo in combos for seed in seeds]
     grid = grid_tracking(cells[0].config, out, tracking)  # a missing tracker library is refused before any folder
     try:
@@ -323,16 +364,18 @@ def ablate(
             item["tuned"] = {key: item["config"][key] for key in tune}
         if with_baselines:
             for cache in caches:
-                for image in image_features:
-                    for text in text_features:
-                        for dim in dims:
-                            raw += [_keep_ranks(item, out / "cells" / f"{Cell(cache, item['config']).key()}.npz", out)
-                                    for item in baseline_rows(cache, dim, list(seeds), (image, text))]
+                for pair in pairs[cache]:
+                    for dim in dims:
+                        raw += [_keep_ranks(item, out / "cells" / f"{Cell(cache, item['config']).key()}.npz", out)
+                                for item in baseline_rows(cache, dim, list(seeds),
+                                                          (pair["image_features"], pair["text_features"]))]
         reported = choose_tuned(raw) if tune else raw
         rows = aggregate(reported, caches)
         statistics = add_statistics(rows, reported, out, resamples)
+        selected = [pair for cache in caches for pair in pairs[cache] if "score" in pair]
         result = AblationResult(rows, out, len(pending), reused, time.perf_counter() - started,
-                                raw[0]["split"] if raw else "val", raw, statistics, shared.select_on or shared.val_split)
+                                raw[0]["split"] if raw else "val", raw, statistics, shared.select_on or shared.val_split,
+                                selected)
         _write(result)
         if grid is not None:
             _record_grid(result, grid, {"caches": caches, "projectors": projectors, "losses": losses, "seeds": seeds,
@@ -515,7 +558,8 @@ def tuned_text(row: dict) -> str:
 def _write(result: AblationResult) -> None:
     write_json_atomic(result.out / "ablation.json",
                       {"split": result.split, "rows": result.rows, "cells": result.raw, "seconds": result.seconds,
-                       "statistics": result.statistics, "selected_on": result.selected_on})
+                       "statistics": result.statistics, "selected_on": result.selected_on,
+                       **({"selected": result.selected} if result.selected else {})})
     buffer = io.StringIO()
     columns = ["encoders", "projector", "loss", "dim", *[c for m in RETRIEVAL_KEYS for c in (m, f"{m}_std")],
                "parameters", "seconds", "seeds",

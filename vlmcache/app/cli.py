@@ -50,6 +50,8 @@ def _split_list(value) -> list[str] | None:
                     "--image-model efficientnet-lite2\n\n"
                     "  vlmcache extract data/pairs.csv --image-model google/vit-base-patch16-224-in21k "
                     "--text-model distilbert-base-uncased --out features/vit-distilbert\n\n"
+                    "  vlmcache extract ../shared/data/flickr8k --out features/flickr8k-multi --layers -2,-3   "
+                    "(two more layers of each encoder)\n\n"
                     "  torchrun --nproc_per_node=4 -m vlmcache extract data/dataset_coco.json --out features/coco\n\n"
                     "  vlmcache extract 'shards/{00000..00099}.tar' --val-fraction 0.05 --out features/laion-subset")
 @with_options(ExtractConfig)
@@ -62,13 +64,15 @@ def extract(
     image_model: Annotated[list[str] | None, typer.Option(help="'efficientnet-lite0' / '-lite1' / '-lite2' (offline), or any HF image model name or folder. Repeat for several feature sets in one cache (the first is the default set) [default: efficientnet-lite0]")] = None,
     text_model: Annotated[list[str] | None, typer.Option(help="'minilm' (offline), or any HF text model name or folder. Repeat for several feature sets [default: minilm]")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing cache instead of resuming it.")] = False,
+    layers: Annotated[str | None, typer.Option(help="Also store these layers of every encoder, each as its own feature set NAME:LAYER beside the final output: comma-separated negative indices (-1 = the final output, -2 the layer before) or names (efficientnet-lite0: block1..block16, head; HF models: l0..lN). A cache that has the rest computes only the new layers.")] = None,
 ) -> None:
     """Encode a dataset once with frozen encoders and write a sharded HDF5 feature cache (resumable)."""
     from vlmcache.encode.extract import extract as run_extract
 
     image_models, text_models = image_model or ["efficientnet-lite0"], text_model or ["minilm"]
     config = ExtractConfig(image_model=image_models[0], text_model=text_models[0], extra_image_models=tuple(image_models[1:]),
-                           extra_text_models=tuple(text_models[1:]), **options)
+                           extra_text_models=tuple(text_models[1:]),
+                           **{**options, **{f"{side}_layers": options[f"{side}_layers"] or layers or () for side in ("image", "text")}})
     result = run_extract(data, out, config, overwrite=overwrite)
     if int(os.environ.get("RANK", "0")) != 0:
         return
@@ -366,7 +370,7 @@ def search(
 ABLATE_KEYS = {"caches": (list[str], None), "out": (str, None), "projectors": (str | list[str], None), "tune": (str | None, None),
                "losses": (str | list[str], None), "seeds": (str | list[int], None), "dims": (str | list[int], None),
                "jobs": (int | None, None), "baselines": (bool, None), "image_features": (str | list[str] | None, None),
-               "text_features": (str | list[str] | None, None)}
+               "text_features": (str | list[str] | None, None), "top": (int | None, None)}
 
 
 def _int_list(value, name: str) -> tuple[int, ...]:
@@ -389,7 +393,7 @@ def ablate(
     losses: Annotated[str, typer.Option(help="Comma-separated: infonce,sigmoid")] = "infonce,sigmoid",
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds; each cell runs once per seed.")] = "0,1,2",
     dims: Annotated[str, typer.Option(help="Comma-separated shared-space sizes.")] = "256",
-    image_features: Annotated[str | None, typer.Option(help="Comma-separated image feature-set combinations to compare, e.g. efficientnet-lite0,efficientnet-lite0+efficientnet-lite2 [default: the default set]")] = None,
+    image_features: Annotated[str | None, typer.Option(help="Comma-separated image feature-set combinations to compare, e.g. efficientnet-lite0,efficientnet-lite0+efficientnet-lite2; 'auto': the --top pairs that vlmcache compat ranks best [default: the default set]")] = None,
     text_features: Annotated[str | None, typer.Option(help="Comma-separated text feature-set combinations [default: the default set]")] = None,
     epochs: Annotated[int, typer.Option(help="Epochs per run (best epoch on val is kept).")] = 20,
     batch_size: Annotated[int, typer.Option(help="Pairs per step.")] = 256,
@@ -400,6 +404,7 @@ def ablate(
     config_file: Annotated[Path | None, typer.Option("--config", help="TOML file of these options (lists allowed, e.g. seeds = [0, 1]); any other train option in it (lr, dropout, ...) applies to every cell. Options given here override it.")] = None,
     log: Annotated[str | None, typer.Option(help="Record every cell trained, grouped under the grid, and the grid's tables and plot: tensorboard, mlflow, wandb (any, comma-separated).")] = None,
     log_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI; OUT/mlruns when not given.")] = None,
+    top: Annotated[int | None, typer.Option(help="With --image-features auto: how many best-scoring (image, text) pairs to train [default: 3]")] = None,
 ) -> None:
     """Train the projector × loss grid on cached features (several seeds) and print one comparison table."""
     from vlmcache.align.ablate import parse_tune
@@ -409,7 +414,7 @@ def ablate(
         "caches": caches, "out": out, "projectors": projectors, "losses": losses, "seeds": seeds, "dims": dims,
         "epochs": epochs, "batch_size": batch_size, "jobs": jobs, "baselines": baselines,
         "image_features": image_features, "text_features": text_features, "select_on": select_on, "tune": tune,
-        "log": log, "log_uri": log_uri}, extra=ABLATE_KEYS, what="vlmcache ablate")
+        "log": log, "log_uri": log_uri, "top": top}, extra=ABLATE_KEYS, what="vlmcache ablate")
     if not options["caches"]:
         raise VlmcacheError("give at least one CACHE folder (or a --config file with caches = [...])")
     result = run_ablate(options["caches"], options["out"], projectors=tuple(_split_list(options["projectors"]) or ()),
@@ -419,7 +424,9 @@ def ablate(
                         text_features=tuple(_split_list(options["text_features"]) or (None,)),
                         with_baselines=options["baselines"],
                         base_config={**rest, **{key: options[key] for key in ("batch_size", "select_on", "log", "log_uri")}},
-                        tune=parse_tune(options["tune"]) if options["tune"] else None)
+                        tune=parse_tune(options["tune"]) if options["tune"] else None, top=options["top"])
+    for pair in result.selected:
+        console.print(f"auto: {pair['image_features']} + {pair['text_features']} ({pair['rank_by']} {pair['score']:.3f})")
     console.print(ablation_table(result.rows, result.split, result.selected_on))
     console.print(f"{result.cells_trained} runs trained, {result.cells_reused} reused from {result.out}/cells; "
                   f"{result.seconds:.1f} s; wrote {result.out}/ablation.json and ablation.csv")
@@ -575,6 +582,45 @@ def probe(
         from vlmcache.files import write_json_atomic
 
         write_json_atomic(json_out, {**asdict(result), "cache": str(result.cache)})
+        console.print(f"wrote {json_out}")
+
+
+@app.command(epilog="Examples:\n\n  vlmcache compat features/flickr8k-multi\n\n"
+                    "  vlmcache compat features/flickr8k-multi --sample 0 --k 20 --json compat.json\n\n"
+                    "  vlmcache ablate features/flickr8k-multi --image-features auto --top 3   (trains the 3 best pairs)")
+def compat(
+    cache: Annotated[Path, typer.Argument(help="Cache folder with several image and/or text feature sets.")],
+    split: Annotated[str, typer.Option(help="Split to score on (never the one you report).")] = "train",
+    sample: Annotated[int, typer.Option(help="Image–caption pairs drawn from the split (one caption per image, fixed seed); 0: every image.")] = 2000,
+    k: Annotated[int, typer.Option(help="Neighbours per row for mutual-kNN.")] = 10,
+    combine: Annotated[int, typer.Option(help="Also score '+' concatenations of up to this many image sets (1: none).")] = 2,
+    pool: Annotated[int, typer.Option(help="Concatenations are drawn from this many best single image sets.")] = 4,
+    rank_by: Annotated[str, typer.Option(help="mutual_knn | cka | cka_debiased (mutual-kNN predicted trained recall best on Flickr8k; docs/results.md)")] = "mutual_knn",
+    seed: Annotated[int, typer.Option(help="Seed of the sample.")] = 0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write every pair's scores to this JSON file.")] = None,
+) -> None:
+    """Rank a cache's (image set, text set) pairs by linear CKA and mutual-kNN alignment: seconds, no training."""
+    from vlmcache.eval.compat import compat as run_compat
+    from vlmcache.files import check_writable, write_json_atomic
+    from vlmcache.metrics.compat import SCORE_LABELS, SCORES
+
+    if json_out is not None:
+        check_writable(json_out, "--json")
+    result = run_compat(cache, split, sample, k, combine=combine, pool=pool, rank_by=rank_by, seed=seed)
+    table = Table(title=f"encoder compatibility on split {result.split!r} of {cache}: {result.rows:,} image–caption "
+                        f"pairs, k={result.k}, ranked by {SCORE_LABELS[result.rank_by]}", caption=result.note or None,
+                  title_justify="left")
+    for column in ("rank", "image features", "text features"):
+        table.add_column(column, justify="right" if column == "rank" else "left")
+    for score in SCORES:
+        table.add_column(SCORE_LABELS[score], justify="right", style="bold" if score == result.rank_by else None)
+    for rank, pair in enumerate(result.scores, 1):
+        table.add_row(str(rank), pair.image_features, pair.text_set, *(f"{pair.score(s):.3f}" for s in SCORES))
+    console.print(table)
+    console.print(f"{len(result.scores)} pairs of {len(result.image_sets)} image × {len(result.text_sets)} text sets "
+                  f"in {result.seconds:.1f} s")
+    if json_out is not None:
+        write_json_atomic(json_out, result.to_json())
         console.print(f"wrote {json_out}")
 
 

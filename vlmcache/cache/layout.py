@@ -16,6 +16,12 @@ def set_name(model: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name) or "set"
 
 
+def layer_set_name(model: str, layer: str | None) -> str:
+    """The feature-set name of an encoder read at a layer: NAME:LAYER (efficientnet-lite0:block5, minilm:l4);
+    the final output (None) keeps the encoder's own name, so caches without layers read as before."""
+    return set_name(model) if layer is None else f"{set_name(model)}:{layer}"
+
+
 def set_folder(modality: str, name: str, default: bool) -> str:
     """`images`/`texts` for the default set, `images@NAME`/`texts@NAME` for the others."""
     return modality if default else f"{modality}@{name}"

@@ -20,6 +20,12 @@ MAX_WORKERS = 64
 DECODES = ("auto", "draft", "full")
 
 
+def parse_layers(value) -> tuple[str, ...]:
+    """Layers from '-2,-4' / 'block5,l4' (command line, TOML) or a sequence (Python, a manifest)."""
+    items = value.split(",") if isinstance(value, str) else value
+    return tuple(str(item).strip() for item in items if str(item).strip())
+
+
 @dataclass
 class ExtractConfig:
     """How to extract: encoders, dataset reading, storage and compute options (recorded in the manifest)."""
@@ -30,6 +36,11 @@ class ExtractConfig:
     # Further encoders: each becomes a feature set of its own in the same cache (see vlmcache.cache.store).
     extra_image_models: tuple[str, ...] = option((), "Further image encoders, one feature set each.", cli=False)
     extra_text_models: tuple[str, ...] = option((), "Further text encoders, one feature set each.", cli=False)
+    # Further layers of every image / text encoder (-2, block5, l4, ...): each a feature set NAME:LAYER of its own.
+    image_layers: tuple[str, ...] = option((), "As --layers, for the image encoders only (overrides --layers for them).",
+                                           cli_type=str, parse=parse_layers)
+    text_layers: tuple[str, ...] = option((), "As --layers, for the text encoders only (overrides --layers for them).",
+                                          cli_type=str, parse=parse_layers)
     image_pooling: str | None = option(None, "cls | mean | pooler | avgpool [default: cls for ViT-like, avgpool for CNNs]",
                                        choices=IMAGE_POOLINGS)
     text_pooling: str | None = option(None, "mean | cls | pooler [default: mean over the attention mask]",

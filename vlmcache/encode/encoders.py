@@ -290,15 +290,38 @@ def _choose_backend(backend: str, device: torch.device) -> str:
 
 
 class ImageEncoder:
-    """A frozen image model with its preprocessing and pooling."""
+    """A frozen image model with its preprocessing and pooling, read at its final output or at one `layer`
+    (a name from `layer_names()`; None is the final output, the features every cache has)."""
 
     def __init__(self, name: str, model: torch.nn.Module, pooling: str, preprocess: Preprocess,
-                 weights: str, device: torch.device, kind: str, compute_path: str = "eager"):
+                 weights: str, device: torch.device, kind: str, compute_path: str = "eager", layer: str | None = None):
         self.name, self.model, self.pooling, self.preprocess = name, model, pooling, preprocess
         self.weights_sha256, self.device, self.kind, self.compute_path = weights, device, kind, compute_path
         self.channels_last = False  # set by the torch fast path for CNNs (compute_path only describes it)
         self.onnx = None  # an onnxruntime session for pooled features, when that backend is on
+        self.layer = layer
+        _refuse_layer_pooler(self, "image")
         self.dim = int(self.encode(torch.zeros(1, 3, preprocess.size, preprocess.size)).pooled.shape[-1])
+
+    def at_layer(self, layer: str) -> ImageEncoder:
+        """The same frozen model (and torch path) read at another layer."""
+        other = ImageEncoder(self.name, self.model, self.pooling, self.preprocess, self.weights_sha256, self.device,
+                             self.kind, self.compute_path, layer)
+        other.channels_last = self.channels_last
+        return other
+
+    def layer_names(self) -> list[str]:
+        """The layers this model can be read at, input side first; the last one is the final output.
+
+        EfficientNet-Lite: block1..blockN (its MBConv blocks), then head (the 1×1 convolution after them).
+        Hugging Face models: l0 (the embeddings) .. lN, one per entry of `hidden_states` (for a ViT, lN is
+        its last_hidden_state, after the final layer norm)."""
+        if self.kind == "efficientnet":
+            return [*(f"block{i}" for i in range(1, len(self.model._blocks) + 1)), "head"]
+        with torch.inference_mode():
+            pixels = torch.zeros(1, 3, self.preprocess.size, self.preprocess.size, device=self.device)
+            states = self.model(pixel_values=pixels, output_hidden_states=True).hidden_states
+        return [f"l{i}" for i in range(len(states))]
 
     def encode(self, pixels: torch.Tensor, tokens: bool = False) -> Encoded:
         """Preprocessed pixels (N, 3, H, W) -> pooled features (N, dim), and token states if asked."""
@@ -315,7 +338,10 @@ class ImageEncoder:
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The torch computation: (pooled features, token states), no autograd or device handling."""
         if self.kind == "efficientnet":
-            states, pooler = self.model.extract_features(pixels), None  # (N, C, H, W)
+            states, pooler = _lite_states(self.model, pixels, self.layer), None  # (N, C, H, W)
+        elif self.layer is not None:
+            states, pooler = self.model(pixel_values=pixels, output_hidden_states=True).hidden_states[
+                int(self.layer[1:])], None
         else:
             output = self.model(pixel_values=pixels)
             states, pooler = output.last_hidden_state, getattr(output, "pooler_output", None)
@@ -338,18 +364,73 @@ class ImageEncoder:
         """What produced these features: enough to reload the same encoder and to refuse a different one."""
         return {"name": self.name, "kind": self.kind, "weights_sha256": self.weights_sha256,
                 "pooling": self.pooling, "dim": self.dim, "preprocess": self.preprocess.provenance(),
-                "precision": precision_name(self.device)}
+                "precision": precision_name(self.device), **_layer_entry(self)}
+
+
+def _lite_states(model: torch.nn.Module, pixels: torch.Tensor, layer: str | None) -> torch.Tensor:
+    """EfficientNet-Lite's feature map after block `layer` (stopping there: later blocks are not run), or
+    after its head (layer None or "head"), as the package's extract_features computes it."""
+    if layer in (None, "head"):
+        return model.extract_features(pixels)
+    x = model._swish(model._bn0(model._conv_stem(pixels)))
+    for block in model._blocks[:int(layer.removeprefix("block"))]:
+        x = block(x)  # drop-connect only acts in training mode, so its rate does not matter here
+    return x
+
+
+def _layer_entry(encoder: ImageEncoder | TextEncoder) -> dict:
+    # Only a layer's provenance names it: the final output's provenance stays what caches always recorded,
+    # so an existing cache is resumed (and has layers added) instead of being refused as made differently.
+    return {"layer": encoder.layer} if encoder.layer is not None else {}
+
+
+def _refuse_layer_pooler(encoder: ImageEncoder | TextEncoder, side: str) -> None:
+    if encoder.layer is not None and encoder.pooling == "pooler":
+        raise VlmcacheError(f"--{side}-pooling pooler: only the final output of {encoder.name} has a pooler; "
+                            f"pool layer {encoder.layer} with {'cls or mean' if side == 'text' else 'cls, mean or avgpool'}")
+
+
+def resolve_layers(names: list[str], specs: tuple[str, ...], what: str) -> list[str]:
+    """Layer specs (negative indices, -1 the final output, or names from `names`) -> the layer names asked
+    for besides the final output, in the order given. Unknown layers and a layer named twice are refused,
+    listing the valid ones."""
+    chosen: dict[str, str] = {}
+    for spec in specs:
+        text = str(spec).strip()
+        name = names[int(text)] if text.lstrip("-").isdigit() and -len(names) <= int(text) < 0 else text
+        if name not in names:
+            raise VlmcacheError(f"--layers {text}: {what} has no such layer; give -1 (the final output) to "
+                                f"-{len(names)}, or one of {', '.join(names)}")
+        if name in chosen:
+            raise VlmcacheError(f"--layers {chosen[name]},{text}: both are layer {name} of {what}; give each layer once")
+        chosen[name] = text
+    return [name for name in chosen if name != names[-1]]
 
 
 class TextEncoder:
     """A frozen text model with its tokenizer, pooling and maximum length."""
 
     def __init__(self, name: str, model: torch.nn.Module, tokenizer, pooling: str, max_length: int,
-                 weights: str, device: torch.device):
+                 weights: str, device: torch.device, layer: str | None = None):
         self.name, self.model, self.tokenizer, self.pooling = name, model, tokenizer, pooling
         self.max_length, self.weights_sha256, self.device = max_length, weights, device
         self.compute_path, self.onnx, self.onnx_model = "eager", None, None
+        self.layer = layer  # None: the final output; else "lI", the I-th entry of hidden_states (l0: embeddings)
+        _refuse_layer_pooler(self, "text")
         self.dim = int(self.encode(["a"]).pooled.shape[-1])
+
+    def at_layer(self, layer: str) -> TextEncoder:
+        """The same frozen model and tokenizer read at another layer."""
+        return TextEncoder(self.name, self.model, self.tokenizer, self.pooling, self.max_length, self.weights_sha256,
+                           self.device, layer)
+
+    def layer_names(self) -> list[str]:
+        """l0 (the embeddings) .. lN (the last layer, the final output), one per entry of `hidden_states`."""
+        batch = self.tokenizer(["a"], return_tensors="pt")
+        with torch.inference_mode():
+            states = self.model(input_ids=batch["input_ids"].to(self.device),
+                                attention_mask=batch["attention_mask"].to(self.device), output_hidden_states=True)
+        return [f"l{i}" for i in range(len(states.hidden_states))]
 
     def token_lengths(self, texts: list[str]) -> list[int]:
         """Untruncated token counts (special tokens included), for length-sorting and truncation flags."""
@@ -369,8 +450,9 @@ class TextEncoder:
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The torch computation: (pooled features, token states), no autograd or device handling."""
-        output = self.model(input_ids=input_ids, attention_mask=attention_mask)
-        states = output.last_hidden_state
+        output = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                            output_hidden_states=self.layer is not None)
+        states = output.last_hidden_state if self.layer is None else output.hidden_states[int(self.layer[1:])]
         if self.pooling == "mean":
             weights = attention_mask.unsqueeze(-1).to(states.dtype)
             return (states * weights).sum(1) / weights.sum(1).clamp(min=1), states
@@ -384,7 +466,8 @@ class TextEncoder:
         """What produced these features (see ImageEncoder.provenance)."""
         return {"name": self.name, "kind": "transformers", "weights_sha256": self.weights_sha256,
                 "pooling": self.pooling, "dim": self.dim, "max_length": self.max_length,
-                "tokenizer": type(self.tokenizer).__name__, "precision": precision_name(self.device)}
+                "tokenizer": type(self.tokenizer).__name__, "precision": precision_name(self.device),
+                **_layer_entry(self)}
 
 
 def load_image_encoder(name_or_path: str = DEFAULT_IMAGE_MODEL, pooling: str | None = None,
@@ -395,14 +478,22 @@ def load_image_encoder(name_or_path: str = DEFAULT_IMAGE_MODEL, pooling: str | N
     "onnxruntime" runs the pooled forward exported from the same weights (CPU); "auto" picks
     onnxruntime on a CPU when installed, else torch. All match "eager" within float rounding.
     """
+    return load_image_encoders(name_or_path, (), pooling, device, backend)[0]
+
+
+def load_image_encoders(name_or_path: str = DEFAULT_IMAGE_MODEL, layers: tuple[str, ...] = (),
+                        pooling: str | None = None, device: str = "auto", backend: str = "auto") -> list[ImageEncoder]:
+    """The encoder of a model's final output, then one per further layer of `layers` (see `resolve_layers`),
+    all sharing one frozen model; backends as for `load_image_encoder`."""
     torch_device = pick_device(device)
     if pooling is not None and pooling not in IMAGE_POOLINGS:
         raise VlmcacheError(f"--image-pooling {pooling}: use one of {', '.join(IMAGE_POOLINGS)}")
     if name_or_path in LITE_SIZES:
         model, weights_file = _load_efficientnet_lite(name_or_path)
-        return _finish(ImageEncoder(name_or_path, _freeze(model, torch_device), pooling or "avgpool",
-                                    lite_preprocess(LITE_SIZES[name_or_path]), weights_sha256([weights_file]),
-                                    torch_device, "efficientnet"), backend, conv=True)
+        encoder = ImageEncoder(name_or_path, _freeze(model, torch_device), pooling or "avgpool",
+                               lite_preprocess(LITE_SIZES[name_or_path]), weights_sha256([weights_file]),
+                               torch_device, "efficientnet")
+        return _finish(encoder, backend, True, layers)
     from transformers import AutoModel
 
     model = _load_hf(AutoModel, name_or_path, "image model")
@@ -412,19 +503,35 @@ def load_image_encoder(name_or_path: str = DEFAULT_IMAGE_MODEL, pooling: str | N
     conv = getattr(model.config, "model_type", "") in ("resnet", "convnext", "regnet", "efficientnet", "mobilenet_v2")
     encoder = ImageEncoder(name_or_path, _freeze(model, torch_device), pooling or ("avgpool" if conv else "cls"),
                            _hf_preprocess(name_or_path, model.config), weights, torch_device, "transformers")
-    return _finish(encoder, backend, conv)
+    return _finish(encoder, backend, conv, layers)
 
 
-def _finish(encoder: ImageEncoder, backend: str, conv: bool) -> ImageEncoder:
-    """Put an eager encoder on the chosen backend."""
+def _finish(encoder: ImageEncoder, backend: str, conv: bool, layers: tuple[str, ...] = ()) -> list[ImageEncoder]:
+    """Put an eager encoder on the chosen backend, with one encoder per further layer asked for."""
     chosen = _choose_backend(backend, encoder.device)
+    names = resolve_layers(encoder.layer_names(), layers, f"image model {encoder.name}") if layers else []
     if chosen != "eager" and conv:
         encoder.model, encoder.compute_path = speed_up_convnet(encoder.model)
         encoder.channels_last = True
+    every = [encoder, *(encoder.at_layer(name) for name in names)]
     if chosen == "onnxruntime":
         size = encoder.preprocess.size
-        attach_onnxruntime(encoder, {"pixels": torch.zeros(1, 3, size, size)}, {"pixels": {0: "batch"}})
-    return encoder
+        for one in every:
+            _attach_or_fall_back(one, {"pixels": torch.zeros(1, 3, size, size)}, {"pixels": {0: "batch"}})
+    return every
+
+
+def _attach_or_fall_back(encoder: ImageEncoder | TextEncoder, example: dict[str, torch.Tensor],
+                         dynamic_axes: dict[str, dict[int, str]]) -> None:
+    """ONNX Runtime for an encoder; a layer whose forward does not export stays on PyTorch, and its compute
+    path says so (the final output must export, as before: its failure is raised)."""
+    try:
+        attach_onnxruntime(encoder, example, dynamic_axes)
+    except Exception as error:  # the exporter raises many types; any of them means "no fast path for this layer"
+        if encoder.layer is None:
+            raise
+        reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+        encoder.compute_path += f" (layer {encoder.layer}: no onnxruntime export ({reason}), PyTorch instead)"
 
 
 def set_decode(encoder: ImageEncoder, decode: str) -> ImageEncoder:
@@ -490,6 +597,13 @@ def load_text_encoder(name_or_path: str = DEFAULT_TEXT_MODEL, pooling: str | Non
     `backend` as for load_image_encoder: "onnxruntime" ("auto" on a CPU when installed) runs the pooled
     forward exported from the same weights; "torch" and "eager" are plain PyTorch for text.
     """
+    return load_text_encoders(name_or_path, (), pooling, device, max_length, backend)[0]
+
+
+def load_text_encoders(name_or_path: str = DEFAULT_TEXT_MODEL, layers: tuple[str, ...] = (), pooling: str | None = None,
+                       device: str = "auto", max_length: int = 64, backend: str = "auto") -> list[TextEncoder]:
+    """The encoder of a text model's final output, then one per further layer of `layers` (see
+    `resolve_layers`), all sharing one frozen model and tokenizer; backends as for `load_text_encoder`."""
     torch_device = pick_device(device)
     if pooling is not None and pooling not in TEXT_POOLINGS:
         raise VlmcacheError(f"--text-pooling {pooling}: use one of {', '.join(TEXT_POOLINGS)}")
@@ -510,22 +624,28 @@ def load_text_encoder(name_or_path: str = DEFAULT_TEXT_MODEL, pooling: str | Non
     weights = _weights_identity(source, model.config)
     encoder = TextEncoder(name_or_path, _freeze(model, torch_device), tokenizer, pooling or "mean", limit, weights,
                           torch_device)
+    names = resolve_layers(encoder.layer_names(), layers, f"text model {name_or_path}") if layers else []
+    every = [encoder, *(encoder.at_layer(name) for name in names)]
     if _choose_backend(backend, torch_device) == "onnxruntime":
         example = {"input_ids": torch.ones(2, 8, dtype=torch.long), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
-        attach_onnxruntime(encoder, example, {name: {0: "batch", 1: "sequence"} for name in example})
-    return encoder
+        for one in every:
+            _attach_or_fall_back(one, example, {name: {0: "batch", 1: "sequence"} for name in example})
+    return every
 
 
 def image_encoder_from_provenance(provenance: dict, device: str = "auto", backend: str = "auto") -> ImageEncoder:
-    """Reload the image encoder a cache recorded, refusing one whose weights changed since."""
-    encoder = load_image_encoder(provenance["name"], provenance["pooling"], device, backend)
+    """Reload the image encoder a cache recorded (at its recorded layer), refusing one whose weights changed since."""
+    layers = (provenance["layer"],) if provenance.get("layer") else ()
+    encoder = load_image_encoders(provenance["name"], layers, provenance["pooling"], device, backend)[-1]
     _check_same_weights(encoder.weights_sha256, provenance)
     return encoder
 
 
 def text_encoder_from_provenance(provenance: dict, device: str = "auto", backend: str = "auto") -> TextEncoder:
-    """Reload the text encoder a cache recorded (for prompts at query time), checking its weights."""
-    encoder = load_text_encoder(provenance["name"], provenance["pooling"], device, provenance["max_length"], backend)
+    """Reload the text encoder a cache recorded (for prompts at query time, at its recorded layer), checking its weights."""
+    layers = (provenance["layer"],) if provenance.get("layer") else ()
+    encoder = load_text_encoders(provenance["name"], layers, provenance["pooling"], device, provenance["max_length"],
+                                 backend)[-1]
     _check_same_weights(encoder.weights_sha256, provenance)
     return encoder
 
@@ -538,4 +658,5 @@ def _check_same_weights(actual: str, provenance: dict) -> None:
 
 def describe(provenance: dict) -> str:
     """Short one-line description of an encoder provenance, for tables."""
-    return f"{provenance['name']} ({provenance['pooling']}, {provenance['dim']}-d)"
+    layer = f":{provenance['layer']}" if provenance.get("layer") else ""
+    return f"{provenance['name']}{layer} ({provenance['pooling']}, {provenance['dim']}-d)"

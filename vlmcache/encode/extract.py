@@ -22,7 +22,7 @@ import torch
 from vlmcache import distributed
 from vlmcache.cache import query_encoder
 from vlmcache.cache.hdf5 import h5py_version
-from vlmcache.cache.layout import MODALITIES, set_name
+from vlmcache.cache.layout import MODALITIES, layer_set_name
 from vlmcache.cache.store import FORMAT_VERSION, now_iso, read_manifest, shard_name, shard_ranges
 from vlmcache.cache.writer import (
     ExtractResult,
@@ -118,13 +118,16 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
     backend = "torch" if config.tokens and config.backend == "auto" else config.backend
     fingerprint = dataset.fingerprint()
     sets = []  # one PendingSet per requested encoder; the first of each modality is the default set of a new cache
-    for model in (config.image_model, *config.extra_image_models):
-        encoder = encoders.set_decode(encoders.load_image_encoder(model, config.image_pooling, str(torch_device), backend),
-                                      config.decode)
-        sets.append(PendingSet("images", set_name(model), encoder, encoder.compute_path))
+    for model in (config.image_model, *config.extra_image_models):  # each model's final output, then its --layers
+        for encoder in encoders.load_image_encoders(model, config.image_layers, config.image_pooling,
+                                                    str(torch_device), backend):
+            encoder = encoders.set_decode(encoder, config.decode)
+            sets.append(PendingSet("images", layer_set_name(model, encoder.layer), encoder, encoder.compute_path))
     for model in (config.text_model, *config.extra_text_models):
-        encoder = encoders.load_text_encoder(model, config.text_pooling, str(torch_device), config.max_length, backend)
-        sets.append(PendingSet("texts", set_name(model), encoder, f"{encoder.compute_path}+length-sorted-batches"))
+        for encoder in encoders.load_text_encoders(model, config.text_layers, config.text_pooling, str(torch_device),
+                                                   config.max_length, backend):
+            sets.append(PendingSet("texts", layer_set_name(model, encoder.layer), encoder,
+                                   f"{encoder.compute_path}+length-sorted-batches"))
     for chosen in sets:
         chosen.provenance = json.loads(json.dumps(
             {"encoder": chosen.encoder.provenance(), "dataset_fingerprint": fingerprint, "dtype": config.dtype,

@@ -39,7 +39,10 @@ class PromptStore:
 
     def __init__(self, provenance: dict, folder: Path | None, max_rows: int = MAX_ROWS):
         self.provenance, self.max_rows = provenance, max_rows
-        self._identity = (provenance["weights_sha256"] + provenance["pooling"] + str(provenance.get("max_length"))).encode()
+        # A layer's features differ from the final output's: its name joins the identity (only when there is
+        # one, so the stores of existing caches keep their keys).
+        self._identity = (provenance["weights_sha256"] + provenance["pooling"] + str(provenance.get("max_length"))
+                          + (f":{provenance['layer']}" if provenance.get("layer") else "")).encode()
         encoder_id = hashlib.sha256(self._identity + RECORD_LAYOUT).hexdigest()[:16]
         self.folder = folder
         self.path = folder / f"prompt-features-{encoder_id}.bin" if folder is not None else None
@@ -140,8 +143,9 @@ class OnnxTextEncoder:
         SHA-256 recorded for them (see vlmcache.cache.query_encoder), else None. Files that differ from their
         hashes, or that the libraries cannot load, are refused in one line naming the file."""
         record = query_encoder.read_record(folder) if folder is not None else None
+        # The saved export is of the final output: a layer's provenance (with "layer") never matches it.
         if not query_encoder.is_vouched_for(record) or any(
-                record[key] != provenance.get(key) for key in ("weights_sha256", "max_length", "pooling")):
+                record.get(key) != provenance.get(key) for key in ("weights_sha256", "max_length", "pooling", "layer")):
             return None
         try:
             import onnxruntime  # noqa: F401  (only whether it is installed: onnx_session imports it)
