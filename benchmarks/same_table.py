@@ -12,6 +12,8 @@ import json
 import sys
 
 TIMINGS = {"seconds", "cpu_seconds"}
+# What tells the cells of one grid apart (a newer config adds options at their defaults, e.g. select_on, log).
+GRID = ("cache", "projector", "loss", "dim", "seed", "epochs", "image_features", "text_features", "tokens", "queries")
 
 
 def untimed(record: dict) -> dict:
@@ -32,8 +34,8 @@ def common(first, second):
 def table(path: str) -> tuple[list[dict], dict[str, dict]]:
     with open(path, encoding="utf-8") as handle:
         data = json.load(handle)
-    cells = {cell.get("row") or json.dumps({k: v for k, v in cell["config"].items() if k != "select_on"}, sort_keys=True):
-             untimed(cell) for cell in data["cells"]}
+    cells = {cell.get("row") or json.dumps({k: cell.get(k, cell["config"].get(k)) for k in GRID}, sort_keys=True): untimed(cell)
+             for cell in data["cells"]}
     return [untimed(row) for row in data["rows"]], cells
 
 
