@@ -372,7 +372,7 @@ def write_sealed_safetensors(path: str | Path, raw: bytes) -> None:
     header["__metadata__"] = {**(header.get("__metadata__") or {}), SEAL: _content_sha256(header, data)}
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # tensors start 8-byte aligned, as safetensors writes them
-    with atomic_write(path) as temporary, open(temporary, "wb") as handle:
+    with atomic_write(path, 8 + len(text) + len(data)) as temporary, open(temporary, "wb") as handle:
         handle.write(len(text).to_bytes(8, "little") + text)
         handle.write(data)
 

@@ -14,7 +14,14 @@ import hashlib
 from pathlib import Path
 
 from vlmcache.errors import VlmcacheError
-from vlmcache.files import atomic_write, file_sha256, read_json_file, read_verified_bytes, write_json_atomic, write_text_atomic
+from vlmcache.files import (
+    file_sha256,
+    read_json_file,
+    read_verified_bytes,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 MODEL, TOKENIZER, RECORD = "text-encoder.onnx", "text-tokenizer.json", "text-encoder.json"
 HINT = f"delete {RECORD} and run the same vlmcache extract again to rebuild it"
@@ -46,8 +53,7 @@ def read_files(folder: Path, record: dict) -> tuple[bytes, str]:
 
 def write(folder: Path, model: bytes, tokenizer: str, settings: dict) -> None:
     """Save the encoder's files, then the record of their settings and SHA-256 (see the module docstring)."""
-    with atomic_write(folder / MODEL) as temporary:
-        temporary.write_bytes(model)
+    write_bytes_atomic(folder / MODEL, model)  # sized: a full disk says how much the export needs
     write_text_atomic(folder / TOKENIZER, tokenizer)
     hashes = {MODEL: hashlib.sha256(model).hexdigest(), TOKENIZER: hashlib.sha256(tokenizer.encode("utf-8")).hexdigest()}
     write_json_atomic(folder / RECORD, {**settings, "sha256": hashes})
