@@ -152,18 +152,6 @@ def verify(path: Annotated[Path, typer.Argument(help="Cache folder or run folder
     raise VlmcacheError(f"{path}: {len(problems)} bad file(s); first {problems[0][0]}: {problems[0][1]}")
 
 
-def _grid(value) -> tuple[int, int] | None:
-    if not value:
-        return None
-    if isinstance(value, list | tuple):  # from a TOML config file
-        return tuple(value)
-    try:
-        first, second = (int(part) for part in value.lower().split("x"))
-    except ValueError:
-        raise VlmcacheError(f"grid {value!r}: write it as AxB, e.g. 32x40") from None
-    return first, second
-
-
 def _with_config_file(context: typer.Context, config_file: Path | None, options: dict, extra: dict | None = None,
                       what: str = "vlmcache train") -> tuple[dict, dict]:
     """Options with values from a TOML --config file wherever the command line did not set them.

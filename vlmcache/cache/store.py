@@ -159,11 +159,6 @@ def _row_chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
     return (max(1, min(shape[0], (1 << 19) // row_size)), *shape[1:]) if shape[0] else None
 
 
-def shard_hint(cache: Path) -> str:
-    """What to do about a bad shard of the cache `cache`."""
-    return f"run vlmcache verify {cache}, delete the shards it lists and run the same vlmcache extract again"
-
-
 def write_index(path: Path, dataset) -> None:
     """Write the dataset's metadata (ids, paths, captions, splits, labels) atomically."""
     with hdf5_written_whole(path) as index:

@@ -100,7 +100,6 @@ def _assign_folders(manifest: dict, sets: list[PendingSet]) -> None:
             chosen.folder, chosen.complete = set_folder(chosen.modality, chosen.name, False), entry.get("status") == "complete"
 
 
-REWRITE_SHARD = "delete it and run the same extract again"
 CACHE_ENTRIES = {"images", "texts", "index.h5", "manifest.json", ".lock", "text-encoder.onnx", "text-encoder.json",
                  "text-tokenizer.json"}
 

@@ -17,35 +17,15 @@ from vlmcache.run.tracking import TRACKERS, parse_log
 SCHEDULES = ("cosine", "onecycle", "constant")
 
 
-def epochs_option(default: int) -> int:
-    return option(default, "Passes over the training images.", low=1, high=100_000)
-
-
-def batch_size_option(default: int) -> int:
-    return option(default, "Image–caption pairs per step.", low=2, high=1 << 20)
-
-
-def lr_option(default: float) -> float:
-    return option(default, "Peak AdamW learning rate.", low=0.0, high=10.0, open_low=True)
-
-
-def weight_decay_option(default: float) -> float:
-    return option(default, "AdamW weight decay.", low=0.0, high=100.0)
-
-
-def warmup_option(default: int) -> int:
-    return option(default, "Linear warm-up steps (cosine schedule).", low=0, high=1 << 30)
-
-
 @dataclass
 class OptimConfig:
     """AdamW, its schedule and the epoch loop's settings (the defaults are projector training's)."""
 
-    epochs: int = epochs_option(20)
-    batch_size: int = batch_size_option(256)
-    lr: float = lr_option(1e-3)
-    weight_decay: float = weight_decay_option(0.1)
-    warmup: int = warmup_option(50)
+    epochs: int = option(20, "Passes over the training images.", low=1, high=100_000)
+    batch_size: int = option(256, "Image–caption pairs per step.", low=2, high=1 << 20)
+    lr: float = option(1e-3, "Peak AdamW learning rate.", low=0.0, high=10.0, open_low=True)
+    weight_decay: float = option(0.1, "AdamW weight decay.", low=0.0, high=100.0)
+    warmup: int = option(50, "Linear warm-up steps (cosine schedule).", low=0, high=1 << 30)
     schedule: str = option("cosine", "cosine | onecycle | constant", choices=SCHEDULES)
     grad_clip: float = option(1.0, "Gradient norm clip.", low=0.0, high=1e6, cli=False)
     seed: int = option(0, "Seed for initialisation, sampling and dropout.", low=-(1 << 63), high=(1 << 63) - 1)
