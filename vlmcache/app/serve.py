@@ -432,11 +432,13 @@ def _encoder_names(meta: dict, modality: str) -> str:
 
 def _trained_on(meta: dict, split: str) -> str:
     """'1,000 Flickr8k training images' from the run's cache manifest, or '' when it cannot be read."""
+    from vlmcache.cache.store import read_manifest
+
     try:
-        manifest = json.loads((Path(meta["cache"]) / "manifest.json").read_text(encoding="utf-8"))
+        manifest = read_manifest(Path(meta["cache"]) / "manifest.json")
         images = int(manifest["dataset"]["splits"][split]["images"])
         return f"{images:,} {DATASET_WORDS.get(manifest['dataset'].get('format'), 'cached')} training images"
-    except (OSError, KeyError, TypeError, ValueError):
+    except (VlmcacheError, KeyError, TypeError, ValueError):
         return ""
 
 

@@ -9,7 +9,6 @@ comparison is only meaningful query by query.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from vlmcache.align.inputs import check_input_shapes, model_ranks, token_options
 from vlmcache.align.load import checkpoint_caches, load_model
 from vlmcache.cache.store import load_features
 from vlmcache.errors import VlmcacheError
+from vlmcache.files import read_json_file
 from vlmcache.metrics.retrieval import RETRIEVAL_KEYS
 from vlmcache.metrics.stats import CONFIDENCE, RESAMPLES, paired_difference
 from vlmcache.run.ranks import Ranked, load_ranks
@@ -53,10 +53,7 @@ def checkpoint_ranked(checkpoint: str | Path, split: str | None = None, cache: s
 def _stored(path: Path, row: str | None, source: str) -> Ranked:
     """A row of a ranks file (.npz), or of the ranks beside an `eval --json` file."""
     if path.suffix == ".json":
-        try:
-            named = json.loads(path.read_text(encoding="utf-8")).get("ranks")
-        except (OSError, UnicodeDecodeError, ValueError, AttributeError) as error:
-            raise VlmcacheError(f"{source}: not a readable result file ({error})") from None
+        named = read_json_file(path, "result file", "pass a file written by vlmcache eval --json", shape=dict).get("ranks")
         if not isinstance(named, str):
             raise VlmcacheError(f"{source}: holds no per-query ranks; write it again with a current vlmcache eval --json")
         path = path.parent / named

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -26,7 +25,7 @@ from typing import Protocol
 from urllib.parse import urlparse
 
 from vlmcache.errors import VlmcacheError
-from vlmcache.files import write_json_atomic
+from vlmcache.files import read_json_file, write_json_atomic
 
 TRACKERS = ("tensorboard", "mlflow", "wandb")  # each is also the name of its pyproject extra and of its module
 TRACKING_KEYS = ("log", "log_uri")  # config keys that say where a run is recorded, not what it computes
@@ -347,11 +346,11 @@ def _open(kind: str, place: Place):
 
 
 def _read_ids(run_folder: Path) -> dict:
+    """The tracker run ids a resumed run continues; none when the file is missing or not a JSON object."""
     try:
-        ids = json.loads((run_folder / IDS_FILE).read_text())
-    except (OSError, ValueError):
+        return read_json_file(run_folder / IDS_FILE, "tracker run ids", "delete it", shape=dict)
+    except VlmcacheError:
         return {}
-    return ids if isinstance(ids, dict) else {}
 
 
 def safe_name(name: str) -> str:
