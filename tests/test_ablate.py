@@ -10,6 +10,7 @@ from conftest import run_cli
 
 from vlmcache import extract
 from vlmcache.align.ablate import ablate
+from vlmcache.cache.store import FeatureCache
 from vlmcache.run.ranks import load_ranks
 
 
@@ -67,6 +68,26 @@ def test_same_seeds_reproduce_the_same_numbers_in_parallel_too(tiny_caches, tmp_
     second = ablate([vit], tmp_path / "b", jobs=2, **grid)
     assert [r["mean_recall"] for r in first.rows] == [r["mean_recall"] for r in second.rows]
     assert [r["i2t_r1"] for r in first.rows] == [r["i2t_r1"] for r in second.rows]
+
+
+def test_a_grid_reads_each_input_once(tiny_caches, tmp_path, monkeypatch):
+    """Cells and baseline rows of one grid share what the process has read: one read per (split, sets)."""
+    vit, _ = tiny_caches
+    reads = []
+    read_split = FeatureCache.split
+
+    def counted(self, name, *args, **kwargs):
+        reads.append((str(self.path), name, args, tuple(sorted(kwargs.items()))))
+        return read_split(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(FeatureCache, "split", counted)
+    grid = {"projectors": ("linear", "mlp"), "losses": ("infonce", "sigmoid"), "seeds": (0,), "epochs": 1,
+            "base_config": {"batch_size": 4}, "jobs": 1, "progress": False}
+    first = ablate([vit], tmp_path / "a", **grid)
+    assert first.cells_trained == 4 and reads and len(reads) == len(set(reads))
+    reads.clear()  # a second grid reads afresh (the cache could have changed in between), again once
+    ablate([vit], tmp_path / "b", **grid)
+    assert reads and len(reads) == len(set(reads))
 
 
 def test_cli_ablate_prints_the_table(tiny_caches, tmp_path, capsys):

@@ -38,7 +38,7 @@ from vlmcache.align.projectors import TOKEN_PROJECTORS
 from vlmcache.align.train import train
 from vlmcache.cache.layout import parse_sets
 from vlmcache.cache.sample import read_paired_sample
-from vlmcache.cache.store import load_features, open_cache
+from vlmcache.cache.store import FeatureCache, keep_loaded, load_features, open_cache
 from vlmcache.encode import encoders
 from vlmcache.errors import VlmcacheError
 from vlmcache.files import FolderLock, read_sealed_json, write_json_atomic, write_sealed_json, write_text_atomic
@@ -178,10 +178,23 @@ def _worker_init(threads: int) -> None:
             os._exit(1)
 
 
+# The caches this process has opened for the running grid, each keeping the splits it has read (keep_loaded): a
+# process reads each input once, however many cells it trains on it. Emptied when a grid starts (workers are new
+# processes per grid), so a cache changed between two grids is read afresh.
+_OPENED: dict[str, FeatureCache] = {}
+
+
+def opened_for_grid(cache: str) -> FeatureCache:
+    """This process's open `cache` for the running grid, keeping what it loads."""
+    if cache not in _OPENED:
+        _OPENED[cache] = keep_loaded(open_cache(cache))
+    return _OPENED[cache]
+
+
 def run_cell(cell: Cell) -> dict:
     """Train one cell in a temporary folder and return its metrics (and per-query ranks) on the evaluation split."""
     config = TrainConfig.from_dict(cell.config)
-    opened = open_cache(cell.cache)
+    opened = opened_for_grid(cell.cache)
     split = opened.default_split()
     started, cpu_started = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory(prefix="vlmcache-cell-") as folder:
@@ -199,7 +212,7 @@ def run_cell(cell: Cell) -> dict:
 
 def baseline_rows(cache: str, dim: int, seeds: list[int], features: tuple[str | None, str | None] = (None, None)) -> list[dict]:
     """Untrained linear projectors (per seed), CCA and ASIF on one cache's (image, text) feature sets, as raw cells."""
-    opened = open_cache(cache)
+    opened = opened_for_grid(cache)
     split = opened.default_split()
     sets = {"image_sets": parse_sets(features[0]), "text_sets": parse_sets(features[1])}
     train_split, evaluated = load_features(opened, "train", **sets), load_features(opened, split, **sets)
@@ -293,6 +306,7 @@ def ablate(
     compatibility (vlmcache compat), among the text sets of `text_features` (all of them when it is (None,)).
     """
     started = time.perf_counter()
+    _OPENED.clear()
     if not caches:
         raise VlmcacheError("give at least one cache folder")
     empty = [option for option, values in (("--projectors", projectors), ("--losses", losses), ("--seeds", seeds),

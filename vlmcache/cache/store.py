@@ -28,7 +28,7 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -232,6 +232,9 @@ class FeatureCache:
 
     def __init__(self, path: Path, check_shards: bool = True):
         self.path = path
+        # Splits already read by load_features, when the owner keeps them (keep_loaded): an ablation grid reads
+        # each input once per process instead of once per cell.
+        self.loaded: dict[tuple, Split] | None = None
         manifest_path = path / "manifest.json"
         if not manifest_path.exists():
             raise VlmcacheError(f"{path}: not a vlmcache cache (no manifest.json); run vlmcache extract first")
@@ -586,7 +589,12 @@ def load_features(cache: FeatureCache, split: str, text_cache: FeatureCache | No
     `image_sets`/`text_sets`: feature sets to concatenate (None: each modality's default set).
     `image_tokens`/`text_tokens`: also read that side's token states (extract --tokens).
     Non-finite features (a corrupted shard, a broken encoder) are refused here, before any training.
+    A cache that keeps its loaded splits (`keep_loaded`) reads each one once; callers get their own Split
+    object over the same arrays, which nothing writes to.
     """
+    key = (split, image_sets, text_sets, image_tokens, text_tokens)
+    if cache.loaded is not None and text_cache is None and key in cache.loaded:
+        return replace(cache.loaded[key])
     loaded = cache.split(split, image_sets, None if text_cache is not None else text_sets, image_tokens=image_tokens,
                          text_tokens=text_tokens and text_cache is None)
     if text_cache is not None:
@@ -602,7 +610,16 @@ def load_features(cache: FeatureCache, split: str, text_cache: FeatureCache | No
             raise VlmcacheError(f"{(text_cache if modality == 'text' and text_cache else cache).path}: split {split!r} "
                                 f"has NaN or infinite {modality} features (row {bad[0]} of the split, {len(bad)} rows); "
                                 "run vlmcache verify on it and re-extract")
+    if cache.loaded is not None and text_cache is None:
+        cache.loaded[key] = replace(loaded)
     return loaded
+
+
+def keep_loaded(cache: FeatureCache) -> FeatureCache:
+    """`cache`, now keeping every split load_features reads from it in memory for the next caller."""
+    if cache.loaded is None:
+        cache.loaded = {}
+    return cache
 
 
 def differences(first: dict, second: dict, prefix: str = "") -> list[str]:
