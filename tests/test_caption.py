@@ -25,7 +25,19 @@ from vlmcache.caption.predict import caption_images
 from vlmcache.caption.train import train_captioner
 from vlmcache.caption.vocab import build_vocabulary
 from vlmcache.errors import VlmcacheError
-from vlmcache.metrics.captions import java_available, most_frequent_caption, nearest_neighbour_captions, score_captions
+from vlmcache.metrics.captions import (
+    METRICS,
+    bleu_from_counts,
+    caption_scores,
+    caption_table_statistics,
+    java_available,
+    meteor_from_stats,
+    most_frequent_caption,
+    nearest_neighbour_captions,
+    score_captions,
+    words,
+)
+from vlmcache.metrics.stats import BEST, TIED
 
 TINY = {"width": 32, "layers": 1, "heads": 2, "min_count": 1, "batch_size": 8, "max_length": 8}
 
@@ -60,6 +72,79 @@ def test_without_java_meteor_is_skipped_with_a_warning_not_a_crash(monkeypatch):
         scores = score_captions(["A dog runs ."], [["a dog runs fast"]])
     assert scores["meteor"] is None
     assert scores["bleu1"] == pytest.approx(100 * math.exp(-1 / 3), abs=1e-4)  # same words as the PTB tokenizer gives
+
+
+# Six images, two to five references, candidates shorter and longer than their references (brevity penalty).
+REFERENCES = [["a black dog runs on the green grass", "a dog running outside", "the dog is running in a field"],
+              ["two children play in a fountain", "kids splash in the water"],
+              ["a man rides a red bicycle down the street", "a cyclist on a road", "a man on a bike",
+               "someone riding a red bike", "a person cycling in the city"],
+              ["a cat sleeps on a sofa", "a grey cat asleep"],
+              ["a woman in a red dress walks down the street", "a lady walking"],
+              ["three people stand on a snowy mountain", "hikers on a mountain top", "people in the snow"]]
+CANDIDATES = ["a dog runs on the grass", "children play in the water", "a man rides a bike", "a cat",
+              "a woman walks down a street in a red dress", "people stand on a mountain in the snow"]
+RESAMPLED = [0, 0, 2, 3, 5, 5, 5]  # one bootstrap draw: images 0 and 5 drawn more than once, 1 and 4 not at all
+
+
+@pytest.mark.filterwarnings("ignore:no java on the PATH")
+def test_bleu_from_per_image_counts_is_pycocoevalcaps_corpus_bleu_on_any_draw_of_images(monkeypatch):
+    from pycocoevalcap.bleu.bleu import Bleu
+
+    monkeypatch.setattr("vlmcache.metrics.captions.java_available", lambda: False)  # Python tokens: no Java needed
+    scored = caption_scores(CANDIDATES, REFERENCES, meteor=False)
+
+    def corpus_bleu(draw: list[int]) -> np.ndarray:
+        gts = {key: [" ".join(words(r)) for r in REFERENCES[image]] for key, image in enumerate(draw)}
+        res = {key: [" ".join(words(CANDIDATES[image]))] for key, image in enumerate(draw)}
+        return 100 * np.array(Bleu(4).compute_score(gts, res, verbose=0)[0])
+
+    everything = corpus_bleu(list(range(len(CANDIDATES))))
+    assert [scored.scores[f"bleu{n}"] for n in (1, 2, 3, 4)] == pytest.approx(everything, rel=1e-12)
+    assert 100 * bleu_from_counts(scored.bleu_counts.sum(axis=0)) == pytest.approx(everything, rel=1e-12)
+    weights = np.bincount(RESAMPLED, minlength=len(CANDIDATES)).astype(float)
+    assert 100 * bleu_from_counts(weights @ scored.bleu_counts) == pytest.approx(corpus_bleu(RESAMPLED), rel=1e-12)
+    # A replicate of every metric with all weights one is the reported number.
+    assert scored.replicates(np.ones((1, len(CANDIDATES))))[0] == pytest.approx(
+        [scored.scores[name] for name in scored.metrics], rel=1e-12)
+    assert "meteor" not in scored.metrics
+
+
+@pytest.mark.skipif(not java_available(), reason="METEOR is a Java program")
+def test_meteor_from_per_image_statistics_is_meteors_corpus_score_on_any_draw_of_images():
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    scored = caption_scores(CANDIDATES, REFERENCES)
+    assert 100 * meteor_from_stats(scored.meteor_stats.sum(axis=0)) == pytest.approx(scored.scores["meteor"], rel=1e-12)
+    # The captions are lower-case words already: the PTB tokenizer leaves them as they are.
+    gts = {key: REFERENCES[image] for key, image in enumerate(RESAMPLED)}
+    res = {key: [CANDIDATES[image]] for key, image in enumerate(RESAMPLED)}
+    weights = np.bincount(RESAMPLED, minlength=len(CANDIDATES)).astype(float)
+    assert meteor_from_stats(weights @ scored.meteor_stats) == pytest.approx(Meteor().compute_score(gts, res)[0],
+                                                                           rel=1e-12)
+    assert scored.replicates(np.ones((1, len(CANDIDATES))))[0] == pytest.approx(
+        [scored.scores[name] for name in METRICS], rel=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:no java on the PATH")
+def test_caption_intervals_zero_width_when_every_image_scores_the_same_and_fixed_by_the_seed(monkeypatch):
+    monkeypatch.setattr("vlmcache.metrics.captions.java_available", lambda: False)
+    perfect = caption_scores([r[0] for r in REFERENCES], [r[:1] for r in REFERENCES], meteor=False)
+    table = caption_table_statistics([perfect])
+    assert table.metrics == ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider")
+    assert table.low[0] == pytest.approx(table.point[0], abs=1e-6) and table.high[0] == pytest.approx(table.point[0], abs=1e-6)
+    scored = caption_scores(CANDIDATES, REFERENCES, meteor=False)
+    first, again = caption_table_statistics([scored], seed=5), caption_table_statistics([scored], seed=5)
+    assert np.array_equal(first.low, again.low) and np.array_equal(first.high, again.high)
+    assert not np.array_equal(first.low, caption_table_statistics([scored], seed=6).low)
+    assert np.all(first.low[0] <= first.point[0]) and np.all(first.point[0] <= first.high[0])
+    # Rows on the same images are compared with the best one: an identical copy of it is not distinguishable.
+    constant = caption_scores(["a"] * len(REFERENCES), REFERENCES, meteor=False)
+    paired = caption_table_statistics([scored, scored, constant])
+    assert paired.marks[0].tolist() == [BEST] * 6 and paired.marks[1].tolist() == [TIED] * 6
+    assert paired.p_vs_best[1].tolist() == [1.0] * 6 and paired.p_vs_best[2, -1] < 0.05
+    with pytest.raises(ValueError, match="same images"):
+        caption_table_statistics([scored, caption_scores(CANDIDATES[:3], REFERENCES[:3], meteor=False)])
 
 
 def test_nearest_neighbour_picks_the_consensus_caption_of_the_closest_image():
@@ -219,7 +304,12 @@ def test_cli_train_eval_predict_and_plot(caption_cache, tmp_path, capsys):
     rows = json.loads((tmp_path / "c.json").read_text())["captioning"]
     names = list(rows)
     assert names[0].startswith("trained") and "nearest neighbour" in names[1] and "constant" in names[2]
-    assert set(rows[names[0]]) == {"bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider"}
+    with_interval = [name for name in METRICS if name != "meteor" or java_available()]
+    assert set(rows[names[0]]) == set(METRICS) | {f"{name}{suffix}" for name in with_interval
+                                                  for suffix in ("_ci_low", "_ci_high", "_p_vs_best", "_mark")}
+    for row in rows.values():
+        assert row["cider_ci_low"] <= row["cider"] <= row["cider_ci_high"]
+    assert sum(row["cider_mark"] == "best" for row in rows.values()) == 1 and "±" in out
     image = sorted((caption_cache.parent / "flickr" / "Images").iterdir())[0]
     code, out, err = run_cli(["caption", image, "--checkpoint", run, "--beam", "1"], capsys)
     assert code == 0, err

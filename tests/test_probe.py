@@ -1,4 +1,5 @@
-"""Linear probe: metrics checked by hand, the protocol on synthetic features, and the command on a labelled folder."""
+"""Linear probe: metrics checked by hand, the protocol on synthetic features, intervals with known answers, and
+the command on a labelled folder."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from vlmcache.align.config import TrainConfig
 from vlmcache.align.train import train
 from vlmcache.encode.extract import extract
 from vlmcache.errors import VlmcacheError
-from vlmcache.eval.probe import C_SWEEP, class_accuracy, linear_probe, probe, stratified_split
+from vlmcache.eval.probe import C_SWEEP, accuracy_statistics, class_accuracy, linear_probe, probe, stratified_split
+from vlmcache.metrics.stats import BEST, TIED, WORSE
 
 
 def test_class_accuracy_by_hand():
@@ -42,6 +44,49 @@ def test_probe_separates_separable_classes_and_not_random_labels():
     assert noise["top1"] < 45
 
 
+def predictions_with_accuracy(labels: np.ndarray, p: float, rng: np.random.Generator) -> np.ndarray:
+    """Each image right with probability p, independently; a wrong one predicts the next class."""
+    return np.where(rng.random(len(labels)) < p, labels, (labels + 1) % (labels.max() + 1))
+
+
+def test_accuracy_interval_of_a_known_bernoulli_accuracy_matches_the_normal_approximation():
+    rng = np.random.default_rng(0)
+    images, p = 2000, 0.7
+    labels = rng.integers(0, 10, size=images)
+    predicted = predictions_with_accuracy(labels, p, rng)
+    table = accuracy_statistics(labels, [predicted])
+    expected = class_accuracy(labels, predicted)
+    assert table.point[0] == pytest.approx([expected["top1"], expected["mean_per_class"]])
+    half = 100 * 1.96 * np.sqrt(p * (1 - p) / images)  # 2.0 points
+    top1 = table.point[0, 0]
+    assert table.low[0, 0] == pytest.approx(top1 - half, abs=0.25) and table.high[0, 0] == pytest.approx(top1 + half, abs=0.25)
+    # Mean per class averages 10 class accuracies on ~200 images each: about as wide as top-1.
+    assert table.high[0, 1] - table.low[0, 1] == pytest.approx(2 * half, rel=0.15)
+
+
+def test_accuracy_all_right_has_a_zero_width_interval_and_the_seed_fixes_the_draws():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 4, size=100)
+    perfect = accuracy_statistics(labels, [labels])
+    assert perfect.low[0] == pytest.approx([100, 100]) and perfect.high[0] == pytest.approx([100, 100])
+    predicted = predictions_with_accuracy(labels, 0.6, rng)
+    first, again = accuracy_statistics(labels, [predicted], seed=3), accuracy_statistics(labels, [predicted], seed=3)
+    other = accuracy_statistics(labels, [predicted], seed=4)
+    assert np.array_equal(first.low, again.low) and np.array_equal(first.high, again.high)
+    assert not np.array_equal(first.low, other.low)
+
+
+def test_accuracy_rows_are_compared_with_the_best_on_the_same_images():
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 5, size=1000)
+    good = predictions_with_accuracy(labels, 0.8, rng)
+    table = accuracy_statistics(labels, [predictions_with_accuracy(labels, 0.5, rng), good, good.copy()])
+    assert table.marks[:, 0].tolist() == [WORSE, BEST, TIED]  # 50% vs 80% on 1,000 images; a copy of the best ties
+    assert table.p_vs_best[0, 0] < 0.01 and table.p_vs_best[2, 0] == 1.0 and table.p_vs_best[1, 0] == 1.0
+    assert set(table.row(0)) == {f"{metric}{suffix}" for metric in ("top1", "mean_per_class")
+                                 for suffix in ("_ci_low", "_ci_high", "_p_vs_best", "_mark")}
+
+
 @pytest.fixture
 def cifar_slice(tmp_path):
     """4 classes x 12 images of the shared CIFAR-10 sample (symlinked)."""
@@ -67,8 +112,14 @@ def test_probe_command_carves_a_split_and_adds_the_projector_row(cifar_slice, ti
     names = list(report["rows"])
     assert names[0].startswith("raw features (") and names[1].startswith("after image projector (linear")
     assert report["rows"]["chance (baseline)"]["top1"] == 25.0
-    for row in report["rows"].values():
+    for name, row in report["rows"].items():
         assert 0 <= row["top1"] <= 100 and 0 <= row["mean_per_class"] <= 100
+        if name == "chance (baseline)":  # a constant: no interval, no test
+            assert "top1_ci_low" not in row
+        else:
+            assert row["top1_ci_low"] <= row["top1"] <= row["top1_ci_high"]
+            assert row["mean_per_class_mark"] in ("best", "tied", "worse")
+    assert report["statistics"]["resamples"] == 2000 and "±" in out and "the test images" in out
     # The same numbers from Python (deterministic), and a refusal for a cache without labels.
     again = probe(tmp_path / "cache", tmp_path / "run")
     assert again.rows == report["rows"]

@@ -45,7 +45,7 @@ from vlmcache.files import FolderLock, read_sealed_json, write_json_atomic, writ
 from vlmcache.metrics.baselines import ASIF_ROW, CCA_ROW, baseline_ranks
 from vlmcache.metrics.compat import DEFAULT_RANK_BY, DEFAULT_SAMPLE, score_pairs
 from vlmcache.metrics.retrieval import RETRIEVAL_KEYS
-from vlmcache.metrics.stats import ALPHA, CONFIDENCE, RESAMPLES, mark_best, stack_seeds
+from vlmcache.metrics.stats import RESAMPLES, mark_best, method, stack_seeds
 from vlmcache.progress import make_progress
 from vlmcache.run.ranks import Ranked, load_ranks, save_ranks
 from vlmcache.run.tracking import TRACKING_KEYS, Tracking, check_tracking, log_kinds, tracked
@@ -557,9 +557,7 @@ def add_statistics(rows: list[dict], raw: list[dict], out: Path, resamples: int 
         table = mark_best(hits, resamples, seed=seed)
         for index, row in enumerate(members):
             row.update(table.row(index))
-    return {"interval": f"{CONFIDENCE:.0%} percentile bootstrap over the evaluated images (each with its captions) "
-                        "and the seeds", "test": "paired bootstrap against the best row on the same images",
-            "correction": "holm", "alpha": ALPHA, "confidence": CONFIDENCE, "resamples": resamples,
+    return {**method("the evaluated images (each with its captions) and the seeds", resamples, seed),
             "seconds": time.perf_counter() - started}
 
 

@@ -17,6 +17,7 @@ from vlmcache.align.config import TrainConfig
 from vlmcache.app.tables import (
     ablation_table,
     caption_table,
+    probe_table,
     ranking_table,
     report_table,
 )
@@ -555,16 +556,7 @@ def probe(
 
     result = run_probe(cache, checkpoint, train_split=train_split, test_split=test_split, test_fraction=test_fraction,
                        val_fraction=val_fraction, seed=seed)
-    table = Table(title=f"linear probe on {cache}: {result.classes} classes, {result.train_images} train "
-                        f"({result.val_images} of them for choosing C) / {result.test_images} test images",
-                  caption=result.split_note, title_justify="left")
-    for column in ("features", "top-1 %", "mean per-class %", "C", "val top-1 %"):
-        table.add_column(column, justify="left" if column == "features" else "right")
-    for name, row in result.rows.items():
-        table.add_row(name, f"{row['top1']:.1f}", f"{row['mean_per_class']:.1f}",
-                      "—" if row["C"] is None else f"{row['C']:g}",
-                      "—" if row["val_top1"] is None else f"{row['val_top1']:.1f}")
-    console.print(table)
+    console.print(probe_table(result))
     console.print(f"{result.seconds:.1f} s")
     if json_out is not None:
         from vlmcache.files import write_json_atomic
@@ -682,7 +674,7 @@ def caption_eval(
         console.print(f"{image_id}: {generated!r}  (a reference: {reference!r})")
     if json_out is not None:
         write_json_atomic(json_out, {"split": report.split, "cache": str(report.cache), "beam": report.beam,
-                                     "captioning": report.rows})
+                                     "captioning": report.rows, "statistics": report.statistics})
         console.print(f"wrote {json_out}")
 
 

@@ -1,5 +1,5 @@
 """The rich tables vlmcache prints (and benchmarks reuse): retrieval reports with intervals, label rankings,
-the ablation grid, caption metrics."""
+the ablation grid, linear-probe accuracy and caption metrics with intervals."""
 
 from __future__ import annotations
 
@@ -8,9 +8,15 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
-STATISTICS_CAPTION = ("± = half-width of the 95% interval (bootstrap over the evaluated images, each with its captions, "
-                      "and over the seeds of a row that has several); * = best; ≈ = not distinguishable from the best "
-                      "(paired bootstrap on the same images, Holm-corrected, 5%)")
+
+def statistics_caption(resampled: str) -> str:
+    """A table's caption explaining its intervals and marks; `resampled` names what the bootstrap draws."""
+    return (f"± = half-width of the 95% interval (bootstrap over {resampled}); * = best; ≈ = not distinguishable "
+            "from the best (paired bootstrap on the same images, Holm-corrected, 5%)")
+
+
+STATISTICS_CAPTION = statistics_caption("the evaluated images, each with its captions, and over the seeds of a row "
+                                        "that has several")
 
 
 def report_table(report) -> Table:
@@ -104,14 +110,34 @@ def ablation_table(rows: list[dict], split: str, selected_on: str | None = None)
     return table
 
 
+def probe_table(result) -> Table:
+    """A ProbeResult as a table: accuracy with its 95% interval and mark against the best row (chance, a
+    constant, and older results without intervals: the number alone)."""
+    title = (f"linear probe on {result.cache}: {result.classes} classes, {result.train_images} train "
+             f"({result.val_images} of them for choosing C) / {result.test_images} test images")
+    with_intervals = any("top1_ci_low" in row for row in result.rows.values())
+    caption = result.split_note + (f"\n{statistics_caption('the test images')}" if with_intervals else "")
+    table = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
+    for column in ("features", "top-1 %", "mean per-class %", "C", "val top-1 %"):
+        table.add_column(column, justify="left" if column == "features" else "right")
+    for name, row in result.rows.items():
+        table.add_row(escape(name), with_interval(row, "top1"), with_interval(row, "mean_per_class"),
+                      "—" if row["C"] is None else f"{row['C']:g}",
+                      "—" if row["val_top1"] is None else f"{row['val_top1']:.1f}")
+    return table
+
+
 def caption_table(title: str, rows: dict[str, dict]) -> Table:
+    """Caption metrics per captioner, with each metric's 95% interval and mark where the rows have them."""
     from vlmcache.metrics.captions import METRIC_LABELS, METRICS
 
-    table = Table(title=title, title_justify="left")
+    with_intervals = any("cider_ci_low" in row for row in rows.values())
+    table = Table(title=title, title_justify="left", caption_justify="left",
+                  caption=statistics_caption("the evaluated images, each with all its references") if with_intervals
+                  else None)
     table.add_column("captioner", no_wrap=True)
     for column in METRIC_LABELS:
         table.add_column(column, justify="right")
     for name, m in rows.items():
-        table.add_row(name, *("-" if m[key] is None else f"{m[key]:.1f}" for key in METRICS))
+        table.add_row(escape(name), *("-" if m[key] is None else with_interval(m, key) for key in METRICS))
     return table
-

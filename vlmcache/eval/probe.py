@@ -7,6 +7,10 @@ images; the best C is then refitted on all training images and scored once on th
 top-1 accuracy and mean per-class accuracy, beside chance and the majority-class guess. A cache with no
 train split (a labelled folder is read as one "test" split) gets a stratified train/test split carved with
 a fixed seed, and the result says so.
+
+Each row measured on the test images (not chance, a constant) gets a 95% interval: a bootstrap over the
+test images, the fitted probe fixed (it is the test set that is a sample here). The rows are compared with
+the best one on the same images (paired bootstrap, Holm), as in the retrieval tables.
 """
 
 from __future__ import annotations
@@ -26,13 +30,19 @@ from vlmcache.align.load import check_encoders_match, load_model
 from vlmcache.cache.store import open_cache
 from vlmcache.encode import encoders
 from vlmcache.errors import VlmcacheError
+from vlmcache.metrics.stats import RESAMPLES, TableStats, bootstrap_table, method
 
 C_SWEEP = tuple(float(c) for c in np.logspace(-2, 6, 9))  # 0.01 ... 1,000,000; features are unit vectors
+ACCURACY_KEYS = ("top1", "mean_per_class")
+CHANCE_ROW = "chance (baseline)"
 
 
 @dataclass
 class ProbeResult:
-    """Accuracy rows (% top-1, % mean per class, chosen C) and how the images were split."""
+    """Accuracy rows (% top-1, % mean per class, chosen C) and how the images were split.
+
+    Rows measured on the test images also hold <metric>_ci_low, _ci_high, _p_vs_best and _mark for top1 and
+    mean_per_class (see accuracy_statistics); `statistics` says how they were made."""
 
     cache: Path
     rows: dict[str, dict] = field(default_factory=dict)
@@ -42,6 +52,7 @@ class ProbeResult:
     test_images: int = 0
     split_note: str = ""
     seconds: float = 0.0
+    statistics: dict = field(default_factory=dict)
 
 
 def class_accuracy(labels: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
@@ -50,6 +61,30 @@ def class_accuracy(labels: np.ndarray, predicted: np.ndarray) -> dict[str, float
     correct = labels == predicted
     per_class = [correct[labels == label].mean() for label in np.unique(labels)]
     return {"top1": 100.0 * float(correct.mean()), "mean_per_class": 100.0 * float(np.mean(per_class))}
+
+
+def accuracy_statistics(labels: np.ndarray, predictions: list[np.ndarray], resamples: int = RESAMPLES,
+                        seed: int = 0) -> TableStats:
+    """95% intervals of top-1 and mean per-class accuracy (%) of several predictions of the same test
+    `labels`, and per metric the best one and those not distinguishable from it: a bootstrap over the test
+    images (paired across predictions, Holm; see vlmcache.metrics.stats.bootstrap_table).
+
+    A replicate's mean per-class accuracy is over the classes it drew at least one image of."""
+    labels = np.asarray(labels)
+    one_hot = (labels[:, None] == np.unique(labels)[None]).astype(np.float64)  # (images, classes)
+    correct = [(np.asarray(predicted) == labels).astype(np.float64) for predicted in predictions]
+
+    def accuracies(weights: np.ndarray) -> np.ndarray:
+        drawn = weights @ one_hot  # (replicates, classes): images drawn per class
+        present = drawn > 0
+        values = []
+        for hits in correct:
+            right = weights @ (hits[:, None] * one_hot)  # (replicates, classes): correct images drawn per class
+            per_class = np.divide(right, drawn, out=np.zeros_like(right), where=present)
+            values.append(np.stack([right.sum(1) / drawn.sum(1), per_class.sum(1) / present.sum(1)], axis=1))
+        return 100.0 * np.stack(values)
+
+    return bootstrap_table(accuracies, len(labels), ACCURACY_KEYS, resamples, seed=seed)
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -73,17 +108,24 @@ def _fit(features: np.ndarray, labels: np.ndarray, c: float, seed: int) -> Logis
         return model.fit(features, labels)
 
 
-def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, *,
-                 val_fraction: float = 0.2, seed: int = 0, cs: tuple[float, ...] = C_SWEEP) -> dict:
-    """Sweep C on a stratified validation part of the training rows, refit on all of them, score the test rows."""
+def fit_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, *, val_fraction: float = 0.2,
+              seed: int = 0, cs: tuple[float, ...] = C_SWEEP) -> tuple[np.ndarray, float, float]:
+    """(test predictions, chosen C, its validation top-1 %): C swept on a stratified validation part of the
+    training rows, then refitted on all of them."""
     fit_rows, val_rows = stratified_split(train_y, val_fraction, seed)
     if len(val_rows) == 0 or len(fit_rows) == 0:
         raise VlmcacheError(f"{len(train_y)} training images are too few to carve a validation split; use more images")
     scores = {c: class_accuracy(train_y[val_rows], _fit(train_x[fit_rows], train_y[fit_rows], c, seed)
                                 .predict(train_x[val_rows]))["top1"] for c in cs}
     best = max(cs, key=lambda c: (scores[c], -c))  # ties go to the stronger regularisation
-    predicted = _fit(train_x, train_y, best, seed).predict(test_x)
-    return {**class_accuracy(test_y, predicted), "C": best, "val_top1": scores[best]}
+    return _fit(train_x, train_y, best, seed).predict(test_x), best, scores[best]
+
+
+def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, *,
+                 val_fraction: float = 0.2, seed: int = 0, cs: tuple[float, ...] = C_SWEEP) -> dict:
+    """Sweep C on a stratified validation part of the training rows, refit on all of them, score the test rows."""
+    predicted, best, val_top1 = fit_probe(train_x, train_y, test_x, val_fraction=val_fraction, seed=seed, cs=cs)
+    return {**class_accuracy(test_y, predicted), "C": best, "val_top1": val_top1}
 
 
 def _unit(features: np.ndarray) -> np.ndarray:
@@ -93,11 +135,12 @@ def _unit(features: np.ndarray) -> np.ndarray:
 
 def probe(cache: str | Path, checkpoint: str | Path | None = None, *, train_split: str = "train",
           test_split: str | None = None, test_fraction: float = 0.5, val_fraction: float = 0.2, seed: int = 0,
-          cs: tuple[float, ...] = C_SWEEP) -> ProbeResult:
+          cs: tuple[float, ...] = C_SWEEP, resamples: int = RESAMPLES, bootstrap_seed: int = 0) -> ProbeResult:
     """Linear-probe accuracy of a labelled-folder cache's image features, raw and after `checkpoint`'s image projector.
 
     Uses `train_split` and `test_split` (default: test, else val) when the cache has a train split;
-    otherwise carves `test_fraction` of each class (seeded) as the test images.
+    otherwise carves `test_fraction` of each class (seeded) as the test images. Rows measured on the test
+    images get 95% intervals and marks (`resamples` replicates drawn with `bootstrap_seed`).
     """
     started = time.perf_counter()
     if not 0 < test_fraction < 1 or not 0 < val_fraction < 1:
@@ -132,13 +175,20 @@ def probe(cache: str | Path, checkpoint: str | Path | None = None, *, train_spli
         with torch.no_grad():
             sets[f"after image projector ({meta['config']['projector']}, {checkpoint})"] = tuple(
                 model.embed_images(torch.from_numpy(x)).numpy() for x in (train_x, test_x))
+    predictions = {}
     for name, (fit_x, eval_x) in sets.items():
-        result.rows[name] = linear_probe(_unit(fit_x), train_y, _unit(eval_x), test_y, val_fraction=val_fraction,
-                                         seed=seed, cs=cs)
-    majority = np.bincount(train_y).argmax()
-    result.rows["majority class of train (baseline)"] = {**class_accuracy(test_y, np.full(len(test_y), majority)),
-                                                         "C": None, "val_top1": None}
-    result.rows["chance (baseline)"] = {"top1": 100.0 / result.classes, "mean_per_class": 100.0 / result.classes,
-                                        "C": None, "val_top1": None}
+        predictions[name], best, val_top1 = fit_probe(_unit(fit_x), train_y, _unit(eval_x), val_fraction=val_fraction,
+                                                      seed=seed, cs=cs)
+        result.rows[name] = {**class_accuracy(test_y, predictions[name]), "C": best, "val_top1": val_top1}
+    name = "majority class of train (baseline)"
+    predictions[name] = np.full(len(test_y), np.bincount(train_y).argmax())
+    result.rows[name] = {**class_accuracy(test_y, predictions[name]), "C": None, "val_top1": None}
+    table = accuracy_statistics(test_y, list(predictions.values()), resamples, bootstrap_seed)
+    for index, name in enumerate(predictions):
+        result.rows[name].update(table.row(index))
+    # Chance is a number, not a measurement on the test images: it has no interval and takes no part in the test.
+    result.rows[CHANCE_ROW] = {"top1": 100.0 / result.classes, "mean_per_class": 100.0 / result.classes,
+                               "C": None, "val_top1": None}
+    result.statistics = method("the test images", resamples, bootstrap_seed)
     result.seconds = time.perf_counter() - started
     return result

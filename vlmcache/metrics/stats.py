@@ -19,11 +19,15 @@ vlmcache.metrics.retrieval.retrieval_ranks), so no embedding is recomputed:
 - A table compares every cell with the best one; `holm` corrects those p-values for the number of
   comparisons, and cells whose corrected p-value is at least alpha are marked as not distinguishable.
 
-Numbers are in percent, in the order of RETRIEVAL_KEYS (six recalls, then their mean).
+Retrieval numbers are in percent, in the order of RETRIEVAL_KEYS (six recalls, then their mean). Tables of
+other numbers that are functions of per-image outcomes (linear-probe accuracy, caption metrics) use the
+same machinery through `bootstrap_table`: one draw of images per replicate for every row, percentile
+intervals, the paired test against the best row, Holm.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -213,23 +217,47 @@ def holm(p_values: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class TableStats:
-    """Per cell (first axis) and metric (second axis, RETRIEVAL_KEYS order): the numbers of a table."""
+    """Per cell (first axis) and metric (second axis, in the order of `metrics`): the numbers of a table."""
 
     point: np.ndarray
     low: np.ndarray
     high: np.ndarray
     p_vs_best: np.ndarray  # Holm-adjusted p-value of "same as the best cell" (1 for the best cell itself)
     marks: np.ndarray  # BEST, TIED (not distinguishable from the best at alpha) or WORSE, as strings
+    metrics: tuple[str, ...] = RETRIEVAL_KEYS
 
     def row(self, index: int) -> dict:
         """One cell's numbers as JSON keys: <metric>_ci_low, _ci_high, _p_vs_best, _mark."""
         values = {}
-        for column, metric in enumerate(RETRIEVAL_KEYS):
+        for column, metric in enumerate(self.metrics):
             values.update({f"{metric}_ci_low": float(self.low[index, column]),
                            f"{metric}_ci_high": float(self.high[index, column]),
                            f"{metric}_p_vs_best": float(self.p_vs_best[index, column]),
                            f"{metric}_mark": str(self.marks[index, column])})
         return values
+
+
+def compare_cells(point: np.ndarray, values: np.ndarray, metrics: tuple[str, ...] = RETRIEVAL_KEYS,
+                  confidence: float = CONFIDENCE, alpha: float = ALPHA) -> TableStats:
+    """Intervals and marks from each cell's point estimates `point` (cells, metrics) and its bootstrap
+    `values` (cells, replicates, metrics), replicate r of every cell drawn on the same images (paired).
+
+    Per metric, the best cell is the one with the highest point estimate; every other cell is compared with
+    it by the paired bootstrap test, and those m − 1 p-values are Holm-corrected together.
+    """
+    low, high = percentile_interval(values.transpose(1, 0, 2), confidence)
+    best = point.argmax(axis=0)  # (metrics,)
+    columns = np.arange(point.shape[1])
+    differences = values - values[best, :, columns].T[None]  # each cell minus the best, per replicate
+    raw = bootstrap_p_value(differences.transpose(1, 0, 2), point - point[best, columns][None])  # (cells, metrics)
+    p_vs_best = np.ones_like(raw)
+    for column in columns:
+        others = np.flatnonzero(np.arange(len(point)) != best[column])
+        if len(others):
+            p_vs_best[others, column] = holm(raw[others, column])
+    marks = np.where(p_vs_best >= alpha, TIED, WORSE).astype(object)
+    marks[best, columns] = BEST
+    return TableStats(point, low, high, p_vs_best, marks, tuple(metrics))
 
 
 def mark_best(cells: list[QueryHits], resamples: int = RESAMPLES, confidence: float = CONFIDENCE,
@@ -238,8 +266,7 @@ def mark_best(cells: list[QueryHits], resamples: int = RESAMPLES, confidence: fl
 
     All cells must be evaluated on the same images. One set of bootstrap image draws serves every cell,
     so each replicate is paired across cells; each cell's seeds are drawn independently (different
-    trainings). Each cell is compared with the best one (highest point estimate) by the paired bootstrap
-    test, and the m − 1 p-values of a metric are Holm-corrected together.
+    trainings). See compare_cells for the test.
     """
     for cell in cells[1:]:
         _check_paired(cells[0], cell)
@@ -247,16 +274,36 @@ def mark_best(cells: list[QueryHits], resamples: int = RESAMPLES, confidence: fl
     weights = bootstrap_weights(cells[0].images, resamples, rng)
     values = np.stack([replicates(cell, weights, rng) for cell in cells])  # (cells, replicates, 7)
     point = np.stack([point_estimate(cell) for cell in cells])
-    low, high = percentile_interval(values.transpose(1, 0, 2), confidence)
-    best = point.argmax(axis=0)  # (7,)
-    columns = np.arange(point.shape[1])
-    differences = values - values[best, :, columns].T[None]  # each cell minus the best, per replicate
-    raw = bootstrap_p_value(differences.transpose(1, 0, 2), point - point[best, columns][None])  # (cells, 7)
-    p_vs_best = np.ones_like(raw)
-    for column in columns:
-        others = np.flatnonzero(np.arange(len(cells)) != best[column])
-        if len(others):
-            p_vs_best[others, column] = holm(raw[others, column])
-    marks = np.where(p_vs_best >= alpha, TIED, WORSE).astype(object)
-    marks[best, columns] = BEST
-    return TableStats(point, low, high, p_vs_best, marks)
+    return compare_cells(point, values, RETRIEVAL_KEYS, confidence, alpha)
+
+
+def weighted_mean(per_image: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """(replicates, ...) means of per-image scores `per_image` (images, ...), each row of `weights`
+    (replicates, images) weighting the images: the bootstrap of a metric that is a mean over images."""
+    per_image = np.asarray(per_image, dtype=np.float64)
+    flat = per_image.reshape(len(per_image), -1)
+    return ((weights @ flat) / weights.sum(axis=1, keepdims=True)).reshape((len(weights),) + per_image.shape[1:])
+
+
+def bootstrap_table(statistic: Callable[[np.ndarray], np.ndarray], images: int, metrics: tuple[str, ...],
+                    resamples: int = RESAMPLES, confidence: float = CONFIDENCE, alpha: float = ALPHA,
+                    seed: int = 0) -> TableStats:
+    """Intervals, best and not-distinguishable cells of a table whose numbers are functions of per-image
+    outcomes on the same `images` images.
+
+    `statistic(weights)` maps image weights (replicates, images) to every cell's numbers (cells,
+    replicates, metrics); all-ones weights give the plain numbers (the point estimates). The images are
+    resampled with replacement (one draw per replicate, shared by all cells: paired), so a corpus-level
+    metric (BLEU, METEOR) is recomputed from resampled per-image counts and a mean of per-image scores is
+    a weighted mean (see weighted_mean). Single-seed cells: no seed level here.
+    """
+    weights = bootstrap_weights(images, resamples, np.random.default_rng(seed))
+    point = statistic(np.ones((1, images)))[:, 0]
+    return compare_cells(point, statistic(weights), metrics, confidence, alpha)
+
+
+def method(resampled: str, resamples: int = RESAMPLES, seed: int = 0) -> dict:
+    """How a table's statistics were made, for its JSON file; `resampled` names the unit of resampling."""
+    return {"interval": f"{CONFIDENCE:.0%} percentile bootstrap over {resampled}",
+            "test": "paired bootstrap against the best row on the same images", "correction": "holm",
+            "alpha": ALPHA, "confidence": CONFIDENCE, "resamples": resamples, "seed": seed}
