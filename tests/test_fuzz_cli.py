@@ -152,7 +152,8 @@ TRAIN_OPTIONS = {
     "--seed": value(HUGE), "--sampling": st.one_of(st.sampled_from(["image", "caption"]), TEXT),
     "--patience": value(HUGE), "--dropout": value(FLOATS), "--mlp-hidden": small_or_invalid(512),
     "--mlp-layers": small_or_invalid(4), "--image-grid": st.one_of(st.just("4x8"), TEXT),
-    "--text-grid": st.one_of(st.just("8x4"), TEXT),
+    "--text-grid": st.one_of(st.just("8x4"), TEXT), "--rank": small_or_invalid(8),
+    "--ndlinear-layers": small_or_invalid(3), "--ndlinear-hidden": st.one_of(st.just("4x4"), TEXT),
     "--train-split": st.one_of(st.just("val"), TEXT), "--val-split": st.one_of(st.just("train"), TEXT),
     "--device": st.one_of(st.sampled_from(["cpu", "cuda", "auto", "tpu"]), TEXT),
 }
@@ -201,7 +202,8 @@ def ablate_args(draw, files):
                "--losses": st.one_of(st.sampled_from(["infonce", "sigmoid"]), TEXT), "--seeds": int_list,
                "--dims": st.one_of(st.lists(small_or_invalid(64), max_size=2).map(",".join), TEXT),
                "--epochs": small_or_invalid(1), "--batch-size": small_or_invalid(64),
-               "--jobs": small_or_invalid(1), "--config": path_of(files, "config", *BAD)}
+               "--jobs": small_or_invalid(1), "--config": path_of(files, "config", *BAD),
+               "--capacity": st.one_of(st.sampled_from(["2k", "300,5k", "1M"]), TEXT)}
     caches = draw(st.lists(st.one_of(path_of(files, "cache", *BAD), TEXT), min_size=1, max_size=2))
     argv = command_line(draw, files, ["ablate", *caches], options, ("--no-baselines",))
     for option, safe in (("--epochs", "1"), ("--jobs", "1"), ("--seeds", "0"), ("--projectors", "linear"),

@@ -1,10 +1,11 @@
-"""The ablation grid: caches × feature sets × projectors × losses × dims × seeds, plus baseline rows.
+"""The ablation grid: caches × feature sets × projectors × losses × dims (× capacities) × seeds, plus baseline rows.
 
 Each cell is one `train` run. Its result is saved as `<out>/cells/<config hash>.json` the moment it
 finishes, so re-running an interrupted ablation only trains the missing cells. Cells are independent
 and run in `jobs` worker processes, each limited to its share of the CPU threads. With `--log`, every cell
 trained is one tracker run under the grid's folder, grouped by the grid, and the grid's tables and plot are one
-more (vlmcache.run.tracking).
+more (vlmcache.run.tracking). With `--capacity`, each pooled projector family is trained at each target number of
+trainable parameters, through its size knob (vlmcache.align.capacity).
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ import numpy as np
 import torch
 
 from vlmcache import __version__
-from vlmcache.align.config import TrainConfig
+from vlmcache.align.capacity import LIMITS, TOLERANCE, WITHIN, Sizer, parse_capacity, reachable
+from vlmcache.align.config import KNOBS, TrainConfig
 from vlmcache.align.inputs import model_ranks, token_options
 from vlmcache.align.load import load_model
-from vlmcache.align.model import initial_model
+from vlmcache.align.model import initial_model, model_parameters
 from vlmcache.align.projectors import TOKEN_PROJECTORS
 from vlmcache.align.train import train
 from vlmcache.cache.layout import parse_sets
@@ -46,6 +48,7 @@ from vlmcache.metrics.baselines import ASIF_ROW, CCA_ROW, baseline_ranks
 from vlmcache.metrics.compat import DEFAULT_RANK_BY, DEFAULT_SAMPLE, score_pairs
 from vlmcache.metrics.retrieval import RETRIEVAL_KEYS
 from vlmcache.metrics.stats import RESAMPLES, mark_best, method, stack_seeds
+from vlmcache.options import option_fields
 from vlmcache.progress import make_progress
 from vlmcache.run.ranks import Ranked, load_ranks, save_ranks
 from vlmcache.run.tracking import TRACKING_KEYS, Tracking, check_tracking, log_kinds, tracked
@@ -57,10 +60,18 @@ STATISTICS_SUFFIXES = ("_ci_low", "_ci_high", "_p_vs_best", "_mark")
 # Options a grid entry may give its projector after ':' (e.g. cross-attention:queries=4, ndlinear:tokens:lr=0.01);
 # the table row is labelled the same way, with the options that differ from the defaults.
 PROJECTOR_OPTIONS = ("tokens", "text_tokens", "queries", "heads", "positions", "resampler_depth", "lr", "dropout")
+# A family's size knobs may follow ':' too (linear:rank=8, ndlinear:ndlinear-layers=2:ndlinear-hidden=16x16); a row's
+# label shows those of its own family only.
+KNOB_OPTIONS = tuple(key for keys in KNOBS.values() for key in keys)
 TYPES = typing.get_type_hints(TrainConfig)
+PARSERS = {field.name: meaning.parse for field, meaning, _ in option_fields(TrainConfig)}
+# Options added after cells were first keyed: left out of a cell's key at their defaults, so that the cells trained
+# before them keep their keys.
+LATER_OPTIONS = {"rank": None, "ndlinear_layers": 1, "ndlinear_hidden": None}
 # Options that are axes of the grid or define the data: not tunable per cell.
 NOT_TUNABLE = ("projector", "loss", "dim", "seed", "epochs", "train_split", "val_split", "select_on", "image_features",
-               "text_features", "tokens", "text_tokens", "stream", "max_memory", "stream_buffer", "image_grid", "text_grid")
+               "text_features", "tokens", "text_tokens", "stream", "max_memory", "stream_buffer", "image_grid", "text_grid",
+               "ndlinear_hidden")
 
 
 def projector_spec(spec: str) -> dict:
@@ -70,11 +81,16 @@ def projector_spec(spec: str) -> dict:
     for option in options:
         key, given, value = option.partition("=")
         key = key.strip().replace("-", "_")
-        if key not in PROJECTOR_OPTIONS:
+        if key not in PROJECTOR_OPTIONS + KNOB_OPTIONS:
             raise VlmcacheError(f"--projectors {spec}: unknown option {key!r}; use "
-                                f"{', '.join(o.replace('_', '-') for o in PROJECTOR_OPTIONS)}")
+                                f"{', '.join(o.replace('_', '-') for o in PROJECTOR_OPTIONS + KNOB_OPTIONS)}")
+        if key in KNOB_OPTIONS and key not in KNOBS.get(name, ()):  # it would change nothing, yet split the rows
+            owner = next(family for family, keys in KNOBS.items() if key in keys)
+            raise VlmcacheError(f"--projectors {spec}: {key.replace('_', '-')} sizes {owner}, not {name}")
         if not given:
             parsed[key] = True
+        elif PARSERS[key] is not None:
+            parsed[key] = value.strip()  # e.g. a grid '16x16': TrainConfig parses and checks it
         elif value.strip().lower() in ("true", "false"):
             parsed[key] = value.strip().lower() == "true"
         else:
@@ -121,13 +137,16 @@ def _typed(key: str, token: str, text: str):
     return value
 
 
-def projector_label(config: dict) -> str:
-    """A cell's projector as a grid entry: its name plus the token options that differ from the defaults."""
+def projector_label(config: dict, knobs: bool = True) -> str:
+    """A cell's projector as a grid entry: its name plus the options that differ from the defaults, its family's size
+    knobs last (`knobs=False`: without them, the family a capacity row belongs to)."""
     defaults = TrainConfig()
     label = [config["projector"]]
-    for key in PROJECTOR_OPTIONS:
-        value = config.get(key, getattr(defaults, key))
-        if value != getattr(defaults, key) and not (key == "tokens" and config["projector"] in TOKEN_PROJECTORS):
+    for key in PROJECTOR_OPTIONS + (KNOBS.get(config["projector"], ()) if knobs else ()):
+        value, default = config.get(key, getattr(defaults, key)), getattr(defaults, key)
+        if isinstance(value, list | tuple):  # a grid, as a tuple or as JSON's list
+            value = "x".join(map(str, value))
+        if value != default and not (key == "tokens" and config["projector"] in TOKEN_PROJECTORS):
             label.append(key.replace("_", "-") if value is True else f"{key.replace('_', '-')}={value}")
     return ":".join(label)
 
@@ -139,12 +158,14 @@ class Cell:
     cache: str
     config: dict
     tracking: Tracking | None = None  # where the cell's run is recorded (--log), named after the cell
+    capacity: int | None = None  # the target number of trainable parameters its size knob was chosen for
 
     def key(self) -> str:
         """Hash of what determines the result: the cache's data and encoders, the config (less where it is recorded,
         which changes nothing trained) and the code."""
         opened = open_cache(self.cache)
-        config = {key: value for key, value in self.config.items() if key not in TRACKING_KEYS}
+        config = {key: value for key, value in self.config.items() if key not in TRACKING_KEYS
+                  and not (key in LATER_OPTIONS and value == LATER_OPTIONS[key])}
         identity = {"fingerprint": opened.fingerprint, "provenance": opened.provenance, "config": config,
                     "vlmcache": __version__}
         if "feature_sets" in opened.manifest:  # only caches with more sets: older cells keep their keys
@@ -168,6 +189,8 @@ class AblationResult:
     selected_on: str = "val"  # where each cell's best epoch was chosen: a split, or train:N carved out of train
     # --image-features auto: the pairs chosen per cache by their compatibility score, best first
     selected: list[dict] = field(default_factory=list)
+    # --capacity: the targets, the tolerance, and each (family, target) no knob value reaches, with the reason
+    capacity: dict = field(default_factory=dict)
 
 
 def _worker_init(threads: int) -> None:
@@ -290,6 +313,7 @@ def ablate(
     tune: dict[str, tuple] | None = None,
     tracking: Tracking | None = None,
     top: int | None = None,
+    capacity: str | typing.Sequence[int] | None = None,
 ) -> AblationResult:
     """Run the grid (skipping cells already in `out/cells`), then write ablation.json and ablation.csv.
 
@@ -304,6 +328,9 @@ def ablate(
     `tracking.plots` makes the grid's plots.
     `image_features=("auto",)` trains only the `top` (default 3) pairs of each cache that score best by
     compatibility (vlmcache compat), among the text sets of `text_features` (all of them when it is (None,)).
+    `capacity` ('2k,30k,400k,2M' or integers, see parse_capacity): train each projector family at each target number
+    of trainable parameters instead of at its default size (see capacity_plan); rows gain `capacity` (the target),
+    `family` and `knob`, and the targets a family cannot reach are listed in the result's `capacity`.
     """
     started = time.perf_counter()
     _OPENED.clear()
@@ -313,6 +340,7 @@ def ablate(
                                            ("--dims", dims)) if not values]
     if empty:  # an empty grid would train nothing and validate nothing
         raise VlmcacheError(f"{empty[0]}: no values; give at least one, comma-separated")
+    targets = () if capacity is None else parse_capacity(capacity)
     caches = [str(Path(c).resolve()) for c in caches]
     shared = TrainConfig(**{**(base_config or {}), "epochs": epochs})  # the options every cell has: checked once
     for cache in caches:  # fail now, with the cache and set named, not inside a worker
@@ -334,19 +362,23 @@ def ablate(
     if clash:
         raise VlmcacheError(f"--projectors {clash[0]}: sets an option --tune also sets; tune it in one place")
     combos = [dict(zip(tune, values, strict=True)) for values in itertools.product(*tune.values())]
-    cells = [Cell(cache, asdict(TrainConfig(**{**(base_config or {}), **projector_spec(projector), **combo, "loss": loss,
-                                               "dim": dim, "seed": seed, "epochs": epochs,
+    sizes, unreachable = capacity_plan(caches, pairs, projectors, dims, targets, {**(base_config or {}), "epochs": epochs},
+                                       combos)
+    cells = [Cell(cache, asdict(TrainConfig(**{**(base_config or {}), **projector_spec(projector), **combo, **knob,
+                                               "loss": loss, "dim": dim, "seed": seed, "epochs": epochs,
                                                "image_features": pair["image_features"],
-                                               "text_features": pair["text_features"]})))
-             for cache in caches for pair in pairs[cache]
-             for projector in projectors for loss in losses for dim in dims for combo in combos for seed in seeds]
+                                               "text_features": pair["text_features"]})), capacity=target)
+             for cache in caches for index, pair in enumerate(pairs[cache])
+             for projector in projectors for loss in losses for dim in dims for combo in combos
+             for target, knob in sizes[cache, index, projector, dim] for seed in seeds]
     grid = grid_tracking(cells[0].config, out, tracking)  # a missing tracker library is refused before any folder
     try:
         (out / "cells").mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise VlmcacheError(f"--out {out}: cannot create it ({error.strerror})") from None
     with FolderLock(out, "ablation"):
-        raw, pending = [], []
+        # Cells by their file: two capacities whose knob is the same (or a projector given twice) train it once.
+        raw, pending = [], {}
         for cell in cells:
             key = cell.key()
             path = out / "cells" / f"{key}.json"
@@ -354,7 +386,7 @@ def ablate(
             if finished is not None and tune and "selection_metrics" not in finished:
                 finished = None  # from before selection metrics were kept: trained again
             cell.tracking = None if grid is None else replace(grid, name=cell_name(cell, key), plots=None)
-            raw.append(finished) if finished is not None else pending.append((cell, path))
+            raw.append(_sized(finished, cell)) if finished is not None else pending.setdefault(path, []).append(cell)
         reused = len(raw)
         jobs = max(1, min(jobs or os.cpu_count() or 1, len(pending) or 1))
         # On a machine shared with other work, 1 thread per cell can be several times faster than 2
@@ -364,16 +396,18 @@ def ablate(
             task = bars.add_task("ablation cells", total=len(cells), completed=reused, unit="cell")
             if jobs == 1:  # in this process: no death signal, which would kill the caller with its parent
                 torch.set_num_threads(threads)
-                for cell, path in pending:
-                    raw.append(_keep(run_cell(cell), path))
-                    bars.advance(task)
+                for path, group in pending.items():
+                    kept = _keep(run_cell(group[0]), path)
+                    raw += [_sized(kept, cell) for cell in group]
+                    bars.advance(task, len(group))
             elif pending:
                 with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_init,
                                          initargs=(threads,)) as pool:
-                    futures = {pool.submit(run_cell, cell): path for cell, path in pending}
+                    futures = {pool.submit(run_cell, group[0]): path for path, group in pending.items()}
                     for future in as_completed(futures):
-                        raw.append(_keep(future.result(), futures[future]))
-                        bars.advance(task)
+                        kept, group = _keep(future.result(), futures[future]), pending[futures[future]]
+                        raw += [_sized(kept, cell) for cell in group]
+                        bars.advance(task, len(group))
         for item in raw if tune else ():  # trained cells only so far
             item["tuned"] = {key: item["config"][key] for key in tune}
         if with_baselines:
@@ -389,13 +423,87 @@ def ablate(
         selected = [pair for cache in caches for pair in pairs[cache] if "score" in pair]
         result = AblationResult(rows, out, len(pending), reused, time.perf_counter() - started,
                                 raw[0]["split"] if raw else "val", raw, statistics, shared.select_on or shared.val_split,
-                                selected)
+                                selected, {"targets": list(targets), "tolerance": float(TOLERANCE),
+                                           "unreachable": unreachable} if targets else {})
         _write(result)
         if grid is not None:
             _record_grid(result, grid, {"caches": caches, "projectors": projectors, "losses": losses, "seeds": seeds,
                                         "dims": dims, "image_features": image_features, "text_features": text_features,
-                                        "epochs": epochs, **(base_config or {})})
+                                        "epochs": epochs, **({"capacity": targets} if targets else {}),
+                                        **(base_config or {})})
     return result
+
+
+def capacity_plan(caches: list[str], pairs: dict[str, list[dict]], projectors: tuple[str, ...], dims: tuple[int, ...],
+                  targets: tuple[int, ...], base: dict, combos: list[dict]) -> tuple[dict[tuple, list], list[dict]]:
+    """What each (cache, feature pair's index, projector, dim) of the grid trains: [(target, knob options)], or
+    [(None, {})] without targets. Each family gets, per target, its knob value with the closest trainable-parameter
+    count (vlmcache.align.capacity.Sizer); a family more than ±25% away is listed as unreachable (second value),
+    and a target no family of the grid reaches is refused naming the range that can be reached."""
+    if not targets:
+        return {(cache, index, projector, dim): [(None, {})] for cache in caches for index in range(len(pairs[cache]))
+                for projector in projectors for dim in dims}, []
+    for given, keys in (("--", base), ("--tune ", combos[0])):
+        for key in sorted(set(keys) & set(KNOB_OPTIONS)):
+            raise VlmcacheError(f"{given}{key.replace('_', '-')}: --capacity chooses it per cell; leave it out")
+    plan, unreachable = {}, []
+    for cache in caches:
+        opened = open_cache(cache)
+        for index, pair in enumerate(pairs[cache]):
+            widths = [sum(opened.set_dims(modality, parse_sets(pair[key])))
+                      for modality, key in (("images", "image_features"), ("texts", "text_features"))]
+            for dim in dims:
+                reached, spans = set(), []
+                for projector in projectors:
+                    spec = projector_spec(projector)
+                    config = TrainConfig(**{**base, **spec, "dim": dim})
+                    _check_sizable(projector, spec, config, combos, widths)
+                    sizer = Sizer(config, *widths)
+                    spans.append(sizer.span())
+                    plan[cache, index, projector, dim] = []
+                    for target in targets:
+                        sized = sizer.closest(target)
+                        if sized.reached:
+                            plan[cache, index, projector, dim].append((target, sized.knob))
+                            reached.add(target)
+                            continue
+                        label = projector_label({**asdict(config), **sized.knob})
+                        unreachable.append({
+                            "cache": cache, "image_features": pair["image_features"],
+                            "text_features": pair["text_features"], "dim": dim, "projector": projector,
+                            "capacity": target, "closest": label, "parameters": sized.parameters,
+                            "reason": f"{projector} spans {spans[-1][0]:,} to {spans[-1][1]:,} trainable parameters "
+                                      f"here ({LIMITS[config.projector]}); its closest, {label} with "
+                                      f"{sized.parameters:,}, is more than {WITHIN} from {target:,}"})
+                missing = [target for target in targets if target not in reached]
+                if missing:
+                    low, high = reachable(min(span[0] for span in spans), max(span[1] for span in spans))
+                    raise VlmcacheError(
+                        f"--capacity {missing[0]}: no projector of the grid ({', '.join(projectors)}) comes within "
+                        f"{WITHIN} of {missing[0]:,} trainable parameters on {Path(cache).name}"
+                        f"{_features_note(pair)} at --dim {dim}; reachable: {low:,} to {high:,}")
+    return plan, unreachable
+
+
+def _features_note(pair: dict) -> str:
+    sets = [name for name in (pair["image_features"], pair["text_features"]) if name]
+    return f" ({' + '.join(sets)})" if sets else ""
+
+
+def _check_sizable(projector: str, spec: dict, config: TrainConfig, combos: list[dict], widths: list[int]) -> None:
+    """Refuse a grid entry --capacity cannot size: no knob, token states, a knob it sets itself, or tuned options
+    that change its parameter count (the rows of a tuned cell must share one size)."""
+    if config.projector not in KNOBS or config.tokens or config.text_tokens:
+        raise VlmcacheError(f"--capacity: --projectors {projector} has no size knob; it sizes "
+                            f"{', '.join(KNOBS)} on pooled features")
+    if set(spec) & set(KNOB_OPTIONS):
+        raise VlmcacheError(f"--projectors {projector}: sets its size, which --capacity chooses; drop one")
+    if config.projector == "mlp" and config.residual:
+        raise VlmcacheError("--capacity: --residual fixes the MLP's hidden width at --dim; leave it off")
+    counts = {model_parameters(replace(config, **combo), *widths) for combo in combos}
+    if len(counts) > 1:
+        raise VlmcacheError(f"--tune {', '.join(combos[0])}: changes the number of trainable parameters, which "
+                            "--capacity matches; tune it without --capacity")
 
 
 def check_selection(config: TrainConfig, opened) -> None:
@@ -458,6 +566,12 @@ def _keep_ranks(item: dict, path: Path, out: Path) -> dict:
     return {**item, "ranks": str(path.relative_to(out))}
 
 
+def _sized(item: dict, cell: Cell) -> dict:
+    """A cell's result with the capacity its knob was chosen for (a cell file is keyed by what it trains, so
+    two targets that choose one knob share it)."""
+    return item if cell.capacity is None else {**item, "capacity": cell.capacity}
+
+
 def _keep(cell_result: dict, path: Path) -> dict:
     """Save a trained cell: its ranks first, then its sealed JSON (whose presence marks the cell finished)."""
     kept = _keep_ranks(cell_result, path.with_suffix(".npz"), path.parent.parent)
@@ -475,13 +589,18 @@ def encoder_pair(cache: str, image_features: str | None = None, text_features: s
     return " + ".join(sides)
 
 
-def _cell_row(item: dict) -> tuple:
-    """The table row a raw cell belongs to: (cache, feature sets, projector label, loss, dim); tuned options are
-    not part of the label (a row's chosen values are in its own column)."""
+def _row_config(item: dict) -> dict:
+    """A raw cell's config as its row shows it: tuned options at their defaults (a row's chosen values are in its
+    own column)."""
     defaults = TrainConfig()
-    config = {**item["config"], **{key: getattr(defaults, key) for key in item.get("tuned", {})}}
+    return {**item["config"], **{key: getattr(defaults, key) for key in item.get("tuned", {})}}
+
+
+def _cell_row(item: dict) -> tuple:
+    """The table row a raw cell belongs to: (cache, feature sets, projector label, loss, dim, capacity target)."""
+    config = _row_config(item)
     features = (config.get("image_features"), config.get("text_features"))
-    return item["cache"], features, projector_label(config), config["loss"], config["dim"]
+    return item["cache"], features, projector_label(config), config["loss"], config["dim"], item.get("capacity")
 
 
 def choose_tuned(raw: list[dict]) -> list[dict]:
@@ -501,8 +620,9 @@ def choose_tuned(raw: list[dict]) -> list[dict]:
 
 
 def _row_key(row: dict) -> tuple:
-    """A row's (cache, feature sets, projector label, loss, dim), as `_cell_row` gives for its cells."""
-    return row["cache"], (row["image_features"], row["text_features"]), row["projector"], row["loss"], row["dim"]
+    """A row's (cache, feature sets, projector label, loss, dim, capacity), as `_cell_row` gives for its cells."""
+    return (row["cache"], (row["image_features"], row["text_features"]), row["projector"], row["loss"], row["dim"],
+            row.get("capacity"))
 
 
 def aggregate(raw: list[dict], caches: list[str]) -> list[dict]:
@@ -511,7 +631,7 @@ def aggregate(raw: list[dict], caches: list[str]) -> list[dict]:
     for item in raw:
         groups.setdefault(_cell_row(item), []).append(item)
     rows = []
-    for (cache, features, projector, loss, dim), items in groups.items():
+    for (cache, features, projector, loss, dim, capacity), items in groups.items():
         row = {"cache": cache, "image_features": features[0], "text_features": features[1],
                "encoders": encoder_pair(cache, *features), "projector": projector, "loss": loss, "dim": dim,
                "seeds": sorted(item["config"]["seed"] for item in items), "parameters": items[0]["parameters"],
@@ -522,6 +642,11 @@ def aggregate(raw: list[dict], caches: list[str]) -> list[dict]:
             row["items"] = items[0]["items"]
         if "tuned" in items[0]:
             row["tuned"] = items[0]["tuned"]
+        if capacity is not None:  # the target; `parameters` is the count trained, `knob` what was chosen for it
+            config = _row_config(items[0])
+            row.update(capacity=capacity, family=projector_label(config, knobs=False),
+                       knob={key: list(config[key]) if isinstance(config[key], tuple) else config[key]
+                             for key in KNOBS[config["projector"]]})
         for metric in RETRIEVAL_KEYS:
             values = [item["metrics"][metric] for item in items]
             row[metric] = float(np.mean(values))
@@ -530,7 +655,7 @@ def aggregate(raw: list[dict], caches: list[str]) -> list[dict]:
     order = {cache: index for index, cache in enumerate(caches)}
     trained_first = {UNTRAINED_LINEAR: 2, CCA_ROW: 3, ASIF_ROW: 4}
     return sorted(rows, key=lambda r: (order[r["cache"]], r["encoders"], trained_first.get(r["projector"], 1),
-                                       -r["mean_recall"]))
+                                       r.get("capacity", 0), -r["mean_recall"]))
 
 
 def add_statistics(rows: list[dict], raw: list[dict], out: Path, resamples: int = RESAMPLES, seed: int = 0) -> dict:
@@ -571,10 +696,11 @@ def _write(result: AblationResult) -> None:
     write_json_atomic(result.out / "ablation.json",
                       {"split": result.split, "rows": result.rows, "cells": result.raw, "seconds": result.seconds,
                        "statistics": result.statistics, "selected_on": result.selected_on,
-                       **({"selected": result.selected} if result.selected else {})})
+                       **({"selected": result.selected} if result.selected else {}),
+                       **({"capacity": result.capacity} if result.capacity else {})})
     buffer = io.StringIO()
     columns = ["encoders", "projector", "loss", "dim", *[c for m in RETRIEVAL_KEYS for c in (m, f"{m}_std")],
-               "parameters", "seconds", "seeds",
+               "parameters", *(["capacity", "family"] if result.capacity else []), "seconds", "seeds",
                *[f"{m}{suffix}" for m in RETRIEVAL_KEYS for suffix in STATISTICS_SUFFIXES], "tuned"]
     writer = csv.DictWriter(buffer, columns, extrasaction="ignore")
     writer.writeheader()

@@ -20,11 +20,17 @@ from vlmcache.run.options import OptimConfig
 PROJECTORS = ("linear", "mlp", "ndlinear", "cross-attention", "resampler")
 TOKEN_PROJECTORS = ("cross-attention", "resampler")  # read token states only
 TOKEN_CAPABLE = ("ndlinear", *TOKEN_PROJECTORS)  # can read token states (ndlinear with --tokens)
+# Each pooled projector's size knobs: what `ablate --capacity` sets to match a parameter count, and what a table
+# row's label shows for that projector only (vlmcache.align.capacity).
+KNOBS = {"linear": ("rank",), "mlp": ("mlp_hidden",), "ndlinear": ("ndlinear_layers", "ndlinear_hidden")}
 LOSSES = ("infonce", "sigmoid")
 SAMPLINGS = ("image", "caption")
 IMAGE_FEATURES_HELP = ("Image feature sets of the cache to train on, joined by '+' (concatenated), e.g. "
                        "efficientnet-lite0+efficientnet-lite2 [default: the default set; vlmcache info lists them]")
 MAX_WIDTH = 65_536  # no projector here needs wider layers; a larger value is a typo or a crafted file
+# An NdLinear hidden grid holds at most as many cells as the widest layer: its activations are a·b floats per pair
+# (256 KB at 256x256; 64 MB per layer for a batch of 256), while its parameters grow only with a + b.
+MAX_GRID_CELLS = MAX_WIDTH
 
 
 def parse_grid(value) -> tuple[int, int]:
@@ -58,6 +64,13 @@ class TrainConfig(OptimConfig):
     mlp_layers: int = option(2, "MLP linear layers.", low=2, high=64)
     dropout: float = option(0.1, "MLP dropout; cross-attention: dropout of the attention weights.", low=0.0, high=0.99)
     residual: bool = option(False, "MLP: residual + LayerNorm head (OpenAI-CLIP tutorial).", flag="--residual")
+    rank: int | None = option(None, "Linear: a rank-r bottleneck, Linear(in, r, no bias) -> Linear(r, --dim) "
+                              "[default: one full Linear; 0 = the same]", low=0, high=MAX_WIDTH)
+    ndlinear_layers: int = option(1, "NdLinear (pooled): stacked NdLinear layers, ReLU between (as the NdLinear "
+                                  "README's MLP); 1 = one layer from the input grid to the output grid.", low=1, high=64)
+    ndlinear_hidden: tuple[int, int] | None = option(None, "NdLinear (pooled) with --ndlinear-layers 2 or more: the "
+                                                     f"hidden grid, e.g. 16x16, at most {MAX_GRID_CELLS:,} cells "
+                                                     "[default: the output grid]", parse=parse_grid, cli_type=str)
     # NdLinear input grids (default: most square factorisation)
     image_grid: tuple[int, int] | None = option(None, "NdLinear grid for image features, e.g. 32x40 [default: most "
                                                 "square]", parse=parse_grid, cli_type=str)
@@ -113,6 +126,11 @@ class TrainConfig(OptimConfig):
                                     "feature set; name one")
         if self.standardize and (self.tokens or self.text_tokens):
             raise VlmcacheError("--standardize works on pooled features only; leave it off for token projectors")
+        if self.rank == 0:  # the same plain Linear as None: one spelling, so both give one ablation cell key
+            self.rank = None
+        if self.ndlinear_hidden is not None and math.prod(self.ndlinear_hidden) > MAX_GRID_CELLS:
+            raise VlmcacheError(f"--ndlinear-hidden {'x'.join(map(str, self.ndlinear_hidden))}: "
+                                f"{math.prod(self.ndlinear_hidden):,} cells; at most {MAX_GRID_CELLS:,}")
         if self.max_memory is not None:
             parse_size(self.max_memory, "--max-memory")
         if self.select_on is not None:

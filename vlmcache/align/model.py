@@ -34,7 +34,8 @@ class AlignmentModel(nn.Module):
         super().__init__()
         common = {"hidden": config.mlp_hidden, "dropout": config.dropout, "residual": config.residual,
                   "layers": config.mlp_layers, "queries": config.queries, "heads": config.heads,
-                  "depth": config.resampler_depth, "positions": config.positions}
+                  "depth": config.resampler_depth, "positions": config.positions, "rank": config.rank,
+                  "hidden_grid": config.ndlinear_hidden, "nd_layers": config.ndlinear_layers}
         for option, wanted, count in (("--tokens", config.tokens, image_tokens),
                                       ("--text-tokens", config.text_tokens, text_tokens)):
             if wanted and not count:
@@ -113,15 +114,22 @@ class TextEmbedding(nn.Module):
 MAX_PARAMETERS = 1 << 28  # 1 GB of fp32 weights (3 GB with AdamW's moments): far beyond any projector here
 
 
+def model_parameters(config: TrainConfig, image_dim: int, text_dim: int, image_tokens: int | None = None,
+                     text_tokens: int | None = None) -> int:
+    """Trainable projector parameters of the model this config builds, counted on the meta device (nothing
+    allocated): --mlp-hidden 65536 would ask for 34 GB."""
+    with torch.device("meta"):
+        return AlignmentModel(config, image_dim, text_dim, image_tokens, text_tokens).projector_parameters()
+
+
 def initial_model(config: TrainConfig, image_dim: int, text_dim: int, image_tokens: int | None = None,
                   text_tokens: int | None = None) -> AlignmentModel:
     """The model a run with this config starts from (seeded), i.e. the 'untrained projector' baseline.
     `image_tokens`/`text_tokens`: token counts of the sides that read token states."""
     counts = (image_tokens, text_tokens)
-    with torch.device("meta"):  # counted before anything is allocated: --mlp-hidden 65536 would ask for 34 GB
-        parameters = AlignmentModel(config, image_dim, text_dim, *counts).projector_parameters()
+    parameters = model_parameters(config, image_dim, text_dim, *counts)  # before anything is allocated
     if parameters > MAX_PARAMETERS:
-        raise VlmcacheError(f"--dim/--mlp-hidden/--mlp-layers: {parameters:,} projector parameters is more than "
+        raise VlmcacheError(f"--dim/--mlp-hidden/--mlp-layers/--rank: {parameters:,} projector parameters is more than "
                             f"{MAX_PARAMETERS:,}; choose smaller widths")
     torch.manual_seed(config.seed)
     return AlignmentModel(config, image_dim, text_dim, *counts)

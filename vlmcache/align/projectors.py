@@ -6,6 +6,7 @@ cross-attention (learned queries), resampler (Perceiver) and NdLinear over the (
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -65,15 +66,27 @@ def grid_shape(dim: int) -> tuple[int, int]:
 
 
 class NdLinearProjector(nn.Module):
-    """A pooled vector reshaped to a 2-D grid, mapped by NdLinear to a grid of `out_dim` cells, flattened."""
+    """A pooled vector reshaped to a 2-D grid, mapped by NdLinear to a grid of `out_dim` cells, flattened.
+
+    `layers` ≥ 2 stacks NdLinear layers through `hidden_grid` (default: the output grid) with a ReLU between,
+    as the NdLinear README builds an MLP from NdLinear layers; 1 is the single layer (its weights keep their
+    names, so earlier checkpoints load).
+    """
 
     def __init__(self, in_dim: int, out_dim: int, in_grid: tuple[int, int] | None = None,
-                 out_grid: tuple[int, int] | None = None):
+                 out_grid: tuple[int, int] | None = None, hidden_grid: tuple[int, int] | None = None, layers: int = 1):
         super().__init__()
         self.in_grid, self.out_grid = in_grid or grid_shape(in_dim), out_grid or grid_shape(out_dim)
         if math.prod(self.in_grid) != in_dim or math.prod(self.out_grid) != out_dim:
             raise ValueError(f"grids {self.in_grid}->{self.out_grid} do not multiply to {in_dim}->{out_dim}")
-        self.nd = NdLinear(self.in_grid, self.out_grid)
+        if layers == 1:
+            self.nd = NdLinear(self.in_grid, self.out_grid)
+            return
+        grids = [self.in_grid, *[tuple(hidden_grid or self.out_grid)] * (layers - 1), self.out_grid]
+        stack: list[nn.Module] = []
+        for into, out in itertools.pairwise(grids):
+            stack += [NdLinear(into, out), nn.ReLU()]
+        self.nd = nn.Sequential(*stack[:-1])  # no ReLU after the last layer: the output is an embedding
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.nd(features.view(-1, *self.in_grid)).flatten(1)
@@ -86,6 +99,9 @@ def build_projector(kind: str, in_dim: int, out_dim: int, tokens: int | None = N
         raise ValueError(f"{kind} reads token states; this input is pooled")
     if tokens is not None and kind not in TOKEN_CAPABLE:
         raise ValueError(f"{kind} reads pooled features; token states need one of {', '.join(TOKEN_CAPABLE)}")
+    if kind == "linear" and options.get("rank"):
+        # A rank-r bottleneck: the first map has no bias, which the second's bias would absorb anyway.
+        return nn.Sequential(nn.Linear(in_dim, options["rank"], bias=False), nn.Linear(options["rank"], out_dim))
     if kind == "linear":
         return nn.Linear(in_dim, out_dim)
     if kind == "mlp":
@@ -94,7 +110,8 @@ def build_projector(kind: str, in_dim: int, out_dim: int, tokens: int | None = N
     if kind == "ndlinear" and tokens is not None:
         return TokenNdLinearProjector(tokens, in_dim, out_dim)
     if kind == "ndlinear":
-        return NdLinearProjector(in_dim, out_dim, **{k: v for k, v in options.items() if k in ("in_grid", "out_grid")})
+        return NdLinearProjector(in_dim, out_dim, options.get("in_grid"), options.get("out_grid"),
+                                 options.get("hidden_grid"), options.get("nd_layers") or 1)
     if kind == "cross-attention":
         return CrossAttentionProjector(in_dim, out_dim, tokens, **{k: v for k, v in options.items()
                                                                    if k in ("queries", "heads", "positions", "dropout")})
@@ -105,6 +122,7 @@ def build_projector(kind: str, in_dim: int, out_dim: int, tokens: int | None = N
 
 
 def count_parameters(module: nn.Module) -> int:
+    """Trainable parameters of a module (what a run's `parameters` and the ablation's params column report)."""
     return sum(parameter.numel() for parameter in module.parameters() if parameter.requires_grad)
 
 

@@ -359,7 +359,8 @@ def search(
 ABLATE_KEYS = {"caches": (list[str], None), "out": (str, None), "projectors": (str | list[str], None), "tune": (str | None, None),
                "losses": (str | list[str], None), "seeds": (str | list[int], None), "dims": (str | list[int], None),
                "jobs": (int | None, None), "baselines": (bool, None), "image_features": (str | list[str] | None, None),
-               "text_features": (str | list[str] | None, None), "top": (int | None, None)}
+               "text_features": (str | list[str] | None, None), "top": (int | None, None),
+               "capacity": (str | list[int] | None, None)}
 
 
 def _int_list(value, name: str) -> tuple[int, ...]:
@@ -373,7 +374,9 @@ def _int_list(value, name: str) -> tuple[int, ...]:
 
 @app.command(epilog="Examples:\n\n  vlmcache ablate features/flickr8k\n\n"
                     "  vlmcache ablate features/vit features/resnet18 --projectors linear,mlp --losses infonce "
-                    "--seeds 0,1 --epochs 10")
+                    "--seeds 0,1 --epochs 10\n\n"
+                    "  vlmcache ablate features/flickr8k --capacity 2k,30k,400k,2M --losses infonce   "
+                    "(each projector at matched parameter counts; then vlmcache plot)")
 def ablate(
     context: typer.Context,
     caches: Annotated[list[Path] | None, typer.Argument(help="One or more cache folders (several compare encoder pairs).")] = None,
@@ -394,6 +397,7 @@ def ablate(
     log: Annotated[str | None, typer.Option(help="Record every cell trained, grouped under the grid, and the grid's tables and plot: tensorboard, mlflow, wandb (any, comma-separated).")] = None,
     log_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI; OUT/mlruns when not given.")] = None,
     top: Annotated[int | None, typer.Option(help="With --image-features auto: how many best-scoring (image, text) pairs to train [default: 3]")] = None,
+    capacity: Annotated[str | None, typer.Option("--capacity", "--params", help="Comma-separated trainable-parameter targets, e.g. 2k,30k,400k,2M (k = 1,000, M = 1,000,000): each projector family is trained at each, sized by its knob (linear: --rank, mlp: --mlp-hidden, ndlinear: --ndlinear-hidden and --ndlinear-layers) to the closest count, image and text projector together; a family more than ±25% away is listed as unreachable")] = None,
 ) -> None:
     """Train the projector × loss grid on cached features (several seeds) and print one comparison table."""
     from vlmcache.align.ablate import parse_tune
@@ -403,7 +407,7 @@ def ablate(
         "caches": caches, "out": out, "projectors": projectors, "losses": losses, "seeds": seeds, "dims": dims,
         "epochs": epochs, "batch_size": batch_size, "jobs": jobs, "baselines": baselines,
         "image_features": image_features, "text_features": text_features, "select_on": select_on, "tune": tune,
-        "log": log, "log_uri": log_uri, "top": top}, extra=ABLATE_KEYS, what="vlmcache ablate")
+        "log": log, "log_uri": log_uri, "top": top, "capacity": capacity}, extra=ABLATE_KEYS, what="vlmcache ablate")
     if not options["caches"]:
         raise VlmcacheError("give at least one CACHE folder (or a --config file with caches = [...])")
     result = run_ablate(options["caches"], options["out"], projectors=tuple(_split_list(options["projectors"]) or ()),
@@ -413,10 +417,13 @@ def ablate(
                         text_features=tuple(_split_list(options["text_features"]) or (None,)),
                         with_baselines=options["baselines"],
                         base_config={**rest, **{key: options[key] for key in ("batch_size", "select_on", "log", "log_uri")}},
-                        tune=parse_tune(options["tune"]) if options["tune"] else None, top=options["top"])
+                        tune=parse_tune(options["tune"]) if options["tune"] else None, top=options["top"],
+                        capacity=options["capacity"])
     for pair in result.selected:
         console.print(f"auto: {pair['image_features']} + {pair['text_features']} ({pair['rank_by']} {pair['score']:.3f})")
     console.print(ablation_table(result.rows, result.split, result.selected_on))
+    for miss in result.capacity.get("unreachable", []):
+        console.print(f"unreachable: {escape(miss['projector'])} at {miss['capacity']:,} parameters: {escape(miss['reason'])}")
     console.print(f"{result.cells_trained} runs trained, {result.cells_reused} reused from {result.out}/cells; "
                   f"{result.seconds:.1f} s; wrote {result.out}/ablation.json and ablation.csv")
 
@@ -448,7 +455,8 @@ def plot(
     path: Annotated[Path, typer.Argument(help="A run folder (metrics.jsonl) or an ablation folder / ablation.json.")],
     out: Annotated[Path | None, typer.Option(help="PNG to write [default: beside the input]")] = None,
 ) -> None:
-    """Plot training curves of a run, or the ablation as bars with error bars, to a PNG."""
+    """Plot training curves of a run, or the ablation as bars with error bars (with --capacity: recall against
+    trainable parameters, one line per projector family), to a PNG."""
     from vlmcache.app.plots import plot_ablation, plot_training
 
     is_ablation = path.name == "ablation.json" or (path / "ablation.json").exists()

@@ -1,4 +1,5 @@
-"""PNG plots: training curves from a run's metrics.jsonl, and the ablation as bars with error bars.
+"""PNG plots: training curves from a run's metrics.jsonl, and the ablation as bars with error bars — or, for an
+ablation with a capacity axis (`ablate --capacity`), as mean recall against trainable parameters per projector family.
 
 matplotlib is an optional extra (`pip install 'vlmcache[plots]'`); it is imported only here.
 """
@@ -30,7 +31,10 @@ RUN_RECORD = {"epoch": int, "train_loss": NUMBER, "logit_scale": NUMBER,
 CAPTION_RECORD = {"epoch": int, "train_loss": NUMBER, **{f"val_{key}": NUMBER for key in ("bleu1", "bleu4", "rouge_l",
                                                                                          "cider")}}
 ABLATION = {"split": str, "rows": [{"cache": str, "encoders": str, "projector": str, "loss": str,
-                                    "mean_recall": NUMBER, "mean_recall_std": NUMBER}]}
+                                    "mean_recall": NUMBER, "mean_recall_std": NUMBER, "mean_recall_ci_low?": NUMBER,
+                                    "mean_recall_ci_high?": NUMBER, "parameters?": int, "capacity?": int,
+                                    "family?": str}]}
+TRAINING_FREE = "—"  # the loss of the baseline rows (untrained, CCA, ASIF)
 
 
 def save_figure(figure, out: Path) -> None:
@@ -119,7 +123,8 @@ def plot_caption_training(run_dir: Path, records: list[dict], out: str | Path | 
 
 def plot_ablation(ablation_json: str | Path, out: str | Path | None = None) -> Path:
     """Mean recall per ablation row as bars with error bars: its 95% interval (images and seeds), or ±std over
-    seeds for an ablation.json written before intervals; returns the PNG path."""
+    seeds for an ablation.json written before intervals; an ablation with a capacity axis is drawn by
+    `plot_capacity` instead. Returns the PNG path."""
     path = Path(ablation_json)
     if path.is_dir():
         path = path / "ablation.json"
@@ -129,27 +134,77 @@ def plot_ablation(ablation_json: str | Path, out: str | Path | None = None) -> P
     rows = data["rows"]
     if not rows:
         raise VlmcacheError(f"{path}: not a complete ablation.json (no rows); run vlmcache ablate again")
+    out = check_writable(Path(out) if out else path.with_name("ablation.png"), "--out")
+    if any("capacity" in row for row in rows):
+        return plot_capacity(path, data, out)
     several = len({row["cache"] for row in rows}) > 1
     labels = [(f"{row['encoders'].split(' (')[0]}\n" if several else "") +
-              (row["projector"] if row["loss"] == "—" else f"{row['projector']}\n{row['loss']}") for row in rows]
+              (row["projector"] if row["loss"] == TRAINING_FREE else f"{row['projector']}\n{row['loss']}") for row in rows]
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(max(6.0, 1.1 * len(rows)), 4.8))
     colours = ["tab:blue" if row["loss"] == "infonce" else "tab:orange" if row["loss"] == "sigmoid" else "tab:gray"
                for row in rows]
-    intervals = all("mean_recall_ci_low" in row for row in rows)
-    below = [row["mean_recall"] - row["mean_recall_ci_low"] if intervals else row["mean_recall_std"] for row in rows]
-    above = [row["mean_recall_ci_high"] - row["mean_recall"] if intervals else row["mean_recall_std"] for row in rows]
+    below, above, spread = error_bars(rows)
     axis.bar(range(len(rows)), [row["mean_recall"] for row in rows], yerr=[below, above], capsize=4, color=colours)
     for index, row in enumerate(rows):
         axis.text(index, row["mean_recall"] + above[index] + 0.5, f"{row['mean_recall']:.1f}", ha="center", fontsize=8)
     axis.set_xticks(range(len(rows)), labels, fontsize=8)
     axis.set(ylabel="mean recall (%), R@1/5/10 both ways",
-             title=f"ablation on split {data['split']!r}: mean, "
-                   f"{'95% interval (images and seeds)' if intervals else '± std over seeds'} (blue InfoNCE, "
-                   "orange sigmoid, grey training-free)")
+             title=f"ablation on split {data['split']!r}: mean, {spread} (blue InfoNCE, orange sigmoid, grey "
+                   "training-free)")
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
-    out = check_writable(Path(out) if out else path.with_name("ablation.png"), "--out")
+    save_figure(figure, out)
+    plt.close(figure)
+    return out
+
+
+def error_bars(rows: list[dict]) -> tuple[list[float], list[float], str]:
+    """(below, above, what they are) of each row's mean recall: its 95% interval when every row has one, else
+    ± std over seeds (an ablation.json written before intervals)."""
+    if all("mean_recall_ci_low" in row and "mean_recall_ci_high" in row for row in rows):
+        return ([row["mean_recall"] - row["mean_recall_ci_low"] for row in rows],
+                [row["mean_recall_ci_high"] - row["mean_recall"] for row in rows], "95% interval (images and seeds)")
+    return [row["mean_recall_std"] for row in rows], [row["mean_recall_std"] for row in rows], "± std over seeds"
+
+
+def plot_capacity(path: Path, data: dict, out: Path) -> Path:
+    """The Pareto picture of an ablation with a capacity axis: mean recall against trainable parameters (log x),
+    one line per projector family (and loss, and encoders when there are several) through its capacity rows,
+    each with its 95% interval as error bars; the training-free rows as horizontal lines."""
+    rows = data["rows"]
+    sized = [row for row in rows if "capacity" in row]
+    bad = next((index for index, row in enumerate(rows) if "capacity" in row and (
+        "family" not in row or row.get("parameters", 0) < 1)), None)
+    if bad is not None:
+        raise VlmcacheError(f"{path}: not a valid ablation.json (rows.{bad} has a capacity but no family or no "
+                            "positive parameters); run vlmcache ablate again")
+    several = len({row["encoders"] for row in rows}) > 1
+    def named(row: dict, name: str) -> str:
+        return f"{row['encoders'].split(' (')[0]}: {name}" if several else name
+
+    lines: dict[str, list[dict]] = {}
+    for row in sorted(sized, key=lambda row: row["parameters"]):
+        lines.setdefault(named(row, f"{row['family']} ({row['loss']})"), []).append(row)
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(8.5, 5.2))
+    spread = ""
+    for label, members in lines.items():
+        below, above, spread = error_bars(members)
+        axis.errorbar([row["parameters"] for row in members], [row["mean_recall"] for row in members],
+                      yerr=[below, above], marker="o", capsize=3, label=label)
+    for row in rows:
+        if row["loss"] == TRAINING_FREE:
+            axis.axhline(row["mean_recall"], color="tab:gray", linestyle=":", linewidth=1)
+            axis.annotate(named(row, row["projector"]), (0.01, row["mean_recall"]), xycoords=("axes fraction", "data"),
+                          fontsize=7, color="tab:gray", va="bottom")
+    axis.set_xscale("log")
+    axis.set(xlabel="trainable parameters (image + text projector; log scale)",
+             ylabel="mean recall (%), R@1/5/10 both ways",
+             title=f"capacity ablation on split {data['split']!r}: mean, {spread}; dotted: training-free")
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3, which="both")
+    figure.tight_layout()
     save_figure(figure, out)
     plt.close(figure)
     return out

@@ -73,7 +73,8 @@ def ranking_table(image: Path, rows: list, scale: float) -> Table:
 def ablation_table(rows: list[dict], split: str, selected_on: str | None = None) -> Table:
     """The ablation as a rich table: mean over seeds ± the half-width of its 95% interval, the best row per
     column and those not distinguishable from it marked (older ablation files: mean ± std, best in bold green).
-    The title names the reported split and, when known, where each cell's best epoch was chosen."""
+    The title names the reported split and, when known, where each cell's best epoch was chosen; an ablation
+    with --capacity has a target column beside the params trained."""
     with_intervals = all("mean_recall_ci_low" in row for row in rows)
     spread = "mean over seeds ± half-width of its 95% interval" if with_intervals else "mean ± std over seeds"
     selection = "" if selected_on is None else f"; {selection_note(selected_on, split)}"
@@ -86,6 +87,7 @@ def ablation_table(rows: list[dict], split: str, selected_on: str | None = None)
     from vlmcache.metrics.retrieval import RETRIEVAL_KEYS as metric_names
     from vlmcache.metrics.retrieval import RETRIEVAL_LABELS
 
+    sized = any("capacity" in row for row in rows)
     for column in ("projector", "loss", "dim"):
         table.add_column(column)
     tuned = any("tuned" in row for row in rows)
@@ -93,18 +95,24 @@ def ablation_table(rows: list[dict], split: str, selected_on: str | None = None)
         table.add_column("tuned (on the selection split)")
     for column in RETRIEVAL_LABELS:
         table.add_column(column, justify="right")
+    if sized:
+        table.add_column("target", justify="right")
     table.add_column("params", justify="right")
     table.add_column("s/run", justify="right")
     best = {metric: max(row[metric] for row in rows) for metric in metric_names}
     for row in rows:
         cells = [row["encoders"]] if several_caches else []
-        cells += [row["projector"], row["loss"], str(row["dim"])] + ([tuned_text(row)] if tuned else [])
+        # A capacity row: its family and knob, short (ablation.json's label, e.g.
+        # ndlinear:ndlinear-layers=2:ndlinear-hidden=11x11, says the same but is too wide for the table).
+        cells += [f"{row['family']} {knob_text(row['knob'])}" if "capacity" in row else row["projector"]]
+        cells += [row["loss"], str(row["dim"])] + ([tuned_text(row)] if tuned else [])
         for metric in metric_names:
             if with_intervals:
                 cells.append(with_interval(row, metric))
                 continue
             text = f"{row[metric]:.1f} ± {row[metric + '_std']:.1f}"
             cells.append(f"[bold green]{text}[/bold green]" if row[metric] == best[metric] else text)
+        cells += [short_count(row["capacity"]) if "capacity" in row else ""] if sized else []
         cells += [f"{row['parameters']:,}", f"{row['seconds']:.1f}"]
         table.add_row(*cells)
     return table
@@ -125,6 +133,25 @@ def probe_table(result) -> Table:
                       "—" if row["C"] is None else f"{row['C']:g}",
                       "—" if row["val_top1"] is None else f"{row['val_top1']:.1f}")
     return table
+
+
+def knob_text(knob: dict) -> str:
+    """A capacity row's knob, short: {'rank': 8} -> 'rank 8', {'rank': None} -> 'full', {'mlp_hidden': 64} ->
+    'hidden 64', {'ndlinear_layers': 2, 'ndlinear_hidden': [16, 16]} -> '2×16x16' (layers × hidden grid),
+    {'ndlinear_layers': 1, 'ndlinear_hidden': None} -> '1 layer'."""
+    if "ndlinear_layers" in knob:
+        grid = knob.get("ndlinear_hidden")
+        return f"{knob['ndlinear_layers']}×{'x'.join(map(str, grid))}" if grid else f"{knob['ndlinear_layers']} layer"
+    return next((f"{key.split('_')[-1]} {value}" for key, value in knob.items() if value is not None), "full")
+
+
+def short_count(count: int) -> str:
+    """A parameter count as --capacity takes it: 2000000 -> '2M', 30000 -> '30k', 1500 -> '1.5k', 250 -> '250'
+    (a count that does not round to one decimal of k or M stays whole: 1,234,567)."""
+    for unit, size in (("M", 1_000_000), ("k", 1_000)):
+        if count >= size and count % (size // 10) == 0:
+            return f"{count / size:g}{unit}"
+    return f"{count:,}"
 
 
 def caption_table(title: str, rows: dict[str, dict]) -> Table:
