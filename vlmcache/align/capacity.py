@@ -8,7 +8,7 @@ to each target:
   one has more and maps nothing more), or the full Linear itself;
 - mlp: the hidden width, 1 to MAX_WIDTH;
 - ndlinear: the single NdLinear layer (its size is fixed by the grids), or 2 to MAX_ND_LAYERS stacked layers
-  through a square h×h hidden grid, h ≤ MAX_ND_SIDE (h² ≤ MAX_GRID_CELLS, the memory bound of a hidden grid).
+  through a square h×h hidden grid, h ≤ MAX_ND_SIDE (a compute bound, see there).
 
 No knob value goes past MAX_PARAMETERS, the most a run trains. Counts are what a run reports
 (AlignmentModel.projector_parameters, counted on the meta device), so the matched count is the trained count by
@@ -23,14 +23,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
 
-from vlmcache.align.config import KNOBS, MAX_GRID_CELLS, MAX_WIDTH, TrainConfig
+from vlmcache.align.config import KNOBS, MAX_WIDTH, TrainConfig
 from vlmcache.align.model import MAX_PARAMETERS, model_parameters
 from vlmcache.errors import VlmcacheError
 
 TOLERANCE = Fraction(1, 4)  # a count within ±25% of the target reaches it (exact: compared as fractions)
 WITHIN = f"±{float(TOLERANCE):.0%}"
 MAX_ND_LAYERS = 4  # deeper plain stacks (no normalisation, no residual) are another architecture than the paper's
-MAX_ND_SIDE = math.isqrt(MAX_GRID_CELLS)  # 256: square hidden grids up to 256×256
+# Square hidden grids up to 64×64 (4,096 cells, 3.2× a 1,280-d input): NdLinear's parameters grow as h² but its
+# compute as h³ per layer, so at 400k parameters (4 layers of 212×212) one cell of a full Flickr8k grid would take
+# over an hour on a CPU. `--ndlinear-hidden` itself allows up to MAX_GRID_CELLS; the size search stops here.
+MAX_ND_SIDE = 64
 SUFFIXES = {"": 1, "k": 1_000, "m": 1_000_000}  # parameter counts are decimal: 2k = 2,000
 # Each family's knob values, for the reason a target is out of its reach.
 LIMITS = {"linear": "rank 1 up to the full Linear", "mlp": f"hidden width 1 to {MAX_WIDTH:,}",
