@@ -89,6 +89,20 @@ def shard_pending(path: Path, chosen: PendingSet) -> bool:
         return "tokens" not in shard
 
 
+def _decode_hint(differing: list[str], recorded: dict) -> str:
+    """How to resume a set whose only difference is the JPEG decoding ("" for any other difference). Absent keys
+    mean a full decode (no `jpeg_draft`) and a Pillow draft (no `jpeg_decoder`), as Preprocess.provenance says."""
+    keys = {"encoder.preprocess.jpeg_draft", "encoder.preprocess.jpeg_decoder"}
+    if not differing or not set(differing) <= keys:
+        return ""
+    before = recorded["encoder"]["preprocess"]
+    if "encoder.preprocess.jpeg_draft" in differing:
+        return f" (or --decode as before: {'draft' if before.get('jpeg_draft') else 'full'})"
+    if before.get("jpeg_decoder") == "simplejpeg":
+        return " (its JPEGs were drafted by simplejpeg, not installed here: pip install 'vlmcache[fast]' to resume it)"
+    return " (its JPEGs were drafted by Pillow, this run's by simplejpeg: resume it in an environment without simplejpeg)"
+
+
 def _assign_folders(manifest: dict, sets: list[PendingSet]) -> None:
     """Each requested set's folder and status from the manifest (default set, further set, or new)."""
     for chosen in sets:
@@ -167,9 +181,7 @@ def prepare_cache(out: Path, dataset, manifest: dict, sets: list[PendingSet], ov
             if differing:
                 hint = (f" (or --backend as before: {recorded.get(differing[0])})"
                         if differing in (["compute_path"], ["token_compute_path"]) else "")
-                if differing == ["encoder.preprocess.jpeg_draft"]:  # absent means a full decode (see Preprocess)
-                    before = "draft" if recorded["encoder"]["preprocess"].get("jpeg_draft") else "full"
-                    hint = f" (or --decode as before: {before})"
+                hint = _decode_hint(differing, recorded) or hint
                 raise VlmcacheError(f"{out}: already holds a {chosen.modality[:-1]} feature set {chosen.name!r} made "
                                     f"differently ({', '.join(differing[:4])}); pass --overwrite to replace the cache"
                                     f"{hint}, or choose another --out")

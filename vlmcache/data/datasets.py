@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from vlmcache.data import hf, tars
 from vlmcache.errors import VlmcacheError
@@ -414,7 +415,7 @@ class ImageDecodeError(Exception):
     """An image file that cannot be turned into RGB pixels; the message is the reason."""
 
 
-def load_rgb(path: str | Path, draft: int | None = None) -> Image.Image:
+def load_rgb(path: str | Path, draft: int | None = None, decoder: str = "pillow") -> Image.Image:
     """Open an image file as 8-bit RGB, handling the modes real datasets contain.
 
     Greyscale and CMYK are converted; transparent images (RGBA, LA, palette with transparency) are
@@ -426,6 +427,10 @@ def load_rgb(path: str | Path, draft: int | None = None) -> Image.Image:
 
     `draft`: decode a JPEG at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides ≥ `draft` pixels.
     Several times faster on large photos; the pixels differ slightly from a full decode resized alike.
+    `decoder`, with `draft`: "pillow" (Image.draft) or "simplejpeg" (libjpeg-turbo through simplejpeg: the same
+    scale and, with today's libraries, the same pixels, for less work around the decode; see
+    draft_with_simplejpeg). A file simplejpeg does not take as it is goes the Pillow way from the start, so it
+    decodes, or fails with the same message, exactly as with "pillow".
     """
     source = stored_image(path)
     if source is not None:
@@ -441,6 +446,10 @@ def load_rgb(path: str | Path, draft: int | None = None) -> Image.Image:
         with warnings.catch_warnings():
             # Pillow only warns between 1x and 2x its pixel limit; treat both as the bomb they may be.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if draft is not None and decoder == "simplejpeg":
+                drafted = draft_with_simplejpeg(source, draft)
+                if drafted is not None:
+                    return drafted
             with Image.open(source) as image:
                 if draft is not None:
                     image.draft("RGB", (draft, draft))  # a no-op for formats other than JPEG
@@ -453,6 +462,66 @@ def load_rgb(path: str | Path, draft: int | None = None) -> Image.Image:
         raise ImageDecodeError("not an image file Pillow can read") from None
     except (OSError, EOFError, SyntaxError, ValueError, TypeError, IndexError, struct.error) as error:
         raise ImageDecodeError(f"corrupt or truncated image ({str(error)[:200]})") from None
+
+
+# ImageOps.exif_transpose's transposition for each EXIF orientation (1 and unknown values: none).
+_ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                 8: Image.Transpose.ROTATE_90}
+
+
+def simplejpeg_available() -> bool:
+    """Whether the simplejpeg decoder (the `fast` extra) is installed; found without importing it."""
+    return importlib.util.find_spec("simplejpeg") is not None
+
+
+def draft_with_simplejpeg(source: Path | io.BytesIO, side: int) -> Image.Image | None:
+    """A JPEG decoded by libjpeg-turbo through simplejpeg at the DCT scale Image.draft would take (1/2, 1/4 or
+    1/8: the smallest keeping both sides ≥ `side`; 1 when none does), EXIF orientation applied, as 8-bit RGB.
+    None for anything it does not take as it is; the caller then opens the file afresh with Pillow, so such a
+    file decodes, or fails, exactly as without this path.
+
+    Taken: baseline and progressive JPEGs that Pillow reads as RGB (YCbCr or RGB coded). Left to Pillow: other
+    formats (MPO included), greyscale and CMYK/YCCK JPEGs, simplejpeg not installed, and any file for which
+    Pillow's header or EXIF reading raises or libjpeg-turbo reports an error or even a warning (truncated or
+    corrupt data: simplejpeg's strict mode raises on both). Decoded with Pillow's libjpeg-turbo settings
+    (accurate integer IDCT, fancy upsampling), the pixels equal Image.draft's (tests/test_decode.py). What it
+    saves: Pillow's decode through 64 KiB reads, and the two copies of the decoded image that load_rgb's
+    exif_transpose and convert("RGB") make; one copy remains (the array into a Pillow image, a memcpy per row).
+    """
+    try:
+        import simplejpeg
+
+        if isinstance(source, io.BytesIO):
+            data = source.getvalue()
+        else:
+            with open(source, "rb") as file:
+                data = file.read(3)
+                if data != b"\xff\xd8\xff":  # not a JPEG: spare reading the rest
+                    return None
+                data += file.read()
+        if not data.startswith(b"\xff\xd8\xff"):
+            return None
+        with Image.open(io.BytesIO(data)) as image:  # the header: format, mode, size, EXIF; the pixel limit checked
+            if image.format != "JPEG" or image.mode != "RGB":
+                return None
+            width, height = image.size
+            exif = image.getexif()
+        method = _ORIENTATIONS.get(exif.get(ExifTags.Base.Orientation, 1))
+        if method is not None:
+            exif.tobytes()  # exif_transpose writes the EXIF back after a transposition; if that raises, Pillow decides
+        scale = min(width // side, height // side)
+        scale = next(factor for factor in (8, 4, 2, 1) if scale >= factor)  # as Image.draft chooses
+        wanted = (-(-height // scale), -(-width // scale))
+        # libjpeg-turbo decodes at the smallest of its scales giving sizes ≥ min_height × min_width: here 1/scale.
+        # RGBX: 4 bytes a pixel, as Pillow keeps RGB, so the copy into a Pillow image is one memcpy per row.
+        pixels = simplejpeg.decode_jpeg(data, "RGBX", min_height=wanted[0], min_width=wanted[1])
+    except Exception:  # whatever failed, Pillow decides (strict simplejpeg raises ValueError on warnings too)
+        return None
+    if pixels.shape != (*wanted, 4):
+        return None  # not the size Image.draft gives (a libjpeg-turbo without that scale): Pillow decides
+    decoded = Image.frombytes("RGB", (wanted[1], wanted[0]), pixels, "raw", "RGBX")
+    return decoded if method is None else decoded.transpose(method)
 
 
 def image_container(path: str | Path) -> Path | None:

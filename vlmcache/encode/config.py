@@ -77,10 +77,12 @@ class ExtractConfig:
     caption_column: str | None = option(None, "hf: the caption column, a string or a list of strings per row [default: "
                                         "the first of caption, captions, text, sentences, raw]")
     decode: str = option("auto", "JPEG decoding. draft: at a reduced DCT scale (1/2, 1/4, 1/8) that keeps both sides ≥ "
-                         "1.5× what the encoder's resize needs: 2.1-2.3× faster per decode worker on 1024-1280 px "
-                         "photos, features at mean cosine ≥ 0.9993 to full (docs/speed.md); full: every pixel; auto: "
-                         "draft on a GPU, where decoding bounds the pass, full on a CPU, where the encoder does. "
-                         "Recorded in the provenance: a cache resumes only with the same choice.", choices=DECODES)
+                         "1.5× what the encoder's resize needs, by simplejpeg (libjpeg-turbo, the fast extra) when "
+                         "installed, else by Pillow, the same pixels either way: 2.0-2.5× faster per decode worker on "
+                         "1024-1600 px photos, features at mean cosine ≥ 0.9993 to full (docs/speed.md); full: every "
+                         "pixel; auto: draft on a GPU, where decoding bounds the pass, full on a CPU, where the encoder "
+                         "does. Recorded in the provenance with the decoder: a cache resumes only with the same choice.",
+                         choices=DECODES)
 
     def __post_init__(self):
         if self.images_dir is not None:

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from vlmcache.data.datasets import simplejpeg_available
 from vlmcache.encode.config import BACKENDS, DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, IMAGE_POOLINGS, TEXT_POOLINGS
 from vlmcache.errors import VlmcacheError
 
@@ -42,7 +43,8 @@ class Preprocess:
 
     `resize_mode` "squash" resizes straight to size×size (ViT's processor); "shorter_crop" resizes the
     shorter side to size/crop_pct and centre-crops size×size (ResNet/EfficientNet evaluation).
-    `jpeg_draft`: images are decoded at a reduced JPEG DCT scale, never below `draft_side()` (see load_rgb).
+    `jpeg_draft`: images are decoded at a reduced JPEG DCT scale, never below `draft_side()` (see load_rgb), by
+    `jpeg_decoder`: "pillow" or "simplejpeg" (load_rgb's `decoder`; unused without `jpeg_draft`).
     """
 
     size: int = 224
@@ -52,6 +54,7 @@ class Preprocess:
     crop_pct: float = 0.875
     resample: str = "bicubic"
     jpeg_draft: bool = False
+    jpeg_decoder: str = "pillow"
 
     def draft_side(self) -> int | None:
         """The side a draft decode must keep (None: decode fully): DRAFT_MARGIN times what the resize needs,
@@ -62,9 +65,13 @@ class Preprocess:
         return math.ceil(needed * DRAFT_MARGIN)
 
     def provenance(self) -> dict:
-        """The preprocessing as the cache records it. A full decode records no `jpeg_draft`, so caches made
-        before draft decoding existed (all decoded fully) compare equal to a full-decode extract."""
+        """The preprocessing as the cache records it. A full decode records neither `jpeg_draft` nor
+        `jpeg_decoder`, so caches made before draft decoding existed (all decoded fully) compare equal to a
+        full-decode extract; a draft decode by Pillow records no `jpeg_decoder`, as the draft caches made before
+        there was a choice of decoder (all Pillow's), so they compare equal too."""
         recorded = asdict(self)
+        if not self.jpeg_draft or self.jpeg_decoder == "pillow":
+            del recorded["jpeg_decoder"]
         if not self.jpeg_draft:
             del recorded["jpeg_draft"]
         return recorded
@@ -537,9 +544,12 @@ def _attach_or_fall_back(encoder: ImageEncoder | TextEncoder, example: dict[str,
 def set_decode(encoder: ImageEncoder, decode: str) -> ImageEncoder:
     """Set how the encoder's images are decoded (ExtractConfig.decode): "draft", "full", or "auto" = draft on a
     GPU, where JPEG decoding on the CPU bounds the pass, and full on a CPU, where the encoder's forward does
-    (there draft would change features for little speed). Returns the encoder."""
+    (there draft would change features for little speed). A draft decode goes through simplejpeg when it is
+    installed (the `fast` extra; less work per image than Pillow's, docs/speed.md), else through Pillow's
+    Image.draft. Returns the encoder."""
     draft = decode == "draft" or (decode == "auto" and encoder.device.type == "cuda")
-    encoder.preprocess = replace(encoder.preprocess, jpeg_draft=draft)
+    decoder = "simplejpeg" if draft and simplejpeg_available() else "pillow"
+    encoder.preprocess = replace(encoder.preprocess, jpeg_draft=draft, jpeg_decoder=decoder)
     return encoder
 
 

@@ -61,7 +61,7 @@ class _ImageRows(torch.utils.data.Dataset):
 
     def __getitem__(self, row: int):
         try:
-            image = datasets.load_rgb(self.paths[row], self.preprocess.draft_side())
+            image = datasets.load_rgb(self.paths[row], self.preprocess.draft_side(), self.preprocess.jpeg_decoder)
             return row, torch.from_numpy(self.preprocess(image)), ""
         except datasets.ImageDecodeError as error:
             size = self.preprocess.size
@@ -78,11 +78,18 @@ def _collate(items):
     return list(rows), torch.stack(pixels), list(errors)
 
 
-def _library_versions() -> dict:
+def _library_versions(sets: list[PendingSet]) -> dict:
     import transformers
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "h5py": h5py_version(), "numpy": np.__version__, "vlmcache": _vlmcache_version()}
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "transformers": transformers.__version__, "h5py": h5py_version(), "numpy": np.__version__,
+                "vlmcache": _vlmcache_version()}
+    if any(chosen.modality == "images" and chosen.encoder.preprocess.jpeg_draft
+           and chosen.encoder.preprocess.jpeg_decoder == "simplejpeg" for chosen in sets):
+        import simplejpeg
+
+        versions["simplejpeg"] = simplejpeg.__version__
+    return versions
 
 
 def _vlmcache_version() -> str:
@@ -143,7 +150,7 @@ def extract(data: str | Path, out: str | Path, config: ExtractConfig | None = No
                     **({"dropped_samples": dataset.dropped} if dataset.dropped else {})},
         "provenance": {modality: defaults[modality].provenance for modality in MODALITIES},
         "extract_config": asdict(config),
-        "libraries": _library_versions(),
+        "libraries": _library_versions(sets),
     }
     manifest = json.loads(json.dumps(manifest))  # plain JSON types, so it compares equal to a reloaded one
 
