@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SNOW_DOGS, make_flickr_slice, run_cli
+from conftest import SNOW_DOGS, run_cli, tiny
 
 from vlmcache.align.config import TrainConfig
 from vlmcache.align.train import train
@@ -28,16 +28,11 @@ LABELS = ["a dog running on the grass", "a man riding a bicycle", "a plate of fo
 
 
 @pytest.fixture(scope="module")
-def flickr(tmp_path_factory) -> Path:
-    return make_flickr_slice(tmp_path_factory.mktemp("export") / "flickr", 6, 4)
-
-
-@pytest.fixture(scope="module")
-def vit_cache(flickr, tiny_models, tmp_path_factory) -> Path:
-    """Tiny ViT + DistilBERT features (squash-resize preprocessing, CLS and mean pooling), with token states."""
+def vit_cache(data, tiny_models, tmp_path_factory) -> Path:
+    """Tiny ViT + DistilBERT features (squash-resize preprocessing, CLS and mean pooling), with token states, of
+    the session's 6 + 4 Flickr8k slice."""
     cache = tmp_path_factory.mktemp("vit-cache") / "cache"
-    extract(flickr, cache, image_model=str(tiny_models["vit"]), text_model=str(tiny_models["distilbert"]), tokens=True,
-            progress=False)
+    extract(data, cache, **tiny(tiny_models, tokens=True))
     return cache
 
 
@@ -100,7 +95,7 @@ def docs_example() -> str:
     return re.search(r"```python\n(.*?)```", DOCS.read_text(encoding="utf-8"), re.S).group(1)
 
 
-def test_exported_tiny_vit_distilbert_embed_as_vlmcache_does(vit_run, flickr, tmp_path, capsys):
+def test_exported_tiny_vit_distilbert_embed_as_vlmcache_does(vit_run, data, tmp_path, capsys):
     code, out, err = run_cli(["export-model", vit_run, "--format", "onnx", "--out", tmp_path / "exported"], capsys)
     assert code == 0, err
     assert "exported" in out and "256-d unit embeddings" in out
@@ -108,12 +103,12 @@ def test_exported_tiny_vit_distilbert_embed_as_vlmcache_does(vit_run, flickr, tm
         "image.json", "image.onnx", "text.json", "text.onnx", "tokenizer.json"]
     spec = json.loads((tmp_path / "exported" / "image.json").read_text())
     assert spec["inputs"][0]["shorter_side"] is None and spec["inputs"][0]["size"] == 32  # ViT squashes to 32×32
-    assert_same_embeddings(vit_run, tmp_path / "exported", three_photos(flickr))
+    assert_same_embeddings(vit_run, tmp_path / "exported", three_photos(data))
     # Exporting again into the same folder replaces the earlier export.
     export_model(vit_run, tmp_path / "exported")
 
 
-def test_the_docs_example_classifies_with_onnxruntime_tokenizers_numpy_and_pillow_only(vit_run, flickr, tmp_path,
+def test_the_docs_example_classifies_with_onnxruntime_tokenizers_numpy_and_pillow_only(vit_run, data, tmp_path,
                                                                                       capsys):
     export_model(vit_run, tmp_path / "exported")
     source = docs_example()
@@ -123,7 +118,7 @@ def test_the_docs_example_classifies_with_onnxruntime_tokenizers_numpy_and_pillo
     assert modules == {"json", "numpy", "onnxruntime", "PIL", "tokenizers"}
     code_lines = [line for line in source.splitlines() if line.strip() and not line.startswith(("import", "from"))]
     assert len(code_lines) <= 10
-    photo = three_photos(flickr)[0]
+    photo = three_photos(data)[0]
     first = next(line for line in source.splitlines() if line.startswith("folder, photo, labels ="))
     namespace: dict = {}
     exec(source.replace(first, f"folder, photo, labels = {str(tmp_path / 'exported')!r}, {str(photo)!r}, {LABELS!r}"),
@@ -136,8 +131,8 @@ def test_the_docs_example_classifies_with_onnxruntime_tokenizers_numpy_and_pillo
     assert len(printed) == len(LABELS) and printed[0].endswith(best)
 
 
-def test_a_run_on_several_feature_sets_exports_every_encoder(flickr, tiny_models, tmp_path):
-    extract(flickr, tmp_path / "cache", image_model=str(tiny_models["resnet"]), text_model=str(tiny_models["distilbert"]),
+def test_a_run_on_several_feature_sets_exports_every_encoder(data, tiny_models, tmp_path):
+    extract(data, tmp_path / "cache", image_model=str(tiny_models["resnet"]), text_model=str(tiny_models["distilbert"]),
             extra_image_models=(str(tiny_models["vit"]),), progress=False)
     train(tmp_path / "cache", tmp_path / "run", TrainConfig(projector="linear", epochs=1, batch_size=4,
                                                             image_features="resnet+vit", standardize=True))
@@ -146,13 +141,13 @@ def test_a_run_on_several_feature_sets_exports_every_encoder(flickr, tiny_models
     spec = json.loads((tmp_path / "exported" / "image.json").read_text())
     assert [(entry["name"], entry["size"], entry["shorter_side"]) for entry in spec["inputs"]] == [
         ("pixels_0", 32, 37), ("pixels_1", 32, None)]  # ResNet: shorter side to 32/0.875, crop; ViT: squash
-    assert_same_embeddings(tmp_path / "run", tmp_path / "exported", three_photos(flickr))
+    assert_same_embeddings(tmp_path / "run", tmp_path / "exported", three_photos(data))
 
 
-def test_a_token_projector_exports_the_image_encoders_token_states(vit_cache, flickr, tmp_path):
+def test_a_token_projector_exports_the_image_encoders_token_states(vit_cache, data, tmp_path):
     train(vit_cache, tmp_path / "run", TrainConfig(projector="cross-attention", queries=2, epochs=1, batch_size=4))
     export_model(tmp_path / "run", tmp_path / "exported")
-    assert_same_embeddings(tmp_path / "run", tmp_path / "exported", three_photos(flickr))
+    assert_same_embeddings(tmp_path / "run", tmp_path / "exported", three_photos(data))
 
 
 def test_efficientnet_lite0_and_minilm_export(real_run, tmp_path):
