@@ -9,6 +9,7 @@ import pytest
 from conftest import run_cli
 
 from vlmcache import extract
+from vlmcache.align import ablate as ablate_module
 from vlmcache.align.ablate import ablate
 from vlmcache.cache.store import FeatureCache
 from vlmcache.run.ranks import load_ranks
@@ -85,6 +86,7 @@ def test_a_grid_reads_each_input_once(tiny_caches, tmp_path, monkeypatch):
             "base_config": {"batch_size": 4}, "jobs": 1, "progress": False}
     first = ablate([vit], tmp_path / "a", **grid)
     assert first.cells_trained == 4 and reads and len(reads) == len(set(reads))
+    assert not ablate_module._OPENED  # the splits kept for the grid are released when it ends
     reads.clear()  # a second grid reads afresh (the cache could have changed in between), again once
     ablate([vit], tmp_path / "b", **grid)
     assert reads and len(reads) == len(set(reads))

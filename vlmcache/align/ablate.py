@@ -22,7 +22,9 @@ import sys
 import tempfile
 import time
 import typing
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
@@ -160,10 +162,10 @@ class Cell:
     tracking: Tracking | None = None  # where the cell's run is recorded (--log), named after the cell
     capacity: int | None = None  # the target number of trainable parameters its size knob was chosen for
 
-    def key(self) -> str:
+    def key(self, opened: FeatureCache | None = None) -> str:
         """Hash of what determines the result: the cache's data and encoders, the config (less where it is recorded,
-        which changes nothing trained) and the code."""
-        opened = open_cache(self.cache)
+        which changes nothing trained) and the code. `opened`: the cell's cache, already open (else it is opened)."""
+        opened = opened or open_cache(self.cache)
         config = {key: value for key, value in self.config.items() if key not in TRACKING_KEYS
                   and not (key in LATER_OPTIONS and value == LATER_OPTIONS[key])}
         identity = {"fingerprint": opened.fingerprint, "provenance": opened.provenance, "config": config,
@@ -202,8 +204,9 @@ def _worker_init(threads: int) -> None:
 
 
 # The caches this process has opened for the running grid, each keeping the splits it has read (keep_loaded): a
-# process reads each input once, however many cells it trains on it. Emptied when a grid starts (workers are new
-# processes per grid), so a cache changed between two grids is read afresh.
+# process opens each cache once and reads each input once, however many cells it keys and trains on it. Emptied
+# when a grid starts and when it ends (workers are new processes per grid), so a cache changed between two grids is
+# read afresh and no split outlives its grid in the caller's memory.
 _OPENED: dict[str, FeatureCache] = {}
 
 
@@ -212,6 +215,15 @@ def opened_for_grid(cache: str) -> FeatureCache:
     if cache not in _OPENED:
         _OPENED[cache] = keep_loaded(open_cache(cache))
     return _OPENED[cache]
+
+
+@contextmanager
+def released_at_end() -> Iterator[None]:
+    """Drop the grid's open caches and the splits they keep when the grid ends, however it ends."""
+    try:
+        yield
+    finally:
+        _OPENED.clear()
 
 
 def run_cell(cell: Cell) -> dict:
@@ -268,7 +280,7 @@ DEFAULT_TOP = 3
 def best_pairs(cache: str, top: int, text_features: tuple[str | None, ...], split: str = "train") -> list[dict]:
     """The `top` (image features, text features) pairs of a cache by compatibility score on its training split
     (vlmcache compat's defaults), among the text sets asked for (all when `text_features` is (None,))."""
-    opened = open_cache(cache)
+    opened = opened_for_grid(cache)
     texts = [name for combo in text_features for name in parse_sets(combo) or ()] or None
     if texts is not None and any(len(parse_sets(combo) or ()) != 1 for combo in text_features):
         raise VlmcacheError("--image-features auto: give --text-features as single sets (or leave it out for all)")
@@ -344,7 +356,7 @@ def ablate(
     caches = [str(Path(c).resolve()) for c in caches]
     shared = TrainConfig(**{**(base_config or {}), "epochs": epochs})  # the options every cell has: checked once
     for cache in caches:  # fail now, with the cache and set named, not inside a worker
-        opened = open_cache(cache)
+        opened = opened_for_grid(cache)
         check_selection(shared, opened)
         if tune and shared.selection[0] == opened.default_split():
             raise VlmcacheError(f"--tune: each cell's values would be chosen on the reported split "
@@ -376,11 +388,11 @@ def ablate(
         (out / "cells").mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise VlmcacheError(f"--out {out}: cannot create it ({error.strerror})") from None
-    with FolderLock(out, "ablation"):
+    with FolderLock(out, "ablation"), released_at_end():
         # Cells by their file: two capacities whose knob is the same (or a projector given twice) train it once.
         raw, pending = [], {}
         for cell in cells:
-            key = cell.key()
+            key = cell.key(opened_for_grid(cell.cache))
             path = out / "cells" / f"{key}.json"
             finished = _read_cell(path)
             if finished is not None and tune and "selection_metrics" not in finished:
@@ -412,9 +424,10 @@ def ablate(
             item["tuned"] = {key: item["config"][key] for key in tune}
         if with_baselines:
             for cache in caches:
+                opened = opened_for_grid(cache)
                 for pair in pairs[cache]:
                     for dim in dims:
-                        raw += [_keep_ranks(item, out / "cells" / f"{Cell(cache, item['config']).key()}.npz", out)
+                        raw += [_keep_ranks(item, out / "cells" / f"{Cell(cache, item['config']).key(opened)}.npz", out)
                                 for item in baseline_rows(cache, dim, list(seeds),
                                                           (pair["image_features"], pair["text_features"]))]
         reported = choose_tuned(raw) if tune else raw
@@ -448,7 +461,7 @@ def capacity_plan(caches: list[str], pairs: dict[str, list[dict]], projectors: t
             raise VlmcacheError(f"{given}{key.replace('_', '-')}: --capacity chooses it per cell; leave it out")
     plan, unreachable = {}, []
     for cache in caches:
-        opened = open_cache(cache)
+        opened = opened_for_grid(cache)
         for index, pair in enumerate(pairs[cache]):
             widths = [sum(opened.set_dims(modality, parse_sets(pair[key])))
                       for modality, key in (("images", "image_features"), ("texts", "text_features"))]
@@ -581,7 +594,7 @@ def _keep(cell_result: dict, path: Path) -> dict:
 
 def encoder_pair(cache: str, image_features: str | None = None, text_features: str | None = None) -> str:
     """'image encoder(s) + text encoder(s)' of a cache's feature sets, for table rows."""
-    opened = open_cache(cache)
+    opened = opened_for_grid(cache)
     sides = []
     for modality, combo in (("images", image_features), ("texts", text_features)):
         chosen = [opened.feature_set(modality, name).provenance["encoder"] for name in parse_sets(combo) or (None,)]
